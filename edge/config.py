@@ -1,0 +1,146 @@
+"""Model configuration shared by the PyTorch model, the exporter and the runtime (no torch here).
+
+One dataclass covers the Qwen2 and Llama families and ParScale (Chen et al. 2025, arXiv 2505.10475):
+the differences are flags (``attention_bias``, ``tie_word_embeddings``, ``head_dim``), not classes.
+Field names follow Hugging Face ``config.json`` so a config round-trips through the authors' format.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+#: model_type values we can build; anything else is refused with :class:`UnsupportedModelError`.
+SUPPORTED_MODEL_TYPES = ("qwen2_parscale", "qwen2", "llama")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture or one of its settings is not supported by parscale-edge."""
+
+
+@dataclass
+class ParScaleConfig:
+    """Hyper-parameters of a Qwen2/Llama decoder with optional ParScale streams.
+
+    ``parscale_n`` (P) = 1 is exactly the dense model. For P > 1 every layer holds a KV prefix of
+    ``parscale_n_tokens`` slots per stream, and the P final hidden states are merged by
+    ``aggregate_layer`` with softmax weights smoothed by ``parscale_attn_smooth`` (PARSCALE.md,
+    "Exact semantics"; paper Sec. 2).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2: True, Llama: False)
+    family: str = "llama"  # "qwen2" or "llama": only decides the model_type written back
+    parscale_n: int = 1
+    parscale_n_tokens: int = 48
+    parscale_attn_smooth: float = 0.01  # authors' class default; every release uses 0.1
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise UnsupportedModelError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; set head_dim explicitly in config.json")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}")
+        if self.parscale_n < 1:
+            raise ValueError(f"parscale_n must be >= 1, got {self.parscale_n}")
+        if self.parscale_n > 1 and self.parscale_n_tokens < 1:
+            raise ValueError("a ParScale model with parscale_n > 1 needs parscale_n_tokens >= 1")
+
+    # ------------------------------------------------------------------ HF config.json round trip
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "ParScaleConfig":
+        """Build from a Hugging Face ``config.json`` dict (model_type qwen2_parscale, qwen2, llama).
+
+        Raises:
+            UnsupportedModelError: unknown model_type, or a setting we do not implement
+                (rope_scaling other than none/default, sliding-window attention, MoE ...).
+        """
+        mt = d.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"unsupported model_type {mt!r} (architectures {d.get('architectures')}); "
+                f"parscale-edge supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+        rs = d.get("rope_scaling")
+        if rs and (rs.get("rope_type") or rs.get("type")) not in (None, "default"):
+            raise UnsupportedModelError(
+                f"rope_scaling {rs} is not supported; only plain RoPE (rope_scaling null) is")
+        if d.get("use_sliding_window"):
+            raise UnsupportedModelError("sliding-window attention (use_sliding_window=true) is not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"hidden_act {d.get('hidden_act')!r} is not supported (only silu)")
+        family = "qwen2" if mt.startswith("qwen2") else "llama"
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "family", "attention_bias"}
+        kw = {k: d[k] for k in known if k in d and d[k] is not None}
+        kw["attention_bias"] = bool(d.get("attention_bias", family == "qwen2"))
+        if d.get("mlp_bias"):
+            raise UnsupportedModelError("mlp_bias=true is not supported")
+        extra = {k: v for k, v in d.items() if k not in known}
+        return cls(family=family, extra=extra, **kw)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The ``config.json`` dict in the authors' format (model_type ``qwen2_parscale`` for a
+        Qwen2 backbone, or the plain family name for a dense model of another family)."""
+        if self.family == "qwen2":
+            mt, arch = "qwen2_parscale", ["Qwen2ParScaleForCausalLM"]
+        else:
+            mt, arch = "llama", ["LlamaForCausalLM"]
+        d: dict[str, Any] = {"architectures": arch, "model_type": mt, "hidden_act": "silu"}
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "family"):
+                continue
+            v = getattr(self, f.name)
+            if v is not None:
+                d[f.name] = v
+        if self.family == "llama" and self.parscale_n > 1:
+            # The authors' format only exists for Qwen2; we keep the same fields on a Llama backbone.
+            d["architectures"] = ["LlamaParScaleForCausalLM"]
+        d["rope_scaling"] = None
+        d["use_sliding_window"] = False
+        return d
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "ParScaleConfig":
+        """Read ``config.json``. Raises FileNotFoundError / UnsupportedModelError."""
+        with open(path, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise UnsupportedModelError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf_dict(d)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """eos_token_id as a list (empty when unset)."""
+        e = self.eos_token_id
+        return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+    def with_parallel(self, p: int, n_tokens: int | None = None, smooth: float | None = None) -> "ParScaleConfig":
+        """A copy with ``parscale_n = p`` (and optionally prefix length / smoothing)."""
+        c = dataclasses.replace(self, parscale_n=p, extra=dict(self.extra))
+        if n_tokens is not None:
+            c.parscale_n_tokens = n_tokens
+        if smooth is not None:
+            c.parscale_attn_smooth = smooth
+        c.__post_init__()
+        return c
