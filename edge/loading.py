@@ -1,0 +1,267 @@
+"""Load checkpoints into :class:`edge.model.ParScaleForCausalLM` and save them in the authors' format.
+
+Sources: a Hugging Face folder (``config.json`` + ``model.safetensors`` or a sharded
+``model.safetensors.index.json``; model_type ``qwen2_parscale``, ``qwen2`` or ``llama``), a GGUF
+file (read and dequantized with the ``gguf`` package), or a named model of :mod:`edge.hub`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ParScaleConfig, UnsupportedModelError
+from .model import ParScaleForCausalLM
+
+
+#: Short mixed prose/code text whose queries calibrate the prefix keys of a conversion.
+CALIBRATION_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and the Seine "
+    "flows through it.\n\ndef fibonacci(n: int) -> int:\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+    "    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+    "Q: How many legs does a spider have?\nA: A spider has eight legs.\n"
+)
+
+
+class CheckpointError(ValueError):
+    """Weight files are missing, unreadable, or do not match the config."""
+
+
+@dataclass
+class LoadedModel:
+    """A model with what the exporter needs to describe it.
+
+    ``tokenizer`` is an :class:`edge.tokenizer.Tokenizer` or None (an HF folder without
+    tokenizer.json); ``source`` names where the weights came from and ``source_sha256`` hashes them.
+    """
+
+    model: ParScaleForCausalLM
+    tokenizer: object | None
+    source: str
+    source_sha256: str
+    generation_config: dict
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ state dicts
+def build_model(cfg: ParScaleConfig, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                dtype: torch.dtype = torch.float32) -> ParScaleForCausalLM:
+    """Instantiate the model and copy ``state`` (HF tensor names) into it.
+
+    Tied embeddings: shared only when the config says tied and the stored tensors agree; a tied
+    checkpoint may store the tensor as ``model.embed_tokens.weight`` or ``lm_head.weight``.
+
+    Raises:
+        CheckpointError: missing tensors (naming them), P>1 without ``prefix_k``/``prefix_v``,
+            wrong shapes, or non-finite ParScale tensors.
+    """
+    state = dict(state)
+    emb, head = state.get("model.embed_tokens.weight"), state.get("lm_head.weight")
+    if cfg.tie_word_embeddings:
+        if emb is None and head is not None:
+            state["model.embed_tokens.weight"] = head
+        elif emb is not None and head is not None and not torch.equal(emb, head):
+            warnings.warn(f"{source}: config says tie_word_embeddings but lm_head.weight differs from "
+                          "the embedding; keeping them untied", stacklevel=2)
+            cfg.tie_word_embeddings = False
+        if cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+    elif head is None and emb is not None:
+        raise CheckpointError(f"{source}: config says tie_word_embeddings=false but there is no "
+                              "lm_head.weight; the checkpoint is incomplete (or set tie_word_embeddings=true)")
+    with torch.device("meta"):
+        model = ParScaleForCausalLM(cfg)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if cfg.parscale_n > 1 and any(".prefix_" in k for k in missing):
+        raise CheckpointError(
+            f"{source}: parscale_n={cfg.parscale_n} but the prefix tensors "
+            f"(model.layers.N.self_attn.prefix_k/prefix_v) are missing. Load it as dense (P=1) and "
+            f"run `parscale convert MODEL --parallel {cfg.parscale_n}` to add initialised prefixes")
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} tensors missing from the weight files, e.g. "
+                              f"{missing[:4]}; the checkpoint is incomplete or not a {cfg.family} model")
+    unexpected = [k for k in state if k not in expected and not k.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        warnings.warn(f"{source}: ignoring {len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}",
+                      stacklevel=2)
+    model = model.to_empty(device="cpu")
+    for buf in model.buffers():  # non-persistent buffers are not in the checkpoint
+        buf.zero_()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            t = state[name]
+            if tuple(t.shape) != tuple(p.shape):
+                raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config "
+                                      f"implies {tuple(p.shape)}")
+            p.copy_(t.to(p.dtype))
+    if cfg.parscale_n > 1:
+        for name, p in model.named_parameters():
+            if (".prefix_" in name or "aggregate_layer" in name) and not torch.isfinite(p).all():
+                raise CheckpointError(
+                    f"{source}: {name} holds NaN/Inf (the authors' code leaves prefixes uninitialised). "
+                    "Re-create the ParScale parts with `parscale convert`")
+    return model.to(dtype).eval()
+
+
+def read_safetensors_folder(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``.
+
+    Raises CheckpointError for a missing, truncated or corrupt file (naming it)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        if not found:
+            extra = " (PyTorch .bin checkpoints are not supported; convert them to safetensors)" \
+                if list(path.glob("*.bin")) else ""
+            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{extra}")
+        files = found
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"{path}: weight shard {name} listed in the index is missing")
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e}); it is corrupt or truncated, "
+                                  "download it again") from None
+    return state
+
+
+def load_hf_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a Hugging Face folder (authors' ParScale format or dense Qwen2/Llama)."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{path}: no config.json; expected a Hugging Face model folder")
+    cfg = ParScaleConfig.from_json_file(cfg_path)
+    state = read_safetensors_folder(path)
+    model = build_model(cfg, state, source=str(path), dtype=dtype)
+    tok = None
+    if (path / "tokenizer.json").exists():
+        from .tokenizer import Tokenizer
+        tok = Tokenizer.from_dir(path)
+    gen = {}
+    if (path / "generation_config.json").exists():
+        gen = json.loads((path / "generation_config.json").read_text())
+    weights = sorted(path.glob("*.safetensors"))
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(sha256_file(w).encode())
+    return LoadedModel(model, tok, str(path), h.hexdigest(), gen)
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:
+    """Load a GGUF file (llama or qwen2), dequantized to ``dtype``, with its tokenizer."""
+    from .gguf_io import read_gguf
+
+    cfg, arrays, tok = read_gguf(path, progress=progress)  # one open: GGUF metadata parsing is slow
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    model = build_model(cfg, state, source=str(path), dtype=dtype)
+    return LoadedModel(model, tok, str(path), sha256_file(path), {})
+
+
+def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:
+    """Load a named model (``smollm2-135m``...), a ``.gguf`` file or a Hugging Face folder."""
+    from .hub import fetch_gguf, resolve_model
+
+    kind, ref = resolve_model(str(spec))
+    if kind == "named":
+        lm = load_gguf(fetch_gguf(ref, progress=progress), dtype=dtype, progress=progress)
+        lm.source = ref
+        return lm
+    if kind == "gguf":
+        return load_gguf(ref, dtype=dtype, progress=progress)
+    return load_hf_folder(ref, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------- saving
+def save_hf_folder(lm: LoadedModel, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``config.json``, ``model.safetensors``, ``generation_config.json`` and tokenizer files in
+    the authors' format (tensor names of PARSCALE.md), atomically: a temporary sibling folder is
+    renamed into place, so a failure leaves nothing half-written.
+
+    Raises FileExistsError when ``out`` exists and ``overwrite`` is False.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite or choose another folder")
+    cfg = lm.model.config
+    if cfg.family != "qwen2" and cfg.parscale_n > 1:
+        warnings.warn("the authors' ParScale format is defined for Qwen2; a Llama backbone is saved with the "
+                      "same ParScale fields, which only parscale-edge reads", stacklevel=2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+        state = {k: v.detach().contiguous() for k, v in lm.model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        gen = dict(lm.generation_config)
+        if cfg.eos_token_id is not None:
+            gen.setdefault("eos_token_id", cfg.eos_token_id)
+        if cfg.bos_token_id is not None:
+            gen.setdefault("bos_token_id", cfg.bos_token_id)
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if lm.tokenizer is not None:
+            lm.tokenizer.save(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def convert_to_parscale(lm: LoadedModel, parallel: int, n_tokens: int = 48, smooth: float = 0.1,
+                        seed: int = 0, prefix_score: float = 4.0) -> LoadedModel:
+    """Turn a dense (P=1) model into a ParScale one with ``parallel`` streams (stage-2 start point).
+
+    The backbone is shared (not copied); the prefixes and the aggregator get the finite
+    initialisation of :meth:`ParScaleForCausalLM.init_parscale`, calibrated on the dense model's
+    queries for :data:`CALIBRATION_TEXT` (random tokens when there is no tokenizer). Defaults follow the released
+    checkpoints: 48 prefix tokens, smoothing 0.1 (PARSCALE.md).
+
+    Raises ValueError if the model already has P > 1 or ``parallel`` < 2.
+    """
+    src = lm.model
+    if src.config.parscale_n != 1:
+        raise ValueError(f"the model already has parscale_n={src.config.parscale_n}; convert a dense model")
+    if parallel < 2:
+        raise ValueError("--parallel must be >= 2 for a ParScale model")
+    cfg = src.config.with_parallel(parallel, n_tokens, smooth)
+    model = ParScaleForCausalLM(cfg).to(next(src.parameters()).dtype)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    assert not unexpected and all(".prefix_" in k or "aggregate_layer" in k for k in missing), missing
+    calib = None
+    if lm.tokenizer is not None:
+        calib = torch.tensor([lm.tokenizer.encode(CALIBRATION_TEXT)])
+    model.init_parscale(dense=src, calibration_ids=calib, prefix_score=prefix_score, seed=seed)
+    return LoadedModel(model.eval(), lm.tokenizer, f"{lm.source} (converted to P={parallel})",
+                       lm.source_sha256, dict(lm.generation_config))
