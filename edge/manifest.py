@@ -1,0 +1,85 @@
+"""The contract between an exported folder and the runtime (no torch, no onnxruntime here).
+
+An export folder holds::
+
+    model.onnx            decoder graph (inputs/outputs below)
+    model.onnx.data       weights as external data, referenced by a relative location
+    manifest.json         :class:`Manifest` (P, shapes, eos ids, precision, source and its hash)
+    tokenizer.json, tokenizer_config.json (chat template), generation_config.json
+
+Graph inputs: ``input_ids`` int64 [B, S]; ``attention_mask`` int64 [B, past+S] (1 = real token);
+``position_ids`` int64 [B, S]; ``past_key_values.{i}.key`` / ``.value`` float [P*B, kv_heads, past, head_dim].
+Graph outputs: ``logits`` float [B, S, vocab]; ``present.{i}.key`` / ``.value`` [P*B, kv_heads, past+S, head_dim].
+Rows of the cache are stream-major (row p*B + b); the ParScale prefix lives inside the graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def past_names(num_layers: int) -> list[str]:
+    """``past_key_values.{i}.key``, ``.value`` for every layer, in graph input order."""
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    """``present.{i}.key``, ``.value`` for every layer, in graph output order."""
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+class ManifestError(ValueError):
+    """An export folder is missing files or its manifest is unreadable."""
+
+
+@dataclass
+class Manifest:
+    """What a runtime needs to drive the graph without knowing the model's code."""
+
+    parscale_n: int
+    parscale_n_tokens: int
+    num_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    precision: str
+    source: str
+    source_sha256: str
+    family: str
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    opset: int
+    format_version: int = FORMAT_VERSION
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> "Manifest":
+        """Read ``manifest.json`` from an export folder.
+
+        Raises ManifestError naming the folder when the file is missing or malformed."""
+        p = Path(folder) / MANIFEST_FILE
+        if not p.exists():
+            raise ManifestError(f"{folder}: no {MANIFEST_FILE}; this is not a parscale-edge export folder "
+                                "(create one with `parscale export MODEL -o DIR`)")
+        try:
+            d = json.loads(p.read_text())
+            names = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ManifestError(f"{p}: unreadable manifest ({e}); re-export the model") from None
