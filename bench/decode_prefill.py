@@ -1,0 +1,108 @@
+"""First decode/prefill benchmark: tokens/s at batch 1 for P streams of a model (ONNX Runtime, fp32).
+
+Like llama-bench: prefill (pp) and decode (tg) are timed around the graph calls only, excluding
+tokenisation and sampling (greedy argmax is outside the timed region). Results go to JSON with a
+description of the machine.
+
+    python bench/decode_prefill.py --model smollm2-135m --parallel 1,2,4 --prompt-len 256 \
+        --gen-len 128 --threads 1 --repeat 3 -o bench/results/decode_prefill_smollm2.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def machine() -> dict:
+    import onnxruntime as ort
+
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "platform": platform.platform(),
+            "python": platform.python_version(), "onnxruntime": ort.__version__, "loadavg_at_start": load}
+
+
+def run_one(rt, prompt: list[int], gen_len: int) -> dict:
+    """One prefill of ``prompt`` then ``gen_len`` decode steps; times in ms."""
+    ids = np.array([prompt], dtype=np.int64)
+    mask = np.ones_like(ids)
+    pos = np.arange(len(prompt), dtype=np.int64)[None]
+    t0 = time.perf_counter()
+    logits, past = rt.forward(ids, mask, pos, None)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    steps = []
+    nxt = int(logits[0, -1].argmax())
+    T = len(prompt)
+    for _ in range(gen_len):
+        T += 1
+        mask = np.ones((1, T), dtype=np.int64)
+        t0 = time.perf_counter()
+        logits, past = rt.forward(np.array([[nxt]]), mask, np.array([[T - 1]]), past)
+        steps.append((time.perf_counter() - t0) * 1e3)
+        nxt = int(logits[0, -1].argmax())
+    return {"prefill_ms": prefill_ms, "decode_ms": steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--parallel", default="1,2,4")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--gen-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("-o", "--output", default="bench/results/decode_prefill.json")
+    a = ap.parse_args()
+
+    from edge.cli import ensure_export
+    from edge.evaluate import stdlib_text
+    from edge.runtime import OnnxCausalLM
+
+    rows = []
+    for P in [int(x) for x in a.parallel.split(",")]:
+        folder = ensure_export(a.model, P, a.threads, progress=False)
+        rt = OnnxCausalLM(folder, device="cpu", threads=a.threads)
+        prompt = rt.tokenizer.encode(stdlib_text())[: a.prompt_len]
+        run_one(rt, prompt[:16], 4)  # warm-up
+        runs = [run_one(rt, prompt, a.gen_len) for _ in range(a.repeat)]
+        pre = np.array([r["prefill_ms"] for r in runs])
+        dec = np.concatenate([r["decode_ms"] for r in runs])
+        row = {"model": a.model, "P": P, "precision": "fp32", "batch": 1, "threads": a.threads,
+               "prompt_len": a.prompt_len, "gen_len": a.gen_len, "repeat": a.repeat,
+               "prefill_ms_p50": float(np.median(pre)), "prefill_tokens_per_s": float(a.prompt_len / np.median(pre) * 1e3),
+               "decode_ms_p50": float(np.percentile(dec, 50)), "decode_ms_p90": float(np.percentile(dec, 90)),
+               "decode_tokens_per_s": float(1e3 / np.median(dec)),
+               "model_mib": round(sum(f.stat().st_size for f in Path(folder).iterdir()) / 2**20, 1)}
+        rows.append(row)
+        print(f"P={P}  pp{a.prompt_len}: {row['prefill_tokens_per_s']:.1f} tok/s (TTFT {row['prefill_ms_p50']:.0f} ms)"
+              f"  tg{a.gen_len}: {row['decode_tokens_per_s']:.1f} tok/s (p50 {row['decode_ms_p50']:.1f} ms,"
+              f" p90 {row['decode_ms_p90']:.1f} ms)", flush=True)
+    out = Path(a.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "results": rows}, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
