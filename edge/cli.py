@@ -86,6 +86,8 @@ def load_for_export(spec: str, parallel: int | None, threads: int | None, progre
 
 def ensure_export(spec: str, parallel: int | None = None, threads: int | None = None, progress: bool = True) -> Path:
     """An export folder for ``spec``: itself when it is one, else a cached export (made once)."""
+    if parallel is not None and parallel < 1:
+        raise CLIError(f"--parallel must be >= 1, got {parallel}")
     if _is_export_folder(spec):
         man = Manifest.read(spec)
         if parallel and parallel != man.parscale_n:
@@ -167,8 +169,8 @@ def _open_runtime(a):
 
 
 def cmd_generate(a) -> None:
+    sampling = _sampling(a)  # validate flags before any loading/export
     rt = _open_runtime(a)
-    sampling = _sampling(a)
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
     t0 = time.perf_counter()
     n = 0
@@ -181,8 +183,8 @@ def cmd_generate(a) -> None:
 
 
 def cmd_chat(a) -> None:
-    rt = _open_runtime(a)
     sampling = _sampling(a)
+    rt = _open_runtime(a)
     history: list[dict] = []
     if a.system:
         history.append({"role": "system", "content": a.system})
