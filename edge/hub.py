@@ -314,7 +314,8 @@ def resolve_model(spec: str | os.PathLike) -> tuple[Literal["named", "gguf", "hf
             return "hf", p
         ggufs = sorted(p.glob("*.gguf"))
         hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""
-        raise FileNotFoundError(f"{p} is a folder without config.json, so not a Hugging Face checkpoint{hint}")
+        raise FileNotFoundError(f"{p} is a folder without config.json or manifest.json: neither a Hugging Face "
+                                f"checkpoint nor a parscale-edge export folder{hint}")
     if p.is_file():
         if p.suffix.lower() == ".gguf":
             return "gguf", p
@@ -322,7 +323,16 @@ def resolve_model(spec: str | os.PathLike) -> tuple[Literal["named", "gguf", "hf
             if f.read(4) == b"GGUF":
                 return "gguf", p
         raise ValueError(f"{p} is neither a .gguf file nor a folder with config.json")
+    import difflib
+
+    close = difflib.get_close_matches(s, list(MODELS), n=1)
+    if close:
+        raise FileNotFoundError(f"unknown model {s!r}: did you mean {close[0]!r}? Named models: {', '.join(MODELS)}")
+    hub_like = s.count("/") == 1 and not s.startswith(("/", ".", "~"))
+    if not hub_like and (os.sep in s or s.startswith(".") or s.endswith(".gguf")):
+        raise FileNotFoundError(f"no such file or folder: {s}")
+    hint = (f" A Hugging Face hub id must be downloaded to a folder first (e.g. `huggingface-cli download {s} "
+            f"--local-dir DIR`) and that folder passed." if hub_like else "")
     raise FileNotFoundError(
         f"model {s!r} not found: it is not a named model ({', '.join(MODELS)}), nor an existing .gguf "
-        f"file or Hugging Face folder with config.json. A Hugging Face hub id must be downloaded to a "
-        f"folder first (e.g. `huggingface-cli download {s} --local-dir DIR`) and that folder passed")
+        f"file, export folder or Hugging Face folder.{hint}")

@@ -9,16 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import ParScaleConfig, UnsupportedModelError
+from .atomic import atomic_folder
+from .config import ParScaleConfig
 from .model import ParScaleForCausalLM
 
 
@@ -48,6 +47,7 @@ class LoadedModel:
     source: str
     source_sha256: str
     generation_config: dict
+    notes: dict = field(default_factory=dict)  # e.g. {"converted_to_parallel": 2}: goes into the manifest
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -210,15 +210,11 @@ def save_hf_folder(lm: LoadedModel, out: str | os.PathLike, overwrite: bool = Fa
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite or choose another folder")
     cfg = lm.model.config
     if cfg.family != "qwen2" and cfg.parscale_n > 1:
         warnings.warn("the authors' ParScale format is defined for Qwen2; a Llama backbone is saved with the "
                       "same ParScale fields, which only parscale-edge reads", stacklevel=2)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in lm.model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -230,12 +226,6 @@ def save_hf_folder(lm: LoadedModel, out: str | os.PathLike, overwrite: bool = Fa
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if lm.tokenizer is not None:
             lm.tokenizer.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -263,5 +253,6 @@ def convert_to_parscale(lm: LoadedModel, parallel: int, n_tokens: int = 48, smoo
     if lm.tokenizer is not None:
         calib = torch.tensor([lm.tokenizer.encode(CALIBRATION_TEXT)])
     model.init_parscale(dense=src, calibration_ids=calib, prefix_score=prefix_score, seed=seed)
-    return LoadedModel(model.eval(), lm.tokenizer, f"{lm.source} (converted to P={parallel})",
-                       lm.source_sha256, dict(lm.generation_config))
+    notes = {**lm.notes, "converted_to_parallel": parallel, "prefix_init": "init_parscale",
+             "prefix_score": prefix_score, "seed": seed}
+    return LoadedModel(model.eval(), lm.tokenizer, lm.source, lm.source_sha256, dict(lm.generation_config), notes)

@@ -36,7 +36,7 @@ def select_providers(device: str = "auto") -> list[str]:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
         warnings.warn("CUDA was requested but this onnxruntime has no CUDAExecutionProvider "
-                      "(install parscale-edge[gpu]); running on CPU", stacklevel=2)
+                      "(install onnxruntime-gpu in place of onnxruntime); running on CPU", stacklevel=2)
     return ["CPUExecutionProvider"]
 
 
@@ -112,18 +112,20 @@ class OnnxCausalLM:
 
     Args:
         folder: a folder written by ``parscale export`` (see :mod:`edge.manifest`).
+        model_file: the graph file inside ``folder`` (another graph over the same weights, for checks).
         device: ``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``.
         threads: intra-op threads (None: ONNX Runtime's default, all cores).
     Raises:
         ManifestError: not an export folder, or model.onnx / its data file missing.
     """
 
-    def __init__(self, folder: str | os.PathLike, device: str = "auto", threads: int | None = None):
+    def __init__(self, folder: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 model_file: str = MODEL_FILE):
         import onnxruntime as ort
 
         self.folder = Path(folder)
         self.manifest = Manifest.read(self.folder)
-        path = self.folder / MODEL_FILE
+        path = self.folder / model_file
         if not path.exists():
             raise ManifestError(f"{self.folder}: {MODEL_FILE} is missing; re-export the model")
         so = ort.SessionOptions()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
 
+from edge.atomic import atomic_folder
 from edge.loading import LoadedModel
 from edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, past_names, present_names
 
@@ -64,14 +64,10 @@ def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = F
         ExportError: tracing or checking failed (the temporary folder is removed).
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite or choose another folder")
     model = lm.model.float().eval()
     cfg = model.config
     P, L = cfg.parscale_n, cfg.num_hidden_layers
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite) as tmp:
         raw = tmp / "raw"
         raw.mkdir()
         inputs = ["input_ids", "attention_mask", "position_ids", *past_names(L)]
@@ -108,12 +104,6 @@ def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = F
             except onnx.checker.ValidationError as e:
                 raise ExportError(f"the exported graph fails the ONNX checker: {e}") from e
         _write_sidecars(lm, tmp, opset)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -132,7 +122,7 @@ def _write_sidecars(lm: LoadedModel, folder: Path, opset: int) -> None:
         bos_token_id=tok.bos_token_id if tok is not None else cfg.bos_token_id,
         pad_token_id=tok.pad_token_id if tok is not None else None,
         extra={"parscale_attn_smooth": cfg.parscale_attn_smooth, "torch": torch.__version__,
-               "onnx": onnx.__version__})
+               "onnx": onnx.__version__, **lm.notes})
     (folder / MANIFEST_FILE).write_text(man.to_json())
     gen = dict(lm.generation_config)
     gen["eos_token_id"] = eos

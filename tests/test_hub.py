@@ -156,8 +156,12 @@ def test_resolve_model(tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     assert resolve_model(str(hf)) == ("hf", hf)
-    with pytest.raises(FileNotFoundError, match="not a named model"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
         resolve_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="did you mean 'smollm2-135m'"):
+        resolve_model("smollm-135m")
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download ParScale/ParScale-1.8B-P8"):
+        resolve_model("ParScale/ParScale-1.8B-P8")
     with pytest.raises(FileNotFoundError, match="config.json"):
         resolve_model(str(tmp_path))
     txt = tmp_path / "notes.txt"
