@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .runtime import RuntimeInputError
 
     errs: list[type[BaseException]] = [CLIError, UnsupportedModelError, ManifestError, RuntimeInputError,
-                                       FileExistsError, FileNotFoundError, ValueError]
+                                       FileExistsError, FileNotFoundError, ValueError, UnicodeDecodeError]
     return tuple(errs)
 
 
@@ -66,11 +66,13 @@ def _cache_key(spec: str, parallel: int) -> str:
         st = p.stat()
         digest = hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
         base = f"{p.stem or p.name}-{digest}"
-    return f"{base}-p{parallel}-fp32"
+    return f"{base}-p{parallel}-fp32" if parallel else f"{base}-fp32"
 
 
 def load_for_export(spec: str, parallel: int | None, threads: int | None, progress: bool = True, seed: int = 0):
     """Load ``spec`` into PyTorch; convert a dense model to ``parallel`` streams when asked."""
+    if parallel is not None and parallel < 1:
+        raise CLIError(f"--parallel must be >= 1, got {parallel}")
     _import_export_stack()
     _set_torch_threads(threads)
     from .loading import convert_to_parscale, load_model
@@ -95,7 +97,7 @@ def ensure_export(spec: str, parallel: int | None = None, threads: int | None = 
         return Path(spec)
     from .hub import default_cache_dir
 
-    out = Path(default_cache_dir()) / "onnx" / _cache_key(spec, parallel or 1)
+    out = Path(default_cache_dir()) / "onnx" / _cache_key(spec, parallel or (1 if spec in _named() else None))
     if (out / MANIFEST_FILE).exists():
         return out
     lm = load_for_export(spec, parallel, threads, progress)
@@ -108,15 +110,48 @@ def ensure_export(spec: str, parallel: int | None = None, threads: int | None = 
     return out
 
 
+def _named() -> set[str]:
+    from .hub import MODELS
+
+    return set(MODELS)
+
+
+def _check_output(out: str, overwrite: bool) -> None:
+    """Fail before any slow work when ``out`` cannot be written."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"{p} exists and is not a folder; choose another output path")
+    if p.exists() and not overwrite:
+        raise CLIError(f"{p} exists; pass --overwrite or choose another folder")
+    parent = p.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise CLIError(f"cannot create {p}: {parent} is not writable")
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
 # -------------------------------------------------------------------------------------- commands
 def cmd_export(a) -> None:
+    _check_output(a.output, a.overwrite)  # before the (slow) load and export
+    if a.precision != "fp32":
+        _quant_config(a).validate()
     lm = load_for_export(a.model, a.parallel, a.threads, progress=not a.quiet)
     from export import export_onnx
 
+    if a.precision != "fp32":
+        import tempfile
+
+        out = Path(a.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as staging:
+            fp32 = export_onnx(lm, Path(staging) / "fp32")
+            del lm
+            _run_quantize(fp32, out, a)
+        return
     out = export_onnx(lm, a.output, overwrite=a.overwrite)
     man = Manifest.read(out)
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
@@ -124,6 +159,9 @@ def cmd_export(a) -> None:
 
 
 def cmd_convert(a) -> None:
+    if a.parallel < 2:
+        raise CLIError(f"--parallel must be >= 2 for a ParScale model, got {a.parallel}")
+    _check_output(a.output, a.overwrite)
     lm = load_for_export(a.model, None, a.threads, progress=not a.quiet)
     from .loading import convert_to_parscale, save_hf_folder
 
@@ -151,6 +189,107 @@ def cmd_convert(a) -> None:
         for name, r in rows:
             print(f"  {name:<16} {r['perplexity']:.3f}")
         print(f"  ratio            {rows[1][1]['perplexity'] / rows[0][1]['perplexity']:.4f}")
+
+
+def _quant_config(a):
+    from quant.onnx_quant import QuantConfig
+
+    return QuantConfig(precision=a.precision, block_size=a.block_size, symmetric=a.symmetric,
+                       accuracy_level=a.accuracy_level, algorithm=a.algorithm,
+                       quantize_lm_head=not a.keep_lm_head, quantize_embedding=a.quantize_embedding,
+                       gguf_blocks=not a.no_gguf_blocks)
+
+
+def _run_quantize(src: Path, out: Path, a) -> None:
+    from quant.onnx_quant import quantize_folder
+
+    cfg = _quant_config(a)
+    cfg.validate()
+    calib = Path(a.calibration).read_text(encoding="utf-8") if a.calibration else None
+    text = Path(a.text).read_text(encoding="utf-8") if a.text else None
+    t0 = time.perf_counter()
+    quantize_folder(src, out, cfg, overwrite=a.overwrite, calibration_text=calib, text=text,
+                    check_positions=a.check_positions, compare_positions=a.compare_positions, threads=a.threads)
+    q = Manifest.read(out).quantization
+    line = (f"{a.precision} ({'sym' if a.symmetric else 'asym'}, block {a.block_size}, {a.algorithm}) -> {out}: "
+            f"{q['size_mib']:.1f} MiB (fp32 {q['source_size_mib']:.1f} MiB, "
+            f"{q['size_mib'] / q['source_size_mib']:.0%}) in {time.perf_counter() - t0:.1f} s")
+    print(line)
+    if q.get("gguf_repacked_nodes"):
+        print(f"  {q['gguf_repacked_nodes']} weights reuse the GGUF's own quantized blocks (no re-rounding)")
+    if "accuracy_check" in q:
+        c = q["accuracy_check"]
+        print(f"  accuracy_level 4 vs 0: top-1 agreement {c['agreement_level4_vs_level0']:.2%} over "
+              f"{c['positions']} positions; chosen: {c['chosen']} ({c['agreement']:.2%})")
+    if "quality_vs_fp32" in q:
+        r = q["quality_vs_fp32"]
+        print(f"  quality cost vs fp32 ({r['positions']} positions): perplexity {r['ref_perplexity']:.3f} -> "
+              f"{r['cand_perplexity']:.3f} ({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%}), "
+              f"KL mean {r['kl_mean']:.4f} p99 {r['kl_p99']:.4f}, top-1 agreement {r['top1_agreement']:.2%}")
+
+
+def cmd_quantize(a) -> None:
+    _quant_config(a).validate()
+    _check_output(a.output, a.overwrite)
+    if not _is_export_folder(a.model):
+        raise CLIError(f"{a.model} is not an export folder (no {MANIFEST_FILE}); run `parscale export` first, "
+                       "or use `parscale export MODEL --precision ...` to do both")
+    _run_quantize(Path(a.model), Path(a.output), a)
+
+
+def _write_json(path: str | None, obj: dict) -> None:
+    if not path:
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, p)
+
+
+def _eval_setup(a):
+    from .evaluate import read_text
+
+    text, desc = read_text(a.text)
+    return text, desc
+
+
+def cmd_eval(a) -> None:
+    from .evaluate import onnx_logits_fn, perplexity
+    from .runtime import OnnxCausalLM
+
+    text, desc = _eval_setup(a)
+    rt = OnnxCausalLM(ensure_export(a.model, a.parallel, a.threads, progress=not a.quiet), device=a.device,
+                      threads=a.threads)
+    tokens = rt.tokenizer.encode(text)
+    r = perplexity(onnx_logits_fn(rt), tokens, window=a.window, stride=a.stride, max_positions=a.max_positions)
+    r.update(model=str(a.model), folder=str(rt.folder), precision=rt.manifest.precision, P=rt.P, text=desc,
+             text_tokens=len(tokens))
+    print(f"{a.model} (P={rt.P}, {rt.manifest.precision}): perplexity {r['perplexity']:.4f} over {r['positions']} "
+          f"positions (window {r['window']}, stride {r['stride']}) of {desc}")
+    _write_json(a.json, r)
+
+
+def cmd_compare(a) -> None:
+    from .evaluate import compare, onnx_logits_fn
+    from .runtime import OnnxCausalLM
+
+    text, desc = _eval_setup(a)
+    ref = OnnxCausalLM(ensure_export(a.reference, None, a.threads, progress=not a.quiet), device=a.device, threads=a.threads)
+    cand = OnnxCausalLM(ensure_export(a.candidate, None, a.threads, progress=not a.quiet), device=a.device, threads=a.threads)
+    tokens = ref.tokenizer.encode(text)
+    if cand.tokenizer.encode(text) != tokens:
+        raise CLIError("the two models tokenize the text differently; compare models of the same tokenizer")
+    r = compare(onnx_logits_fn(ref), onnx_logits_fn(cand), tokens, window=a.window, stride=a.stride,
+                max_positions=a.max_positions)
+    r.update(reference=str(a.reference), candidate=str(a.candidate), text=desc,
+             reference_precision=ref.manifest.precision, candidate_precision=cand.manifest.precision)
+    print(f"{a.candidate} vs {a.reference} over {r['positions']} positions of {desc}:")
+    print(f"  KL(ref||cand) mean {r['kl_mean']:.5f}  p99 {r['kl_p99']:.5f}  max {r['kl_max']:.4f}")
+    print(f"  top-1 agreement {r['top1_agreement']:.2%}")
+    print(f"  perplexity ref {r['ref_perplexity']:.4f}  cand {r['cand_perplexity']:.4f} "
+          f"({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%})")
+    _write_json(a.json, r)
 
 
 def _sampling(a):
@@ -229,11 +368,34 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
 
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--block-size", type=int, default=32, help="4/8-bit block size, power of two 16..256")
+    g.add_argument("--symmetric", action="store_true", help="symmetric blocks (default asymmetric)")
+    g.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
+                   help="MatMulNBits compute: 0 unset/fp32 ... 4 int8 activations (default; checked, see README)")
+    g.add_argument("--algorithm", choices=["rtn", "hqq", "gptq"], default="rtn")
+    g.add_argument("--calibration", default=None, help="text file for GPTQ calibration")
+    g.add_argument("--keep-lm-head", action="store_true", help="leave the output head in float")
+    g.add_argument("--quantize-embedding", action="store_true", help="int4 embedding (GatherBlockQuantized)")
+    g.add_argument("--no-gguf-blocks", action="store_true",
+                   help="re-round everything instead of reusing a GGUF source's quantized blocks")
+    g.add_argument("--text", default=None, help="text for the quality check (default: held-out stdlib code)")
+    g.add_argument("--check-positions", type=int, default=512, help="accuracy_level check positions (0: skip)")
+    g.add_argument("--compare-positions", type=int, default=1024, help="quality-vs-fp32 positions (0: skip)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="parscale", description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (ONNX Runtime intra-op; PyTorch: 1)")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sub = ap.add_subparsers(dest="command", required=True)
+    # the global options are accepted after the subcommand too (`parscale generate --threads 2`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=argparse.SUPPRESS)
+    common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *args, **kw: add_parser(*args, parents=[common], **kw)  # type: ignore[method-assign]
 
     p = sub.add_parser("export", help="export a model to ONNX (P folded into the batch axis, KV cache in/out)")
     p.add_argument("model", help="named model, .gguf file or Hugging Face folder")
@@ -241,6 +403,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", "-P", type=int, default=None, help="convert a dense model to P streams first")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p.add_argument("--precision", choices=["fp32", "int4", "int8", "int8-dynamic"], default="fp32")
+    _add_quant_args(p)
+
+    p = sub.add_parser("quantize", help="quantize an fp32 export folder (int4 / int8, weight-only)")
+    p.add_argument("model", help="an fp32 export folder")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--precision", choices=["int4", "int8", "int8-dynamic"], default="int4")
+    p.add_argument("--overwrite", action="store_true")
+    _add_quant_args(p)
+    p.set_defaults(func=cmd_quantize)
+
+    for name, fn, hlp in (("eval", cmd_eval, "perplexity of a model on a text (sliding window)"),
+                          ("compare", cmd_compare, "KL divergence / top-1 agreement of a candidate vs a reference")):
+        p = sub.add_parser(name, help=hlp)
+        if name == "eval":
+            p.add_argument("model")
+            p.add_argument("--parallel", "-P", type=int, default=None)
+        else:
+            p.add_argument("reference")
+            p.add_argument("candidate")
+        p.add_argument("--text", default=None, help="UTF-8 text file (default: held-out Python stdlib code)")
+        p.add_argument("--window", type=int, default=512)
+        p.add_argument("--stride", type=int, default=None, help="default window/2")
+        p.add_argument("--max-positions", type=int, default=4096)
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+        p.add_argument("--json", default=None, help="also write the result as JSON here")
+        p.set_defaults(func=fn)
 
     p = sub.add_parser("convert", help="turn a dense model into a ParScale one (authors' HF format)")
     p.add_argument("model")
@@ -269,7 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.showwarning = _show_warning
     a = build_parser().parse_args(argv)
     try:
         a.func(a)

@@ -30,13 +30,35 @@ def stdlib_text(modules: Sequence[str] = HELDOUT_MODULES) -> str:
     return "\n\n".join(parts)
 
 
+def _windows(n_tokens: int, window: int, stride: int | None, max_positions: int | None):
+    """Yield (begin, end, first): score absolute positions first..end-1 of window [begin, end)."""
+    stride = stride or max(1, window // 2)
+    if not 0 < stride <= window:
+        raise ValueError(f"stride must be in 1..window, got {stride}")
+    if n_tokens < 2:
+        raise ValueError("scoring needs at least 2 tokens")
+    limit = n_tokens if max_positions is None else min(n_tokens, max_positions + 1)
+    begin, scored_until = 0, 1  # token 0 is never predicted
+    while scored_until < limit:
+        end = min(begin + window, limit)
+        yield begin, end, max(scored_until, begin + 1)
+        scored_until = end
+        begin += stride
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - (np.log(np.exp(x - m).sum(-1, keepdims=True)) + m)
+
+
 def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], tokens: Sequence[int], window: int = 512,
                stride: int | None = None, max_positions: int | None = None) -> dict:
     """Sliding-window perplexity (the Hugging Face "strided" procedure).
 
     Each window of ``window`` tokens starts ``stride`` tokens after the previous one (default:
-    ``window // 2``); only the tokens not scored by an earlier window are scored, each with at
-    least ``window - stride`` tokens of context (except at the start).
+    ``window // 2``); only tokens not scored by an earlier window are scored, each with at least
+    ``window - stride`` tokens of context (except at the start).
 
     Args:
         logits_fn: maps int64 [1, S] token ids to float logits [1, S, vocab].
@@ -44,31 +66,74 @@ def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], tokens: Sequence[i
         max_positions: stop after scoring this many positions.
     Returns:
         ``{"perplexity", "nll" (mean, nats), "positions", "window", "stride"}``.
-    Raises ValueError when fewer than 2 tokens are given.
+    Raises ValueError for fewer than 2 tokens or a bad stride.
     """
     tokens = np.asarray(tokens, dtype=np.int64)
-    if tokens.size < 2:
-        raise ValueError("perplexity needs at least 2 tokens")
-    stride = stride or max(1, window // 2)
-    if not 0 < stride <= window:
-        raise ValueError(f"stride must be in 1..window, got {stride}")
-    total, count, scored_until = 0.0, 0, 1  # token 0 is never predicted
-    begin = 0
-    limit = tokens.size if max_positions is None else min(tokens.size, max_positions + 1)
-    while scored_until < limit:
-        end = min(begin + window, limit)
-        chunk = tokens[begin:end]
-        logits = np.asarray(logits_fn(chunk[None]), dtype=np.float64)[0]  # [S, V]
-        lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        # position t (absolute) is predicted by logits at t-1
-        first = max(scored_until, begin + 1)
+    total, count = 0.0, 0
+    for begin, end, first in _windows(tokens.size, window, stride, max_positions):
+        logp = _log_softmax(np.asarray(logits_fn(tokens[None, begin:end]))[0])
         idx = np.arange(first, end)
-        nll = lse[idx - 1 - begin] - logits[idx - 1 - begin, tokens[idx]]
-        total += float(nll.sum())
+        total -= float(logp[idx - 1 - begin, tokens[idx]].sum())
         count += idx.size
-        scored_until = end
-        if end == limit:
-            break
-        begin += stride
     mean = total / count
-    return {"perplexity": math.exp(mean), "nll": mean, "positions": count, "window": window, "stride": stride}
+    return {"perplexity": math.exp(mean), "nll": mean, "positions": count, "window": window,
+            "stride": stride or max(1, window // 2)}
+
+
+def compare(ref_fn: Callable[[np.ndarray], np.ndarray], cand_fn: Callable[[np.ndarray], np.ndarray],
+            tokens: Sequence[int], window: int = 512, stride: int | None = None,
+            max_positions: int | None = None) -> dict:
+    """How far a candidate model's next-token distributions are from a reference's.
+
+    Both models score the same sliding windows (see :func:`perplexity`). Per position:
+    KL(ref || cand) in nats over the full vocabulary and whether the argmax agrees.
+
+    Returns:
+        ``{"kl_mean", "kl_p99", "kl_max", "top1_agreement" (0..1), "ref_perplexity",
+        "cand_perplexity", "positions", "window", "stride"}``.
+    Raises ValueError when the vocabularies differ.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    kls, agree, nll_r, nll_c = [], 0, 0.0, 0.0
+    for begin, end, first in _windows(tokens.size, window, stride, max_positions):
+        ids = tokens[None, begin:end]
+        lr = _log_softmax(np.asarray(ref_fn(ids))[0])
+        lc = _log_softmax(np.asarray(cand_fn(ids))[0])
+        if lr.shape != lc.shape:
+            raise ValueError(f"the models disagree on the vocabulary: {lr.shape[-1]} vs {lc.shape[-1]}")
+        rows = np.arange(first, end) - 1 - begin
+        lr, lc = lr[rows], lc[rows]
+        kls.append((np.exp(lr) * (lr - lc)).sum(-1))
+        agree += int((lr.argmax(-1) == lc.argmax(-1)).sum())
+        tgt = tokens[np.arange(first, end)]
+        nll_r -= float(lr[np.arange(rows.size), tgt].sum())
+        nll_c -= float(lc[np.arange(rows.size), tgt].sum())
+    kl = np.concatenate(kls)
+    n = kl.size
+    return {"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)), "kl_max": float(kl.max()),
+            "top1_agreement": agree / n, "ref_perplexity": math.exp(nll_r / n),
+            "cand_perplexity": math.exp(nll_c / n), "positions": n, "window": window,
+            "stride": stride or max(1, window // 2)}
+
+
+def onnx_logits_fn(rt) -> Callable[[np.ndarray], np.ndarray]:
+    """Wrap an :class:`edge.runtime.OnnxCausalLM` as ``ids [1, S] -> logits [1, S, V]`` (no cache)."""
+    def fn(ids: np.ndarray) -> np.ndarray:
+        S = ids.shape[1]
+        return rt.forward(ids, np.ones_like(ids), np.arange(S, dtype=np.int64)[None].repeat(ids.shape[0], 0))[0]
+    return fn
+
+
+def read_text(path: str | None) -> tuple[str, str]:
+    """(text, description): a UTF-8 file, or the held-out standard-library code when ``path`` is None.
+
+    Raises FileNotFoundError / ValueError (not UTF-8) naming the file."""
+    if path is None:
+        return stdlib_text(), "Python standard-library code (" + ", ".join(HELDOUT_MODULES) + ")"
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file {p} not found")
+    try:
+        return p.read_text(encoding="utf-8"), str(p)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not UTF-8 text ({e})") from None

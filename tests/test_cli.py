@@ -42,14 +42,15 @@ def test_convert_writes_authors_format(tiny, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["generate", "--model", "/nonexistent/model", "-p", "x"], "/nonexistent/model"),
+    (["generate", "--model", "/nonexistent/model", "-p", "x"], "no such file or folder: /nonexistent/model"),
+    (["generate", "--parallel", "0", "-p", "x"], "--parallel must be >= 1"),
     (["generate", "--model", "smollm-135m", "-p", "x"], "smollm2-135m"),  # typo: known ids are listed
     (["generate", "-n", "0", "-p", "x"], "max_new_tokens must be >= 1"),
     (["generate", "--top-p", "0", "-p", "x"], "top_p must be in (0, 1]"),
 ])
 def test_bad_input_is_one_clear_error_line(argv, msg, capsys, monkeypatch):
     monkeypatch.setattr("edge.cli.ensure_export", lambda *a, **k: pytest.fail("must fail before loading"))
-    if argv[2].startswith(("/", "smollm-")):
+    if argv[2].startswith(("/", "smollm-", "0")):
         monkeypatch.undo()
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -62,3 +63,47 @@ def test_export_folder_with_other_p_is_refused(tiny, capsys):
     assert main(["-q", "export", str(gguf_path), "-o", str(out)]) == 0
     assert main(["generate", "--model", str(out), "-P", "4", "-p", "x"]) == 2
     assert "exported with P=1" in capsys.readouterr().err
+
+
+def test_output_that_is_a_file_is_refused_before_loading(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert main(["export", "smollm2-135m", "-o", str(f), "--overwrite"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_threads_accepted_after_the_subcommand(tiny, capsys):
+    gguf_path, root = tiny
+    out = root / "p1t"
+    assert main(["export", str(gguf_path), "-o", str(out), "-q", "--threads", "1"]) == 0
+    assert main(["generate", "--model", str(out), "-p", "hello", "-n", "2", "--threads", "1"]) == 0
+    mode = (out / "model.onnx.data").stat().st_mode & 0o777
+    assert mode & 0o044 == 0o044  # readable by others, not left private by mkdtemp
+
+
+def test_quantize_eval_and_compare_commands(tiny, tmp_path, capsys):
+    gguf_path, root = tiny
+    fp32 = root / "fp32-q"
+    assert main(["-q", "export", str(gguf_path), "-o", str(fp32)]) == 0
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 200)
+    q = tmp_path / "q4"
+    assert main(["quantize", str(fp32), "-o", str(q), "--text", str(text), "--compare-positions", "64",
+                 "--check-positions", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "quality cost vs fp32 (64 positions)" in out and "MiB" in out
+    assert main(["quantize", str(q), "-o", str(tmp_path / "qq")]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert main(["eval", str(q), "--text", str(text), "--max-positions", "100", "--json", str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["positions"] == 100 and e["precision"] == "int4" and e["perplexity"] > 1
+    assert main(["compare", str(fp32), str(q), "--text", str(text), "--max-positions", "100",
+                 "--json", str(tmp_path / "c.json")]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["positions"] == 100 and 0 <= c["top1_agreement"] <= 1 and c["kl_mean"] >= 0
+    assert main(["export", str(gguf_path), "-o", str(tmp_path / "e8"), "--precision", "int8", "-q",
+                 "--compare-positions", "0", "--check-positions", "0"]) == 0
+    assert Manifest.read(tmp_path / "e8").precision == "int8"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+    assert main(["quantize", str(fp32), "-o", str(tmp_path / "bad"), "--block-size", "24"]) == 2
+    assert "power of two" in capsys.readouterr().err and not (tmp_path / "bad").exists()

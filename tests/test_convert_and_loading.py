@@ -1,7 +1,6 @@
 """Dense -> ParScale conversion, the authors' format, and loader errors."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file

@@ -1,6 +1,5 @@
 """The exported ONNX graph: golden logits, the dynamic B/S/past grid, folder contract."""
 import itertools
-import json
 import shutil
 
 import numpy as np

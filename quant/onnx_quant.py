@@ -1,0 +1,484 @@
+"""Weight-only quantization of an exported folder with ONNX Runtime's own tooling.
+
+4-bit and 8-bit go through ``onnxruntime.quantization.matmul_nbits_quantizer`` (MatMulNBits, block
+scales, optional zero points); per-tensor dynamic int8 through ``quantize_dynamic``. We write no
+quantization math: this module chooses nodes, checks settings, runs the quantizer and writes the
+folder. Our own graph passes are small and named:
+
+* :func:`untie_lm_head`: a tied ``lm_head`` is exported as ``Gemm(x, embedding, transB=1)`` sharing
+  the embedding (see :mod:`export`); ORT's quantizer only quantizes MatMul, so to quantize the head
+  we give it its own transposed weight and a MatMul (the Gather keeps the embedding).
+* :func:`set_accuracy_level`: the ``accuracy_level`` attribute of chosen MatMulNBits nodes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edge.atomic import atomic_folder
+from edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE, Manifest
+
+PRECISIONS = ("int4", "int8", "int8-dynamic")
+ALGORITHMS = ("rtn", "hqq", "gptq")
+AGGREGATOR_SCOPE = "aggregate_layer"  # node-name scope of the ParScale aggregator: never quantized
+LM_HEAD_NODE = "lm_head"
+GGUF_CORRECTION = "_gguf_correction"
+
+
+class QuantizationError(ValueError):
+    """Settings or input that cannot be quantized; nothing was written."""
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how.
+
+    precision: ``int4`` (MatMulNBits 4-bit), ``int8`` (MatMulNBits 8-bit, block-wise, weight-only;
+        also runs on the CUDA EP), ``int8-dynamic`` (per-tensor dynamic int8: fragile for LMs).
+    block_size: 16..256, a power of two, dividing every quantized MatMul's input dimension.
+    symmetric: symmetric blocks (no zero point) or asymmetric (uint zero point per block, like GGUF Q4_1).
+    accuracy_level: MatMulNBits compute type: 0 = unset (fp32 activations), 1 fp32, 2 fp16, 3 bf16,
+        4 int8 activations (quantized per block at run time: fastest on CPU, slightly less exact).
+    algorithm: ``rtn`` (round to nearest, ORT's DefaultWeightOnlyQuantConfig), ``hqq`` (half-quadratic,
+        ORT's HQQ quantizer: needs torch), ``gptq`` (ORT's GPTQ: needs calibration text).
+    quantize_lm_head / quantize_embedding: quantize the output head (default yes) / the input
+        embedding (GatherBlockQuantized, int4 only; default no).
+    """
+
+    precision: str = "int4"
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int = 4
+    algorithm: str = "rtn"
+    quantize_lm_head: bool = True
+    quantize_embedding: bool = False
+    gguf_blocks: bool = True
+
+    # gguf_blocks: when the export came from a GGUF, copy its quantized blocks (Q4_0, Q4_1, Q5_0,
+    # Q8_0) into MatMulNBits instead of re-rounding (see quant.gguf_blocks); those nodes keep the
+    # GGUF's block size 32 and bit width (an 8-bit GGUF tensor stays 8-bit in an int4 export).
+
+    def validate(self) -> None:
+        """Raises QuantizationError naming the bad setting and the allowed values."""
+        if self.precision not in PRECISIONS:
+            raise QuantizationError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.algorithm not in ALGORITHMS:
+            raise QuantizationError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        b = self.block_size
+        if not (16 <= b <= 256 and b & (b - 1) == 0):
+            raise QuantizationError(f"block size {b} is not supported: use a power of two from 16 to 256")
+        if not 0 <= self.accuracy_level <= 4:
+            raise QuantizationError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        if self.precision != "int4" and self.algorithm != "rtn":
+            raise QuantizationError(f"algorithm {self.algorithm} is 4-bit only; int8 uses rtn")
+        if self.quantize_embedding and self.precision != "int4":
+            raise QuantizationError("--quantize-embedding is int4 only (GatherBlockQuantized)")
+
+
+# ------------------------------------------------------------------------------------ graph passes
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def untie_lm_head(model: onnx.ModelProto) -> bool:
+    """Replace the tied head ``Gemm(x, E, zero_bias, transB=1)`` by ``MatMul(x, E^T)`` with its own
+    initializer ``lm_head.weight_t`` [H, vocab], so MatMul quantizers can reach it. The embedding
+    initializer stays for the Gather. Returns False when there is no such Gemm (untied models
+    already have a MatMul head). Raises QuantizationError if the Gemm has a non-zero bias."""
+    inits = _initializers(model)
+    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Gemm" or node.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transB", 0) != 1 or attrs.get("transA", 0) != 0:
+            continue
+        if len(node.input) > 2 and node.input[2]:
+            b = node.input[2]
+            bias = numpy_helper.to_array(inits[b]) if b in inits else \
+                numpy_helper.to_array(helper.get_attribute_value(consts[b].attribute[0])) if b in consts else None
+            if bias is None or np.any(bias != 0):
+                raise QuantizationError("the output head has a non-zero bias; cannot untie it")
+        w = numpy_helper.to_array(inits[node.input[1]])
+        wt = numpy_helper.from_array(np.ascontiguousarray(w.T), "lm_head.weight_t")
+        model.graph.initializer.append(wt)
+        mm = helper.make_node("MatMul", [node.input[0], wt.name], list(node.output), name=f"/{LM_HEAD_NODE}/MatMul")
+        model.graph.node.remove(node)
+        model.graph.node.insert(i, mm)
+        return True
+    return False
+
+
+def head_node_name(model: onnx.ModelProto, vocab_size: int) -> str | None:
+    """Name of the MatMul computing the logits: the one whose constant weight is [hidden, vocab]."""
+    inits = _initializers(model)
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and n.input[1] in inits:
+            dims = list(inits[n.input[1]].dims)
+            if len(dims) == 2 and dims[1] == vocab_size:
+                return n.name
+    return None
+
+
+def _keep_float(name: str, cfg: QuantConfig, head: str | None) -> bool:
+    """Nodes never quantized: the ParScale aggregator, GGUF residual corrections, an excluded head."""
+    return AGGREGATOR_SCOPE in name or GGUF_CORRECTION in name or (not cfg.quantize_lm_head and name == head)
+
+
+def quantizable_matmuls(model: onnx.ModelProto, cfg: QuantConfig, head: str | None) -> list[onnx.NodeProto]:
+    """MatMul nodes with a 2-D constant weight that ``cfg`` quantizes (aggregator always excluded)."""
+    inits = _initializers(model)
+    out = []
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or n.input[1] not in inits or len(inits[n.input[1]].dims) != 2:
+            continue
+        if _keep_float(n.name, cfg, head):
+            continue
+        out.append(n)
+    return out
+
+
+def apply_gguf_blocks(model: onnx.ModelProto, blocks: dict, node_to_weight: dict[str, str],
+                      accuracy_level: int) -> list[str]:
+    """Replace MatMul nodes by MatMulNBits nodes holding repacked GGUF blocks; returns their names.
+
+    ``node_to_weight`` maps node names to HF weight names present in ``blocks``
+    (:func:`quant.gguf_blocks.read_gguf_blocks`). A weight with a residual (Q4_1) gets the exact
+    correction ``+ blocksum(x) @ residual^T``; the block sums are computed once per input tensor."""
+    inits = _initializers(model)
+    nodes = list(model.graph.node)
+    new_nodes: list[onnx.NodeProto] = []
+    blocksums: dict[str, str] = {}
+    done = []
+    shape32 = numpy_helper.from_array(np.array([0, 0, -1, 32], np.int64), "gguf_blocksum_shape")
+    axes = numpy_helper.from_array(np.array([-1], np.int64), "gguf_blocksum_axes")
+    for node in nodes:
+        w = node_to_weight.get(node.name)
+        if node.op_type != "MatMul" or w not in blocks:
+            new_nodes.append(node)
+            continue
+        rw = blocks[w]
+        K, N = inits[node.input[1]].dims
+        if rw.packed.shape[0] != N or rw.packed.shape[1] * 32 != K:
+            new_nodes.append(node)  # layout differs: leave it to the quantizer
+            continue
+        base = node.input[1]
+        tensors = [numpy_helper.from_array(rw.packed, f"{base}_gguf_{rw.gguf_type}"),
+                   numpy_helper.from_array(rw.scales, f"{base}_gguf_scales")]
+        if rw.zero_points is not None:
+            tensors.append(numpy_helper.from_array(rw.zero_points, f"{base}_gguf_zero_points"))
+        model.graph.initializer.extend(tensors)
+        attrs = dict(K=K, N=N, bits=rw.bits, block_size=32)
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        x, y = node.input[0], node.output[0]
+        q_out = y if rw.residual is None else y + "_gguf_q"
+        new_nodes.append(helper.make_node("MatMulNBits", [x] + [t.name for t in tensors], [q_out],
+                                          name=node.name + "_Q" + str(rw.bits), domain="com.microsoft", **attrs))
+        if rw.residual is not None:
+            if x not in blocksums:
+                if not blocksums:
+                    model.graph.initializer.extend([shape32, axes])
+                r4 = f"{x}_gguf_blocks"
+                blocksums[x] = f"{x}_gguf_blocksum"
+                new_nodes.append(helper.make_node("Reshape", [x, shape32.name], [r4], name=f"{x}/gguf_block_reshape"))
+                new_nodes.append(helper.make_node("ReduceSum", [r4, axes.name], [blocksums[x]], keepdims=0,
+                                                  name=f"{x}/gguf_blocksum"))
+            rt = numpy_helper.from_array(np.ascontiguousarray(rw.residual.T), f"{base}_gguf_residual")  # [nb, N]
+            model.graph.initializer.append(rt)
+            new_nodes.append(helper.make_node("MatMul", [blocksums[x], rt.name], [y + "_gguf_corr"],
+                                              name=node.name + GGUF_CORRECTION))
+            new_nodes.append(helper.make_node("Add", [q_out, y + "_gguf_corr"], [y], name=node.name + "_gguf_add"))
+        done.append(node.name)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    used = {n for node in model.graph.node for n in node.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return done
+
+
+def source_gguf(man: Manifest) -> Path | None:
+    """The GGUF file an export was made from, when it can be found and its sha256 matches."""
+    from edge.hub import MODELS, fetch_gguf
+    from edge.loading import sha256_file
+
+    if man.source in MODELS:
+        return fetch_gguf(man.source, progress=False)
+    p = Path(man.source)
+    if p.suffix == ".gguf" and p.is_file() and sha256_file(p) == man.source_sha256:
+        return p
+    return None
+
+
+def set_accuracy_level(model: onnx.ModelProto, level: int, only: set[str] | None = None) -> int:
+    """Set ``accuracy_level`` on MatMulNBits nodes (all, or those named in ``only``); returns how many."""
+    k = 0
+    for n in model.graph.node:
+        if n.op_type != "MatMulNBits" or (only is not None and n.name not in only):
+            continue
+        for a in list(n.attribute):
+            if a.name == "accuracy_level":
+                n.attribute.remove(a)
+        n.attribute.append(helper.make_attribute("accuracy_level", level))
+        k += 1
+    return k
+
+
+# -------------------------------------------------------------------------------------- quantizer
+def _run_quantizer(model: onnx.ModelProto, cfg: QuantConfig, exclude: list[str], calibration=None) -> onnx.ModelProto:
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    ops = ("MatMul", "Gather") if cfg.quantize_embedding else ("MatMul",)
+    level = cfg.accuracy_level
+    if cfg.algorithm == "rtn":
+        algo = mnq.DefaultWeightOnlyQuantConfig(block_size=cfg.block_size, is_symmetric=cfg.symmetric,
+                                                accuracy_level=level, quant_format=QuantFormat.QOperator,
+                                                op_types_to_quantize=ops, bits=8 if cfg.precision == "int8" else 4)
+    elif cfg.algorithm == "hqq":
+        algo = mnq.HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=4, op_types_to_quantize=ops)
+    else:
+        if calibration is None:
+            raise QuantizationError("GPTQ needs calibration text: pass --calibration FILE")
+        algo = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=calibration, block_size=cfg.block_size,
+                                             op_types_to_quantize=ops)
+    q = mnq.MatMulNBitsQuantizer(model, bits=8 if cfg.precision == "int8" else 4, block_size=cfg.block_size,
+                                 is_symmetric=cfg.symmetric, accuracy_level=level, nodes_to_exclude=exclude,
+                                 op_types_to_quantize=ops, algo_config=algo)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    q.process()
+    out = q.model.model
+    if cfg.algorithm != "rtn":  # HQQ/GPTQ do not all take accuracy_level: set it on every node
+        set_accuracy_level(out, level)
+    return out
+
+
+def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig, overwrite: bool = False,
+                    calibration_text: str | None = None, check_positions: int = 512,
+                    compare_positions: int = 1024, text: str | None = None, threads: int | None = None) -> Path:
+    """Quantize the fp32 export in ``src`` into a new export folder ``out``.
+
+    With ``accuracy_level`` 4, :func:`choose_accuracy_levels` then measures top-1 agreement against
+    the same weights at level 0 over ``check_positions`` positions and falls back to level 0 on
+    sensitive nodes when it is below :data:`MIN_LEVEL4_AGREEMENT`. Finally the quantized model is
+    compared with ``src`` over ``compare_positions`` positions of ``text`` (default: held-out
+    standard-library code; random tokens when the folder has no tokenizer). 0 skips either step.
+    Writes into a temporary sibling folder and renames it at the end; the manifest records every
+    setting and measurement under ``quantization``. Raises:
+        QuantizationError: bad settings, an already quantized source, a block size that does not
+            divide a weight's input dimension.
+        ManifestError: ``src`` is not an export folder. FileExistsError: ``out`` exists.
+    """
+    cfg.validate()
+    src, out = Path(src), Path(out)
+    man = Manifest.read(src)
+    if man.precision != "fp32" or man.quantization:
+        raise QuantizationError(f"{src} is already quantized (precision {man.precision}); quantize the fp32 export")
+    if out.exists() and not overwrite:  # fail before the slow load
+        raise FileExistsError(f"{out} exists; pass --overwrite or choose another folder")
+    model = onnx.load(str(src / MODEL_FILE), load_external_data=True)
+    untied = cfg.quantize_lm_head and cfg.precision != "int8-dynamic" and untie_lm_head(model)
+    head = head_node_name(model, man.vocab_size)
+    repacked: list[str] = []
+    if cfg.gguf_blocks and cfg.precision != "int8-dynamic":
+        gguf_path = source_gguf(man)
+        if gguf_path is not None:
+            from .gguf_blocks import hf_name_of_node, read_gguf_blocks
+
+            node_to_weight = {n.name: hf_name_of_node(n.name) for n in model.graph.node if n.op_type == "MatMul"}
+            if head and cfg.quantize_lm_head:
+                node_to_weight[head] = "model.embed_tokens.weight" if man.tie_word_embeddings else "lm_head.weight"
+            blocks = read_gguf_blocks(gguf_path, {w for w in node_to_weight.values() if w})
+            if cfg.precision == "int8":  # an int8 export keeps only 8-bit GGUF tensors as they are
+                blocks = {k: v for k, v in blocks.items() if v.bits == 8}
+            repacked = apply_gguf_blocks(model, blocks, node_to_weight, cfg.accuracy_level)
+    targets = quantizable_matmuls(model, cfg, head)
+    inits = _initializers(model)
+    bad = [(n.name, inits[n.input[1]].dims[0]) for n in targets if inits[n.input[1]].dims[0] % cfg.block_size]
+    if bad and cfg.precision != "int8-dynamic":
+        raise QuantizationError(f"block size {cfg.block_size} does not divide the input dimension of "
+                                f"{len(bad)} weights (e.g. {bad[0][0]}: {bad[0][1]}); choose a block size that divides it")
+    exclude = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and _keep_float(n.name, cfg, head)]
+    with atomic_folder(out, overwrite) as tmp:
+        if cfg.precision == "int8-dynamic":
+            warnings.warn("per-tensor dynamic int8 is fragile for language models (measured here: +70% "
+                          "perplexity on smollm2-135m); prefer --precision int8 (block-wise)", stacklevel=2)
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            staged = tmp / "fp32"
+            staged.mkdir()
+            onnx.save_model(model, str(staged / MODEL_FILE), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=DATA_FILE)
+            quantize_dynamic(str(staged / MODEL_FILE), str(staged / "q.onnx"), weight_type=QuantType.QInt8,
+                             per_channel=False, op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude,
+                             use_external_data_format=True)
+            qmodel = onnx.load(str(staged / "q.onnx"), load_external_data=True)
+            shutil.rmtree(staged)
+        else:
+            calib = None
+            if cfg.algorithm == "gptq":
+                calib = _calibration_reader(src, man, calibration_text)
+            qmodel = _run_quantizer(model, cfg, exclude, calib)
+        del model
+        onnx.save_model(qmodel, str(tmp / MODEL_FILE), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+        onnx.checker.check_model(str(tmp / MODEL_FILE))
+        for f in src.iterdir():
+            if f.name not in (MODEL_FILE, DATA_FILE) and f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        man.precision = cfg.precision
+        man.quantization = {**asdict(cfg), "lm_head_untied": bool(untied), "source_precision": "fp32",
+                            "gguf_repacked_nodes": len(repacked),
+                            "quantized_nodes": sum(n.op_type in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear",
+                                                                 "GatherBlockQuantized") for n in qmodel.graph.node),
+                            "tool": "onnxruntime.quantization"}
+        (tmp / MANIFEST_FILE).write_text(man.to_json())
+        del qmodel
+        tokens = _eval_tokens(src, man, text, max(check_positions, compare_positions) + 1)
+        if check_positions and cfg.precision != "int8-dynamic" and cfg.accuracy_level == 4:
+            man.quantization["accuracy_check"] = choose_accuracy_levels(tmp, tokens, check_positions, threads)
+        if compare_positions:
+            from edge.evaluate import compare, onnx_logits_fn
+            from edge.runtime import OnnxCausalLM
+
+            ref = OnnxCausalLM(src, device="cpu", threads=threads)
+            cand = OnnxCausalLM(tmp, device="cpu", threads=threads)
+            man.quantization["quality_vs_fp32"] = compare(onnx_logits_fn(ref), onnx_logits_fn(cand), tokens,
+                                                          max_positions=compare_positions)
+        man.quantization["size_mib"] = round(folder_size_mib(tmp), 2)
+        man.quantization["source_size_mib"] = round(folder_size_mib(src), 2)
+        (tmp / MANIFEST_FILE).write_text(man.to_json())
+    return out
+
+
+#: accuracy_level 4 must agree with level 0 on at least this share of top-1 tokens, else fall back.
+MIN_LEVEL4_AGREEMENT = 0.97
+
+
+def _eval_tokens(folder: Path, man: Manifest, text: str | None, n: int) -> list[int]:
+    """Token ids to measure on: ``text`` (default held-out stdlib code) with the folder's tokenizer,
+    or seeded random ids when the folder has no tokenizer (tiny test models)."""
+    if (folder / "tokenizer.json").exists():
+        from edge.evaluate import stdlib_text
+        from edge.tokenizer import Tokenizer
+
+        ids = Tokenizer.from_dir(folder).encode(text if text is not None else stdlib_text())
+        if len(ids) < 2:
+            raise QuantizationError("the evaluation text has fewer than 2 tokens")
+        return ids[:n]
+    return np.random.default_rng(0).integers(0, man.vocab_size, n).tolist()
+
+
+def choose_accuracy_levels(folder: Path, tokens: list[int], positions: int, threads: int | None = None) -> dict:
+    """Pick per-node accuracy levels for the quantized graph in ``folder`` (edited in place).
+
+    accuracy_level 4 quantizes activations to int8 per block at run time: fast on CPU, slightly
+    inexact (FINDINGS.md). Candidates, cheapest first: every MatMulNBits at level 4; MLP 4-bit nodes
+    at 0; every 4-bit node at 0; every node at 0. 8-bit nodes keep level 4 until the last step,
+    since 8-bit MatMulNBits at level 0 ran 7-25x slower here. The first candidate whose top-1
+    agreement with the all-level-0 graph reaches :data:`MIN_LEVEL4_AGREEMENT` is kept.
+
+    Returns ``{"agreement_level4_vs_level0", "chosen", "agreement", "positions", "threshold"}``.
+    """
+    from edge.evaluate import compare, onnx_logits_fn
+    from edge.runtime import OnnxCausalLM
+
+    path = folder / MODEL_FILE
+    graph = onnx.load(str(path), load_external_data=False)
+    nbits = {n.name: helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+             for n in graph.graph.node if n.op_type == "MatMulNBits"}
+    four = {k for k, b in nbits.items() if b == 4}
+    candidates = [("all level 4", set()), ("MLP 4-bit nodes level 0", {k for k in four if "/mlp/" in k}),
+                  ("all 4-bit nodes level 0", four), ("all level 0", set(nbits))]
+    ref_graph = onnx.load(str(path), load_external_data=False)
+    set_accuracy_level(ref_graph, 0)
+    onnx.save(ref_graph, str(folder / "check_level0.onnx"))
+    try:
+        ref = OnnxCausalLM(folder, device="cpu", threads=threads, model_file="check_level0.onnx")
+        ref_fn = onnx_logits_fn(ref)
+        cache: dict = {}
+
+        def cached_ref(ids):  # the level-0 reference is scored once per window
+            key = ids.tobytes()
+            if key not in cache:
+                cache[key] = ref_fn(ids)
+            return cache[key]
+
+        result = {"positions": positions, "threshold": MIN_LEVEL4_AGREEMENT}
+        tried: list[set] = []
+        for label, zero in candidates:
+            if zero in tried:  # e.g. an int8 graph has no 4-bit nodes: nothing new to try
+                continue
+            tried.append(zero)
+            g = onnx.load(str(path), load_external_data=False)
+            set_accuracy_level(g, 4)
+            if zero:
+                set_accuracy_level(g, 0, zero)
+            if label == "all level 0":
+                agree = 1.0
+            else:
+                onnx.save(g, str(folder / "check_candidate.onnx"))
+                cand = OnnxCausalLM(folder, device="cpu", threads=threads, model_file="check_candidate.onnx")
+                agree = compare(cached_ref, onnx_logits_fn(cand), tokens, max_positions=positions)["top1_agreement"]
+                del cand
+            result.setdefault("agreement_level4_vs_level0", agree)
+            if agree >= MIN_LEVEL4_AGREEMENT:
+                onnx.save(g, str(path))  # same weights, new attributes; external data untouched
+                result.update(chosen=label, agreement=agree)
+                return result
+        raise AssertionError("unreachable: 'all level 0' always qualifies")
+    finally:
+        for f in ("check_level0.onnx", "check_candidate.onnx"):
+            (folder / f).unlink(missing_ok=True)
+
+
+def _calibration_reader(src: Path, man: Manifest, text: str | None):
+    """A CalibrationDataReader feeding prefill windows of ``text`` (GPTQ)."""
+    if not text:
+        raise QuantizationError("GPTQ needs calibration text: pass --calibration FILE")
+    from onnxruntime.quantization import CalibrationDataReader
+
+    from edge.manifest import past_names
+    from edge.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_dir(src).encode(text)[:2048]
+    empty = np.zeros((man.parscale_n, man.num_key_value_heads, 0, man.head_dim), np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = []
+            for b in range(0, max(1, len(ids) - 1), 256):
+                chunk = np.array([ids[b:b + 256]], dtype=np.int64)
+                feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk),
+                        "position_ids": np.arange(chunk.shape[1], dtype=np.int64)[None]}
+                feed.update({n: empty for n in past_names(man.num_layers)})
+                self.items.append(feed)
+            self.it = iter(self.items)
+
+        def get_next(self):
+            return next(self.it, None)
+
+        def rewind(self):
+            self.it = iter(self.items)
+
+        def __deepcopy__(self, memo):
+            r = Reader.__new__(Reader)
+            r.items, r.it = self.items, iter(self.items)
+            return r
+
+    return Reader()
+
+
+def folder_size_mib(folder: str | os.PathLike) -> float:
+    """Size of the files in an export folder, MiB."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file()) / 2**20
