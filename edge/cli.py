@@ -200,7 +200,17 @@ def _quant_config(a):
                        gguf_blocks=not a.no_gguf_blocks)
 
 
+def _import_quant_stack() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnx_ir  # noqa: F401
+    except ImportError as e:
+        raise CLIError(f"quantization needs onnx and onnx-ir ({e.name} is missing): "
+                       "pip install 'parscale-edge[quant]'") from None
+
+
 def _run_quantize(src: Path, out: Path, a) -> None:
+    _import_quant_stack()
     from quant.onnx_quant import quantize_folder
 
     cfg = _quant_config(a)
@@ -381,7 +391,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-gguf-blocks", action="store_true",
                    help="re-round everything instead of reusing a GGUF source's quantized blocks")
     g.add_argument("--text", default=None, help="text for the quality check (default: held-out stdlib code)")
-    g.add_argument("--check-positions", type=int, default=512, help="accuracy_level check positions (0: skip)")
+    g.add_argument("--check-positions", type=int, default=2048, help="accuracy_level check positions (0: skip)")
     g.add_argument("--compare-positions", type=int, default=1024, help="quality-vs-fp32 positions (0: skip)")
 
 

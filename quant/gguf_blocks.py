@@ -12,6 +12,8 @@ quantization math. Blocks run along the input dimension K in both formats.
 | Q4_1 | 32 | d * q + m | 4-bit, block 32, scale d, zero point z = round(-m / d), plus a correction (below) | yes |
 | Q5_0 | 32 | d * (q - 16), q in 0..31 | 8-bit, block 32, code q + 112, default zero point 128 | yes |
 | Q8_0 | 32 | d * q, q in -127..127 | 8-bit, block 32, code q + 128, default zero point 128 | yes |
+| Q4_K | 32 (in 256) | d*sc * q - dmin*m, q in 0..15 | 4-bit, block 32, like Q4_1 with the correction | yes |
+| Q6_K | 16 (in 256) | d*sc * (q - 32), q in 0..63 | 8-bit, block 16, code q + 96, default zero point 128 | yes |
 
 Q4_1 needs the correction because its offset m is a float while MatMulNBits zero points are
 integers: ``W[n, k] = d (q - z) + r[n, b]`` with the per-block residual ``r = m + d z``. So
@@ -31,9 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: GGUF ggml type name -> (bytes per block of 32, MatMulNBits bits)
-REPACKABLE = {"Q4_0": (18, 4), "Q4_1": (20, 4), "Q5_0": (22, 8), "Q8_0": (34, 8)}
-BLOCK = 32
+#: GGUF ggml type name -> (bytes per GGUF block, MatMulNBits bits, MatMulNBits block size)
+REPACKABLE = {"Q4_0": (18, 4, 32), "Q4_1": (20, 4, 32), "Q5_0": (22, 8, 32), "Q8_0": (34, 8, 32),
+              "Q4_K": (144, 4, 32), "Q6_K": (210, 8, 16)}
 
 _NODE_RE = re.compile(r"^/model/layers\.(\d+)/(self_attn|mlp)/(\w+_proj)/MatMul$")
 
@@ -42,9 +44,9 @@ _NODE_RE = re.compile(r"^/model/layers\.(\d+)/(self_attn|mlp)/(\w+_proj)/MatMul$
 class RepackedWeight:
     """MatMulNBits tensors for one weight W [N, K] (HF layout; the MatMul computes x @ W^T).
 
-    packed: uint8 [N, K/32, 32*bits/8]; scales: float32 [N, K/32];
-    zero_points: uint8 [N, ceil(K/32 / 2)] (4-bit, two per byte) or None (default zero point).
-    residual: float32 [N, K/32] per-block offset that MatMulNBits cannot hold (Q4_1), or None.
+    packed: uint8 [N, K/bs, bs*bits/8] for block size bs; scales: float32 [N, K/bs];
+    zero_points: uint8 [N, ceil(K/bs / 2)] (4-bit, two per byte) or None (default zero point).
+    residual: float32 [N, K/bs] per-block offset that MatMulNBits cannot hold (Q4_1, Q4_K), or None.
     """
 
     packed: np.ndarray
@@ -53,6 +55,7 @@ class RepackedWeight:
     bits: int
     gguf_type: str
     residual: np.ndarray | None = None
+    block_size: int = 32
 
 
 def _fp16(raw: np.ndarray, start: int) -> np.ndarray:
@@ -69,8 +72,10 @@ def repack(raw: np.ndarray, gguf_type: str) -> RepackedWeight:
     MatMulNBits tensors. Raises ValueError for a type not in :data:`REPACKABLE`."""
     if gguf_type not in REPACKABLE:
         raise ValueError(f"GGUF type {gguf_type} cannot be repacked; supported: {', '.join(REPACKABLE)}")
-    nbytes, bits = REPACKABLE[gguf_type]
+    nbytes, bits, bs = REPACKABLE[gguf_type]
     N = raw.shape[0]
+    if gguf_type in ("Q4_K", "Q6_K"):
+        return _repack_k(raw, gguf_type)
     blocks = raw.reshape(N, -1, nbytes)  # [N, nb, bytes]
     d = _fp16(blocks, 0)
     zp = None
@@ -85,11 +90,7 @@ def repack(raw: np.ndarray, gguf_type: str) -> RepackedWeight:
                 z = np.where(d != 0, np.rint(-m / d), 0.0)
             z = np.clip(z, 0, 15).astype(np.uint8)  # [N, nb]
             residual = (m + d * z).astype(np.float32)
-            nb = z.shape[1]
-            if nb % 2:
-                z = np.concatenate([z, np.zeros((N, 1), np.uint8)], axis=1)
-            zp = _pack_nibbles(z.reshape(N, -1, 2).reshape(N, -1))  # two blocks per byte
-            zp = zp.reshape(N, (nb + 1) // 2)
+            zp = _zero_points_4bit(z)
         packed = _pack_nibbles(codes)
     elif gguf_type == "Q8_0":
         packed = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
@@ -99,7 +100,51 @@ def repack(raw: np.ndarray, gguf_type: str) -> RepackedWeight:
         low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int16)  # [N, nb, 32]
         high = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16) << 4
         packed = (low + high - 16 + 128).astype(np.uint8)
-    return RepackedWeight(packed, d, zp, bits, gguf_type, residual)
+    return RepackedWeight(packed, d, zp, bits, gguf_type, residual, bs)
+
+
+def _zero_points_4bit(z: np.ndarray) -> np.ndarray:
+    """uint8 [N, nb] zero points in 0..15 -> [N, ceil(nb/2)], two blocks per byte (low nibble first)."""
+    N, nb = z.shape
+    if nb % 2:
+        z = np.concatenate([z, np.zeros((N, 1), np.uint8)], axis=1)
+    return _pack_nibbles(z).reshape(N, (nb + 1) // 2)
+
+
+def _repack_k(raw: np.ndarray, gguf_type: str) -> RepackedWeight:
+    """K-quants: read the sub-block scales from the super-block header, recover the integer codes
+    from ggml's own dequantization (``x / scale`` is an exact integer up to float rounding)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import Q4_K, dequantize
+
+    N = raw.shape[0]
+    nbytes = REPACKABLE[gguf_type][0]
+    sb = raw.reshape(N, -1, nbytes)  # super-blocks of 256
+    x = dequantize(raw, GGMLQuantizationType[gguf_type]).reshape(N, -1).astype(np.float32)
+    if gguf_type == "Q4_K":
+        d = _fp16(sb, 0)[..., None]
+        dmin = _fp16(sb, 2)[..., None]
+        sc, m = Q4_K.get_scale_min(sb[..., 4:16].reshape(-1, 12))
+        scale = (d * sc.reshape(N, -1, 8).astype(np.float32)).reshape(N, -1)  # [N, K/32]
+        mn = (dmin * m.reshape(N, -1, 8).astype(np.float32)).reshape(N, -1)
+        xb = x.reshape(N, -1, 32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(scale[..., None] != 0, np.rint((xb + mn[..., None]) / scale[..., None]), 0)
+            z = np.where(scale != 0, np.rint(mn / scale), 0)
+        q = np.clip(q, 0, 15).astype(np.uint8)
+        z = np.clip(z, 0, 15).astype(np.uint8)
+        residual = (scale * z - mn).astype(np.float32)
+        return RepackedWeight(_pack_nibbles(q), scale.astype(np.float32), _zero_points_4bit(z), 4, gguf_type,
+                              residual, 32)
+    # Q6_K: ql[128] qh[64] scales int8[16] d fp16 -> 16 sub-blocks of 16
+    d = _fp16(sb, 208)[..., None]
+    sc = sb[..., 192:208].copy().view(np.int8).astype(np.float32)
+    scale = (d * sc).reshape(N, -1)  # [N, K/16]
+    xb = x.reshape(N, -1, 16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(scale[..., None] != 0, np.rint(xb / scale[..., None]), 0)
+    codes = (np.clip(q, -32, 31) + 128).astype(np.uint8)
+    return RepackedWeight(codes, scale.astype(np.float32), None, 8, gguf_type, None, 16)
 
 
 def dequantize_repacked(w: RepackedWeight, with_residual: bool = True) -> np.ndarray:

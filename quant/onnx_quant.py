@@ -62,9 +62,10 @@ class QuantConfig:
     quantize_embedding: bool = False
     gguf_blocks: bool = True
 
-    # gguf_blocks: when the export came from a GGUF, copy its quantized blocks (Q4_0, Q4_1, Q5_0,
-    # Q8_0) into MatMulNBits instead of re-rounding (see quant.gguf_blocks); those nodes keep the
-    # GGUF's block size 32 and bit width (an 8-bit GGUF tensor stays 8-bit in an int4 export).
+    # gguf_blocks: when the export came from a GGUF, copy its quantized blocks into MatMulNBits
+    # instead of re-rounding (see quant.gguf_blocks): int4 copies the 4-bit types (Q4_0, Q4_1,
+    # Q4_K) and keeps an 8-bit output head (Q8_0, Q5_0, Q6_K) at 8 bits; int8 copies the 8-bit
+    # container types. Copied nodes keep the GGUF's block size (32, or 16 for Q6_K).
 
     def validate(self) -> None:
         """Raises QuantizationError naming the bad setting and the allowed values."""
@@ -158,7 +159,6 @@ def apply_gguf_blocks(model: onnx.ModelProto, blocks: dict, node_to_weight: dict
     new_nodes: list[onnx.NodeProto] = []
     blocksums: dict[str, str] = {}
     done = []
-    shape32 = numpy_helper.from_array(np.array([0, 0, -1, 32], np.int64), "gguf_blocksum_shape")
     axes = numpy_helper.from_array(np.array([-1], np.int64), "gguf_blocksum_axes")
     for node in nodes:
         w = node_to_weight.get(node.name)
@@ -167,7 +167,7 @@ def apply_gguf_blocks(model: onnx.ModelProto, blocks: dict, node_to_weight: dict
             continue
         rw = blocks[w]
         K, N = inits[node.input[1]].dims
-        if rw.packed.shape[0] != N or rw.packed.shape[1] * 32 != K:
+        if rw.packed.shape[0] != N or rw.packed.shape[1] * rw.block_size != K:
             new_nodes.append(node)  # layout differs: leave it to the quantizer
             continue
         base = node.input[1]
@@ -176,7 +176,7 @@ def apply_gguf_blocks(model: onnx.ModelProto, blocks: dict, node_to_weight: dict
         if rw.zero_points is not None:
             tensors.append(numpy_helper.from_array(rw.zero_points, f"{base}_gguf_zero_points"))
         model.graph.initializer.extend(tensors)
-        attrs = dict(K=K, N=N, bits=rw.bits, block_size=32)
+        attrs = dict(K=K, N=N, bits=rw.bits, block_size=rw.block_size)
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
         x, y = node.input[0], node.output[0]
@@ -184,17 +184,22 @@ def apply_gguf_blocks(model: onnx.ModelProto, blocks: dict, node_to_weight: dict
         new_nodes.append(helper.make_node("MatMulNBits", [x] + [t.name for t in tensors], [q_out],
                                           name=node.name + "_Q" + str(rw.bits), domain="com.microsoft", **attrs))
         if rw.residual is not None:
-            if x not in blocksums:
+            bs = rw.block_size
+            key = f"{x}_gguf_blocksum{bs}"
+            if key not in blocksums:
                 if not blocksums:
-                    model.graph.initializer.extend([shape32, axes])
-                r4 = f"{x}_gguf_blocks"
-                blocksums[x] = f"{x}_gguf_blocksum"
-                new_nodes.append(helper.make_node("Reshape", [x, shape32.name], [r4], name=f"{x}/gguf_block_reshape"))
-                new_nodes.append(helper.make_node("ReduceSum", [r4, axes.name], [blocksums[x]], keepdims=0,
-                                                  name=f"{x}/gguf_blocksum"))
+                    model.graph.initializer.append(axes)
+                shape = numpy_helper.from_array(np.array([0, 0, -1, bs], np.int64), f"gguf_blocksum_shape{bs}")
+                if shape.name not in {t.name for t in model.graph.initializer}:
+                    model.graph.initializer.append(shape)
+                r4 = f"{x}_gguf_blocks{bs}"
+                blocksums[key] = key
+                new_nodes.append(helper.make_node("Reshape", [x, shape.name], [r4], name=f"{x}/gguf_block_reshape{bs}"))
+                new_nodes.append(helper.make_node("ReduceSum", [r4, axes.name], [key], keepdims=0,
+                                                  name=f"{x}/gguf_blocksum{bs}"))
             rt = numpy_helper.from_array(np.ascontiguousarray(rw.residual.T), f"{base}_gguf_residual")  # [nb, N]
             model.graph.initializer.append(rt)
-            new_nodes.append(helper.make_node("MatMul", [blocksums[x], rt.name], [y + "_gguf_corr"],
+            new_nodes.append(helper.make_node("MatMul", [key, rt.name], [y + "_gguf_corr"],
                                               name=node.name + GGUF_CORRECTION))
             new_nodes.append(helper.make_node("Add", [q_out, y + "_gguf_corr"], [y], name=node.name + "_gguf_add"))
         done.append(node.name)
@@ -264,7 +269,7 @@ def _run_quantizer(model: onnx.ModelProto, cfg: QuantConfig, exclude: list[str],
 
 
 def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig, overwrite: bool = False,
-                    calibration_text: str | None = None, check_positions: int = 512,
+                    calibration_text: str | None = None, check_positions: int = 2048,
                     compare_positions: int = 1024, text: str | None = None, threads: int | None = None) -> Path:
     """Quantize the fp32 export in ``src`` into a new export folder ``out``.
 
@@ -299,8 +304,11 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
             if head and cfg.quantize_lm_head:
                 node_to_weight[head] = "model.embed_tokens.weight" if man.tie_word_embeddings else "lm_head.weight"
             blocks = read_gguf_blocks(gguf_path, {w for w in node_to_weight.values() if w})
-            if cfg.precision == "int8":  # an int8 export keeps only 8-bit GGUF tensors as they are
-                blocks = {k: v for k, v in blocks.items() if v.bits == 8}
+            head_weight = node_to_weight.get(head) if head else None
+            # int4: copy tensors stored at 4 bits; the output head keeps its GGUF 8-bit blocks (as
+            # llama.cpp's mixes keep output.weight at 6-8 bits). int8: copy tensors stored in 8-bit blocks.
+            want = 8 if cfg.precision == "int8" else 4
+            blocks = {k: v for k, v in blocks.items() if v.bits == want or (k == head_weight and v.bits == 8)}
             repacked = apply_gguf_blocks(model, blocks, node_to_weight, cfg.accuracy_level)
     targets = quantizable_matmuls(model, cfg, head)
     inits = _initializers(model)
@@ -383,8 +391,8 @@ def choose_accuracy_levels(folder: Path, tokens: list[int], positions: int, thre
     """Pick per-node accuracy levels for the quantized graph in ``folder`` (edited in place).
 
     accuracy_level 4 quantizes activations to int8 per block at run time: fast on CPU, slightly
-    inexact (FINDINGS.md). Candidates, cheapest first: every MatMulNBits at level 4; MLP 4-bit nodes
-    at 0; every 4-bit node at 0; every node at 0. 8-bit nodes keep level 4 until the last step,
+    inexact (FINDINGS.md). Candidates, cheapest first: every MatMulNBits at level 4; 4-bit down_proj
+    at 0; MLP 4-bit nodes at 0; every 4-bit node at 0; every node at 0. 8-bit nodes keep level 4 until the last step,
     since 8-bit MatMulNBits at level 0 ran 7-25x slower here. The first candidate whose top-1
     agreement with the all-level-0 graph reaches :data:`MIN_LEVEL4_AGREEMENT` is kept.
 
@@ -398,7 +406,8 @@ def choose_accuracy_levels(folder: Path, tokens: list[int], positions: int, thre
     nbits = {n.name: helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
              for n in graph.graph.node if n.op_type == "MatMulNBits"}
     four = {k for k, b in nbits.items() if b == 4}
-    candidates = [("all level 4", set()), ("MLP 4-bit nodes level 0", {k for k in four if "/mlp/" in k}),
+    candidates = [("all level 4", set()), ("down_proj 4-bit nodes level 0", {k for k in four if "down_proj" in k}),
+                  ("MLP 4-bit nodes level 0", {k for k in four if "/mlp/" in k}),
                   ("all 4-bit nodes level 0", four), ("all level 0", set(nbits))]
     ref_graph = onnx.load(str(path), load_external_data=False)
     set_accuracy_level(ref_graph, 0)

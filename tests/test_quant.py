@@ -94,7 +94,8 @@ def test_accuracy_level_check_records_its_choice(golden_exports, tmp_path):
     _, rt = golden_exports["p2_untied"]
     out = _q(rt.folder, tmp_path / "q", precision="int4", accuracy_level=4, check_positions=64)
     c = Manifest.read(out).quantization["accuracy_check"]
-    assert c["chosen"] in ("all level 4", "MLP 4-bit nodes level 0", "all 4-bit nodes level 0", "all level 0")
+    assert c["chosen"] in ("all level 4", "down_proj 4-bit nodes level 0", "MLP 4-bit nodes level 0",
+                           "all 4-bit nodes level 0", "all level 0")
     assert c["agreement"] >= 0.97 and 0 <= c["agreement_level4_vs_level0"] <= 1
     levels = {next((a.i for a in n.attribute if a.name == "accuracy_level"), 0) for n in _ops(out).node
               if n.op_type == "MatMulNBits"}
@@ -103,37 +104,74 @@ def test_accuracy_level_check_records_its_choice(golden_exports, tmp_path):
 
 
 # ------------------------------------------------------------------------------- GGUF block reuse
-@pytest.mark.parametrize("qt", ["Q4_0", "Q4_1", "Q5_0", "Q8_0"])
+def _random_k_blocks(qt, rows, rng):
+    """Random but valid K-quant super-blocks (gguf-py cannot quantize K-quants): random bytes with
+    finite fp16 scales."""
+    nbytes = {"Q4_K": 144, "Q6_K": 210}[qt]
+    raw = rng.integers(0, 256, (rows, 2, nbytes), dtype=np.uint8)
+    scale = np.float16(0.01).tobytes()
+    fields = [0, 2] if qt == "Q4_K" else [208]
+    for f in fields:
+        raw[..., f:f + 2] = np.frombuffer(scale, np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qt", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"])
 def test_repacked_blocks_dequantize_exactly_like_ggml(qt):
-    w = np.random.default_rng(0).standard_normal((6, 96)).astype(np.float32)
-    raw = quantize(w, Q[qt])
+    rng = np.random.default_rng(0)
+    if qt.endswith("_K"):
+        raw = _random_k_blocks(qt, 6, rng)
+    else:
+        raw = quantize(rng.standard_normal((6, 512)).astype(np.float32), Q[qt])
     rw = repack(raw, qt)
-    np.testing.assert_array_equal(dequantize_repacked(rw), dequantize(raw, Q[qt]).reshape(6, 96))
+    ref = dequantize(raw, Q[qt]).reshape(6, -1)
+    assert ref.shape == (6, 512) and np.abs(ref).max() > 0
+    np.testing.assert_allclose(dequantize_repacked(rw), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
-def test_gguf_source_is_reused_losslessly(tmp_path, monkeypatch):
-    """A GGUF export quantized to int4 at level 0 reproduces the fp32 export of the dequantized
-    weights: Q4_1/Q4_0/Q8_0/Q5_0 blocks are copied, not re-rounded."""
+def _gguf_export(tmp_path, monkeypatch, types):
     from edge.cli import main
 
-    monkeypatch.setattr(tiny_gguf, "QUANT", {"model.embed_tokens.weight": Q.Q8_0, "self_attn.q_proj.weight": Q.Q4_1,
-                                             "self_attn.k_proj.weight": Q.Q4_0, "self_attn.v_proj.weight": Q.Q5_0,
-                                             "mlp.gate_proj.weight": Q.Q4_1, "mlp.up_proj.weight": Q.Q4_1,
-                                             "self_attn.o_proj.weight": Q.Q4_1, "mlp.down_proj.weight": Q.Q8_0})
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    quant = {f"{n}.weight": Q[t] for n, t in zip(names, types[1:])}
+    quant["model.embed_tokens.weight"] = Q[types[0]]
+    monkeypatch.setattr(tiny_gguf, "QUANT", quant)
     tiny_gguf.write_tiny_gguf(tmp_path / "t.gguf", "llama")
     assert main(["-q", "export", str(tmp_path / "t.gguf"), "-o", str(tmp_path / "fp32")]) == 0
-    out = quantize_folder(tmp_path / "fp32", tmp_path / "q4", QuantConfig(precision="int4", accuracy_level=0),
+    return tmp_path / "fp32"
+
+
+def _bits(folder):
+    return sorted(next(a.i for a in n.attribute if a.name == "bits") for n in _ops(folder).node
+                  if n.op_type == "MatMulNBits")
+
+
+@pytest.mark.parametrize("precision,types", [
+    ("int4", ["Q8_0", "Q4_1", "Q4_0", "Q4_1", "Q4_1", "Q4_1", "Q4_0", "Q4_1"]),  # 4-bit layers, 8-bit tied head
+    ("int8", ["Q5_0", "Q8_0", "Q5_0", "Q8_0", "Q5_0", "Q8_0", "Q5_0", "Q8_0"]),
+])
+def test_gguf_source_is_reused_losslessly(tmp_path, monkeypatch, precision, types):
+    """A GGUF export quantized at level 0 reproduces the fp32 export of the dequantized weights:
+    the GGUF's blocks are copied, not re-rounded (Q4_1 through the exact residual correction)."""
+    fp32 = _gguf_export(tmp_path, monkeypatch, types)
+    out = quantize_folder(fp32, tmp_path / "q", QuantConfig(precision=precision, accuracy_level=0),
                           check_positions=0, compare_positions=128)
     q = Manifest.read(out).quantization
-    assert q["gguf_repacked_nodes"] == 2 * 7 + 1  # every projection + the tied head (Q8_0)
+    assert q["gguf_repacked_nodes"] == 2 * 7 + 1  # every projection + the tied head
     assert q["quality_vs_fp32"]["kl_max"] < 1e-6 and q["quality_vs_fp32"]["top1_agreement"] == 1.0
-    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in _ops(out).node if n.op_type == "MatMulNBits")
-    assert bits.count(8) == 2 * 2 + 1 and bits.count(4) == 2 * 5  # Q5_0/Q8_0 stay 8-bit
-    # and with reuse switched off the same weights are re-rounded: measurably different
-    off = quantize_folder(tmp_path / "fp32", tmp_path / "q4off",
-                          QuantConfig(precision="int4", accuracy_level=0, gguf_blocks=False),
+    assert _bits(out) == ([4] * 14 + [8] if precision == "int4" else [8] * 15)
+    # with reuse switched off the same weights are re-rounded: measurably different
+    off = quantize_folder(fp32, tmp_path / "off", QuantConfig(precision=precision, accuracy_level=0, gguf_blocks=False),
                           check_positions=0, compare_positions=128)
-    assert Manifest.read(off).quantization["quality_vs_fp32"]["kl_mean"] > 1e-4
+    assert Manifest.read(off).quantization["quality_vs_fp32"]["kl_mean"] > 1e-7
+
+
+def test_int4_re_rounds_8_bit_layer_tensors(tmp_path, monkeypatch):
+    fp32 = _gguf_export(tmp_path, monkeypatch, ["Q8_0", "Q4_1", "Q8_0", "Q4_1", "Q4_1", "Q4_1", "Q5_0", "Q4_1"])
+    out = quantize_folder(fp32, tmp_path / "q", QuantConfig(precision="int4"), check_positions=0, compare_positions=0)
+    assert Manifest.read(out).quantization["gguf_repacked_nodes"] == 2 * 5 + 1
+    assert _bits(out) == [4] * 14 + [8]  # k_proj (Q8_0) and up_proj (Q5_0) became 4-bit
 
 
 # ------------------------------------------------------------------------------------ quality tools
