@@ -302,6 +302,115 @@ def cmd_compare(a) -> None:
     _write_json(a.json, r)
 
 
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        vals = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"--{name} takes comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise CLIError(f"--{name} needs positive integers, got {text!r}")
+    return vals
+
+
+def cmd_device_info(a) -> None:
+    from .device import device_info
+
+    info = device_info(refresh=a.refresh)
+    c, bw = info["cpu"], info["bandwidth"]
+    print(f"CPU        {c['model']} ({c['logical_cores']} logical cores; {' '.join(c['flags']) or 'no SIMD flags read'})")
+    print(f"memory     {info['memory_gib']} GiB")
+    print(f"bandwidth  {bw['read_gbps']} GB/s read, {bw['copy_gbps']} GB/s copy (one thread, {bw['array_mib']} MiB array)")
+    print(f"runtime    onnxruntime {info['onnxruntime']}; providers {', '.join(info['providers'])}")
+    print(f"load avg   {info['loadavg']}")
+    _write_json(a.json, info)
+
+
+def cmd_profile(a) -> None:
+    import csv
+
+    from tqdm import tqdm
+
+    from .device import device_info
+    from .profile import dense_twin_export, profile_folder, quantized_folder, versus_dense_summary
+
+    parallels, batches = _ints(a.parallel, "parallel"), _ints(a.batch, "batch")
+    prompt_lens = _ints(a.prompt_len, "prompt-len")
+    precisions = [p.strip() for p in a.precision.split(",")]
+    bad = [p for p in precisions if p not in ("fp32", "int8", "int4")]
+    if bad:
+        raise CLIError(f"unknown precision {bad[0]!r} in --precision; use fp32, int8, int4")
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    info = device_info()
+    jobs = []  # (model, kind, P, folder, extra)
+    for model in a.models:
+        if _is_export_folder(model):
+            man = Manifest.read(model)
+            jobs.append((model, "parscale", man.parscale_n, Path(model), {}))
+            continue
+        for P in parallels:
+            fp32 = ensure_export(model, P, a.threads, progress=not a.quiet)
+            for prec in precisions:
+                jobs.append((model, "parscale", P, quantized_folder(fp32, prec, a.threads), {}))
+        if a.versus_dense:
+            from .scaling_law import PAPER
+
+            law = PAPER[a.law]
+            for P in parallels:
+                if P == 1:
+                    continue
+                twin, desc = dense_twin_export(model, P, law, a.threads)
+                for prec in precisions:
+                    jobs.append((model, "dense", P, quantized_folder(twin, prec, a.threads),
+                                 {"dense_layers": desc["layers"], "dense_params": desc["twin_non_embedding_params"],
+                                  "target_params": desc["target_params"]}))
+    rows = []
+    for model, kind, P, folder, extra in tqdm(jobs, desc="profiling", disable=a.quiet):
+        for r in profile_folder(folder, batches, prompt_lens, a.gen_len, a.threads, a.repeat, a.warmup,
+                                info["bandwidth"]["read_gbps"]):
+            rows.append({"model": model, "kind": kind, **r, "P": P, "folder": str(folder), **extra})
+    summary = versus_dense_summary(rows) if a.versus_dense else []
+    settings = {k: getattr(a, k) for k in ("models", "parallel", "batch", "precision", "prompt_len", "gen_len",
+                                           "threads", "repeat", "warmup", "versus_dense", "law")}
+    result = {"machine": info, "settings": settings, "rows": rows, "versus_dense": summary,
+              "note": "dense twins have random weights: cost does not depend on weight values" if a.versus_dense else None}
+    _write_json(str(out / "profile.json"), result)
+    with open(out / "profile.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"machine: {info['cpu']['model']}, {info['cpu']['logical_cores']} cores, {info['memory_gib']} GiB, "
+          f"read bandwidth {info['bandwidth']['read_gbps']} GB/s; threads {a.threads or 'ORT default'}")
+    print("| model | kind | P | precision | batch | prompt | TTFT ms | prefill tok/s | decode ms p50/p90 | "
+          "decode tok/s | peak RSS MiB | file MiB | KV MiB | bw share |")
+    print("| " + " | ".join(["---"] * 14) + " |")
+    for r in rows:
+        print(f"| {r['model']} | {r['kind']} | {r['P']} | {r['precision']} | {r['batch']} | {r['prompt_len']} | "
+              f"{r['ttft_ms']:.0f} | {r['prefill_tokens_per_s']:.0f} | {r['decode_ms_p50']:.1f}/{r['decode_ms_p90']:.1f} | "
+              f"{r['decode_tokens_per_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['file_mib']:.0f} | "
+              f"{r['kv_cache_mib']:.1f} | {r.get('bandwidth_share', 0):.0%} |")
+    if summary:
+        print("\nParScale against parameter scaling (increase over P=1; dense = scaling-law equivalent, random weights):")
+        print("| precision | batch | P | memory +MiB ParScale / dense (ratio) | latency +ms ParScale / dense (ratio) |")
+        print("| --- | --- | --- | --- | --- |")
+        for s in summary:
+            print(f"| {s['precision']} | {s['batch']} | {s['P']} | {s['parscale_memory_increase_mib']:.0f} / "
+                  f"{s['dense_memory_increase_mib']:.0f} ({s['memory_ratio']:.1f}x) | "
+                  f"{s['parscale_latency_increase_ms']:.0f} / {s['dense_latency_increase_ms']:.0f} "
+                  f"({s['latency_ratio']:.1f}x) |")
+    try:
+        from .plots import plot_profile, plot_versus_dense
+
+        title = f"{', '.join(a.models)} on {info['cpu']['model']} ({a.threads or 'default'} threads)"
+        paths = plot_profile(rows, out, title)
+        if summary:
+            paths.append(plot_versus_dense(summary, out, title))
+        print("plots: " + ", ".join(str(p) for p in paths))
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install 'parscale-edge[profile]')")
+    print(f"results: {out / 'profile.json'}, {out / 'profile.csv'}")
+
+
 def _sampling(a):
     from .runtime import SamplingConfig
 
@@ -441,6 +550,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         p.add_argument("--json", default=None, help="also write the result as JSON here")
         p.set_defaults(func=fn)
+
+    p = sub.add_parser("device-info", help="CPU/GPU description and measured memory bandwidth (cached)")
+    p.add_argument("--refresh", action="store_true", help="measure the bandwidth again")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_device_info)
+
+    p = sub.add_parser("profile", help="latency and memory on this device: P against parameter scaling")
+    p.add_argument("models", nargs="*", default=[DEFAULT_MODEL], help=f"models or export folders (default {DEFAULT_MODEL})")
+    p.add_argument("--parallel", "-P", default="1,2,4,8", help="comma-separated P values")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32,int8,int4")
+    p.add_argument("--prompt-len", default="64", help="comma-separated prompt lengths")
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--versus-dense", action="store_true",
+                   help="also profile, per P, a dense model of the scaling law's equivalent size")
+    p.add_argument("--law", default="stack-v2-python", choices=["stack-v2-python", "pile"],
+                   help="scaling-law constants used for the dense equivalent (paper Table, PARSCALE.md)")
+    p.add_argument("-o", "--output", required=True, help="results folder (JSON, CSV, PNG)")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("convert", help="turn a dense model into a ParScale one (authors' HF format)")
     p.add_argument("model")

@@ -107,3 +107,23 @@ def test_quantize_eval_and_compare_commands(tiny, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
     assert main(["quantize", str(fp32), "-o", str(tmp_path / "bad"), "--block-size", "24"]) == 2
     assert "power of two" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_profile_command_with_versus_dense(tiny, tmp_path, capsys, monkeypatch):
+    gguf_path, _ = tiny
+    monkeypatch.setenv("PARSCALE_EDGE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "prof"
+    assert main(["-q", "profile", str(gguf_path), "--parallel", "1,2", "--batch", "1,2", "--prompt-len", "4",
+                 "--gen-len", "3", "--repeat", "1", "--warmup", "0", "--threads", "1", "--versus-dense",
+                 "-o", str(out)]) == 0
+    res = json.loads((out / "profile.json").read_text())
+    kinds = sorted((r["kind"], r["P"], r["batch"]) for r in res["rows"])
+    assert kinds == [("dense", 2, 1), ("dense", 2, 2), ("parscale", 1, 1), ("parscale", 1, 2),
+                     ("parscale", 2, 1), ("parscale", 2, 2)]
+    assert {s["batch"] for s in res["versus_dense"]} == {1, 2}
+    assert res["machine"]["bandwidth"]["read_gbps"] > 0 and "random" in res["note"]
+    assert (out / "profile.csv").read_text().count("\n") == 7
+    for png in ("profile_decode.png", "profile_memory.png", "versus_dense.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "ParScale against parameter scaling" in capsys.readouterr().out
+    assert main(["profile", "--batch", "0", "-o", str(out)]) == 2

@@ -1,0 +1,95 @@
+"""What machine this is: CPU, memory, ONNX Runtime providers and a measured memory bandwidth.
+
+``parscale device-info`` prints it; the profiler stores it beside every result so numbers from
+different machines are never mixed up. The bandwidth measurement is cached (it takes seconds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def cpu_description() -> dict:
+    """CPU model, logical cores, SIMD flags of interest (Linux /proc/cpuinfo; best effort elsewhere)."""
+    info = {"model": platform.processor() or platform.machine(), "logical_cores": os.cpu_count(), "flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name") and info["model"] in ("", platform.machine(), platform.processor()):
+            info["model"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            wanted = ["avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8",
+                      "avx512_bf16", "neon", "asimd", "sve"]
+            info["flags"] = [f for f in wanted if f in flags]
+            break
+    return info
+
+
+def memory_gib() -> float | None:
+    """Physical memory, GiB."""
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def measure_bandwidth(size_mib: int = 256, repeat: int = 5) -> dict:
+    """Single-thread memory bandwidth, GB/s (1e9 bytes/s), best of ``repeat``.
+
+    ``read``: summing a float32 array of ``size_mib`` MiB (bytes read / time), the relevant
+    number for decode, which streams the weights once per token. ``copy``: ``np.copyto`` (bytes
+    read + written / time)."""
+    n = size_mib * 2**20 // 4
+    a = np.ones(n, dtype=np.float32)
+    b = np.empty_like(a)
+    a.sum()
+    best_read = best_copy = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a.sum()
+        best_read = min(best_read, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best_copy = min(best_copy, time.perf_counter() - t0)
+    return {"read_gbps": round(a.nbytes / best_read / 1e9, 2), "copy_gbps": round(2 * a.nbytes / best_copy / 1e9, 2),
+            "array_mib": size_mib}
+
+
+def device_info(cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> dict:
+    """Machine description with a measured bandwidth, cached in ``<cache>/device-info.json``
+    (re-measured when the CPU model or core count changed, or with ``refresh``)."""
+    import onnxruntime as ort
+
+    from .hub import default_cache_dir
+
+    cpu = cpu_description()
+    info = {"cpu": cpu, "memory_gib": memory_gib(), "platform": platform.platform(),
+            "python": platform.python_version(), "onnxruntime": ort.__version__,
+            "providers": ort.get_available_providers()}
+    path = Path(cache_dir or default_cache_dir()) / "device-info.json"
+    cached = None
+    if path.exists() and not refresh:
+        try:
+            cached = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            cached = None
+    if cached and cached.get("cpu", {}).get("model") == cpu["model"] and \
+            cached.get("cpu", {}).get("logical_cores") == cpu["logical_cores"] and "bandwidth" in cached:
+        info["bandwidth"] = cached["bandwidth"]
+    else:
+        info["bandwidth"] = measure_bandwidth()
+        info["bandwidth"]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp, path)
+    info["loadavg"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return info

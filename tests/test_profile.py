@@ -1,0 +1,70 @@
+"""The profiler on a tiny export: it runs, and its numbers are self-consistent."""
+import json
+
+import pytest
+
+from edge.profile import dense_twin_config, non_embedding_params, profile_folder, versus_dense_summary
+from tiny import tiny_config
+
+
+def test_profile_rows_are_self_consistent(golden_exports):
+    lm, rt = golden_exports["p2_untied"]
+    rows = profile_folder(rt.folder, batches=[1, 2], prompt_lens=[5], gen_len=6, threads=1, repeat=2, warmup=1,
+                          bandwidth_gbps=10.0)
+    assert [(r["batch"], r["prompt_len"]) for r in rows] == [(1, 5), (2, 5)]
+    cfg = lm.model.config
+    for r in rows:
+        assert r["P"] == 2 and r["precision"] == "fp32" and r["gen_len"] == 6
+        assert r["decode_ms_p50"] <= r["decode_ms_p90"]
+        assert r["decode_tokens_per_s"] == pytest.approx(1000 * r["batch"] / r["decode_ms_p50"])
+        assert r["prefill_tokens_per_s"] == pytest.approx(r["batch"] * 5 / r["ttft_ms"] * 1000)
+        # KV cache at the end: 2 tensors per layer of [P*B, kv_heads, prompt+gen-1 fed tokens... ]
+        tokens = 5 + 6
+        expect = 2 * cfg.num_hidden_layers * 2 * r["batch"] * cfg.num_key_value_heads * tokens * cfg.head_dim * 4
+        assert r["kv_cache_mib"] * 2**20 == pytest.approx(expect)
+        assert r["peak_rss_mib"] >= r["steady_rss_mib"] > r["rss_before_mib"] > 0
+        assert r["steady_rss_mib"] > r["file_mib"]  # fp32 weights are resident
+        assert r["latency_ms"] == pytest.approx(r["ttft_ms"] + 6 * r["decode_ms_p50"])
+        assert 0 < r["bandwidth_share"]
+
+
+def test_dense_twin_matches_the_scaling_law_size():
+    cfg = tiny_config("qwen2", 1, num_hidden_layers=4)
+    N = non_embedding_params(cfg)
+    # the count equals the real parameter count of the model minus the embedding
+    from edge.model import ParScaleForCausalLM
+
+    m = ParScaleForCausalLM(cfg)
+    assert N == sum(p.numel() for n, p in m.named_parameters() if "embed_tokens" not in n)
+    twin = dense_twin_config(cfg, 1.82 * N)
+    assert twin.num_hidden_layers == 7 and twin.parscale_n == 1 and twin.hidden_size == cfg.hidden_size
+    assert abs(non_embedding_params(twin) / N - 1.82) < 0.15
+
+
+def test_versus_dense_summary_ratios():
+    base = dict(precision="fp32", batch=1, prompt_len=8, rss_before_mib=10.0)
+    rows = [dict(base, kind="parscale", P=1, peak_rss_mib=110.0, latency_ms=100.0),
+            dict(base, kind="parscale", P=4, peak_rss_mib=115.0, latency_ms=120.0),
+            dict(base, kind="dense", P=4, peak_rss_mib=210.0, latency_ms=200.0, dense_layers=9)]
+    (s,) = versus_dense_summary(rows)
+    assert (s["parscale_memory_increase_mib"], s["dense_memory_increase_mib"]) == (5.0, 100.0)
+    assert s["memory_ratio"] == pytest.approx(20.0) and s["latency_ratio"] == pytest.approx(5.0)
+
+
+def test_device_info_is_cached(tmp_path, monkeypatch):
+    from edge import device
+
+    calls = []
+    monkeypatch.setattr(device, "measure_bandwidth", lambda: calls.append(1) or {"read_gbps": 12.5, "copy_gbps": 20.0,
+                                                                                   "array_mib": 1})
+    a = device.device_info(tmp_path)
+    b = device.device_info(tmp_path)
+    assert calls == [1] and a["bandwidth"]["read_gbps"] == b["bandwidth"]["read_gbps"] == 12.5
+    assert json.loads((tmp_path / "device-info.json").read_text())["cpu"]["logical_cores"] >= 1
+
+
+def test_bandwidth_measurement_is_plausible():
+    from edge.device import measure_bandwidth
+
+    bw = measure_bandwidth(size_mib=16, repeat=2)
+    assert 0.1 < bw["read_gbps"] < 2000 and 0.1 < bw["copy_gbps"] < 2000
