@@ -411,6 +411,53 @@ def cmd_profile(a) -> None:
     print(f"results: {out / 'profile.json'}, {out / 'profile.csv'}")
 
 
+def _parse_count(text: str) -> float:
+    """``1.6e9``, ``1600000000``, ``1.6B``, ``500M`` -> parameters."""
+    t = text.strip().upper()
+    mult = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(t[-1:], 1)
+    try:
+        return float(t[:-1] if mult != 1 else t) * mult
+    except ValueError:
+        raise CLIError(f"cannot read a parameter count from {text!r}; write e.g. 1.6e9 or 1.6B") from None
+
+
+def cmd_scaling_law(a) -> None:
+    from . import scaling_law as sl
+
+    if a.action == "fit":
+        path = a.csv or str(Path(__file__).parent / "data" / "scaling-law-runs.csv")
+        runs = sl.load_runs(path)
+        names = [a.dataset] if a.dataset else sorted(runs)
+        out = {}
+        print(f"fit of L = (A / (N (k ln P + 1)))^alpha + E to {path} (Huber 1e-3 on log loss, L-BFGS-B, grid of starts)")
+        print("| dataset | runs | E | A | k | alpha | R^2 | paper E | paper A | paper k | paper alpha |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name in names:
+            if name not in runs:
+                raise CLIError(f"dataset {name!r} not in {path}; it has {', '.join(sorted(runs))}")
+            N, P, L = runs[name]
+            law = sl.fit(N, P, L, dataset=name)
+            paper = sl.PAPER.get(name)
+            ref = (f"{paper.E:.4f} | {paper.A:.4g} | {paper.k:.4f} | {paper.alpha:.4f}" if paper else "- | - | - | -")
+            print(f"| {name} | {len(N)} | {law.E:.4f} | {law.A:.4g} | {law.k:.4f} | {law.alpha:.4f} | {law.r2:.4f} | {ref} |")
+            out[name] = {"E": law.E, "A": law.A, "k": law.k, "alpha": law.alpha, "r2": law.r2, "runs": len(N)}
+        _write_json(a.json, out)
+        return
+    if a.params is None or a.parallel is None:
+        raise CLIError("predict needs --params N (non-embedding parameters) and --parallel P")
+    law = sl.paper_law(a.law)
+    N = _parse_count(a.params)
+    rows = []
+    print(f"{a.law} law (paper constants): N = {N:.4g} non-embedding parameters")
+    print("| P | predicted loss | gain k ln P + 1 | dense equivalent (non-embedding) |")
+    print("| --- | --- | --- | --- |")
+    for P in _ints(a.parallel, "parallel"):
+        r = {"P": P, "loss": law.loss(N, P), "gain": law.gain(P), "dense_equivalent_params": law.equivalent_dense_params(N, P)}
+        rows.append(r)
+        print(f"| {P} | {r['loss']:.4f} | {r['gain']:.3f}x | {r['dense_equivalent_params']:.4g} |")
+    _write_json(a.json, {"law": a.law, "N": N, "rows": rows})
+
+
 def _sampling(a):
     from .runtime import SamplingConfig
 
@@ -550,6 +597,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         p.add_argument("--json", default=None, help="also write the result as JSON here")
         p.set_defaults(func=fn)
+
+    p = sub.add_parser("scaling-law", help="fit the parallel scaling law, or predict with it (paper Eq. 5)")
+    p.add_argument("action", choices=["fit", "predict"])
+    p.add_argument("csv", nargs="?", default=None, help="fit: runs CSV (dataset,P,non_embedding_params,loss); "
+                   "default: the paper's 48 runs")
+    p.add_argument("--dataset", default=None, help="fit only this dataset")
+    p.add_argument("--params", "-N", default=None, help="predict: non-embedding parameters (1.6e9 or 1.6B)")
+    p.add_argument("--parallel", "-P", default="1,2,4,8", help="predict: comma-separated P")
+    p.add_argument("--law", default="stack-v2-python", choices=["stack-v2-python", "pile"])
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_scaling_law)
 
     p = sub.add_parser("device-info", help="CPU/GPU description and measured memory bandwidth (cached)")
     p.add_argument("--refresh", action="store_true", help="measure the bandwidth again")

@@ -127,3 +127,14 @@ def test_profile_command_with_versus_dense(tiny, tmp_path, capsys, monkeypatch):
         assert (out / png).stat().st_size > 1000
     assert "ParScale against parameter scaling" in capsys.readouterr().out
     assert main(["profile", "--batch", "0", "-o", str(out)]) == 2
+
+
+def test_scaling_law_commands(tmp_path, capsys):
+    assert main(["scaling-law", "fit", "--json", str(tmp_path / "fit.json")]) == 0
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert round(fit["stack-v2-python"]["k"], 3) == 0.393 and round(fit["pile"]["alpha"], 3) == 0.196
+    assert main(["scaling-law", "predict", "-N", "1.6B", "-P", "1,8", "--json", str(tmp_path / "p.json")]) == 0
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert rows[1]["dense_equivalent_params"] / 1.6e9 == pytest.approx(1.818, abs=1e-3)
+    assert main(["scaling-law", "predict", "-N", "lots"]) == 2
+    assert "cannot read a parameter count" in capsys.readouterr().err
