@@ -261,8 +261,14 @@ def _run_quantizer(model: onnx.ModelProto, cfg: QuantConfig, exclude: list[str],
                                  is_symmetric=cfg.symmetric, accuracy_level=level, nodes_to_exclude=exclude,
                                  op_types_to_quantize=ops, algo_config=algo)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    q.process()
+    try:
+        q.process()
+    except Exception as e:  # noqa: BLE001 - ORT's quantizers raise assorted internal errors
+        raise QuantizationError(f"onnxruntime's {cfg.algorithm.upper()} quantizer failed on this model "
+                                f"({type(e).__name__}: {str(e)[:200]}); try --algorithm rtn") from e
     out = q.model.model
+    if not any(o.domain == "com.microsoft" for o in out.opset_import):  # the GPTQ path omits it
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     if cfg.algorithm != "rtn":  # HQQ/GPTQ do not all take accuracy_level: set it on every node
         set_accuracy_level(out, level)
     return out

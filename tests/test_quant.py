@@ -202,3 +202,19 @@ def test_compare_identical_and_shifted_models():
     flat = compare(ref, lambda ids: table[ids] * 0.0, tokens, window=128)
     assert flat["cand_perplexity"] == pytest.approx(50, rel=1e-6) and flat["kl_mean"] > 0.1
     assert math.isclose(flat["ref_perplexity"], same["ref_perplexity"])
+
+
+def test_hqq_algorithm_runs_and_is_recorded(golden_exports, tmp_path):
+    _, rt = golden_exports["p2_untied"]
+    out = _q(rt.folder, tmp_path / "hqq", precision="int4", algorithm="hqq", accuracy_level=0)
+    man = Manifest.read(out)
+    assert man.quantization["algorithm"] == "hqq"
+    assert len([n for n in _ops(out).node if n.op_type == "MatMulNBits"]) == 3 * 7 + 1
+    assert 0 < man.quantization["quality_vs_fp32"]["kl_mean"] < 1.0
+
+
+def test_gptq_without_calibration_text_is_refused(golden_exports, tmp_path):
+    _, rt = golden_exports["p2_untied"]
+    with pytest.raises(QuantizationError, match="GPTQ needs calibration text"):
+        _q(rt.folder, tmp_path / "g", precision="int4", algorithm="gptq")
+    assert list(tmp_path.iterdir()) == []
