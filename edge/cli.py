@@ -99,7 +99,11 @@ def ensure_export(spec: str, parallel: int | None = None, threads: int | None = 
 
     out = Path(default_cache_dir()) / "onnx" / _cache_key(spec, parallel or (1 if spec in _named() else None))
     if (out / MANIFEST_FILE).exists():
-        return out
+        from .manifest import FORMAT_VERSION
+
+        if Manifest.read(out).format_version == FORMAT_VERSION:
+            return out
+        _log(f"cached export {out} was made by another parscale-edge version; exporting again")
     lm = load_for_export(spec, parallel, threads, progress)
     from export import export_onnx
 
