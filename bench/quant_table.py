@@ -30,6 +30,7 @@ VARIANTS = {  # name -> quantize settings (None: the fp32 export itself)
     "int4 asym L4": dict(precision="int4", symmetric=False, accuracy_level=4, check=False),
     "int4 asym L0": dict(precision="int4", symmetric=False, accuracy_level=0, check=False),
     "int4 asym auto": dict(precision="int4", symmetric=False, accuracy_level=4, check=True),
+    "int4 asym b16 L4": dict(precision="int4", symmetric=False, accuracy_level=4, check=False, block_size=16),
     "int4 sym L4": dict(precision="int4", symmetric=True, accuracy_level=4, check=False),
     "int4 sym L0": dict(precision="int4", symmetric=True, accuracy_level=0, check=False),
     # re-rounding everything (no GGUF block reuse): what a plain export gets

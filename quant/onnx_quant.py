@@ -63,9 +63,9 @@ class QuantConfig:
     gguf_blocks: bool = True
 
     # gguf_blocks: when the export came from a GGUF, copy its quantized blocks into MatMulNBits
-    # instead of re-rounding (see quant.gguf_blocks): int4 copies the 4-bit types (Q4_0, Q4_1,
-    # Q4_K) and keeps an 8-bit output head (Q8_0, Q5_0, Q6_K) at 8 bits; int8 copies the 8-bit
-    # container types. Copied nodes keep the GGUF's block size (32, or 16 for Q6_K).
+    # instead of re-rounding (see quant.gguf_blocks and _keep_gguf_blocks): int4 copies the 4-bit
+    # types and keeps the GGUF's sensitive 8-bit-class tensors (Q6_K, Q8_0, an 8-bit head) at 8
+    # bits; int8 copies the 8-bit container types. Copied nodes keep the GGUF's block size.
 
     def validate(self) -> None:
         """Raises QuantizationError naming the bad setting and the allowed values."""
@@ -212,6 +212,21 @@ def apply_gguf_blocks(model: onnx.ModelProto, blocks: dict, node_to_weight: dict
     return done
 
 
+#: GGUF types that llama.cpp's mixes (Q4_K_M and friends) use for the tensors they single out as
+#: sensitive (output head, some v_proj/down_proj). int4 keeps them at 8 bits instead of re-rounding.
+SENSITIVE_GGUF_TYPES = ("Q6_K", "Q8_0")
+
+
+def _keep_gguf_blocks(cfg: QuantConfig, rw, is_head: bool) -> bool:
+    """Which GGUF tensors to copy. int4: the 4-bit ones (Q4_0, Q4_1, Q4_K) and the 8-bit-class ones
+    the GGUF's mix made sensitive (Q6_K, Q8_0; also any 8-bit output head); Q5_0, llama.cpp's
+    fallback for shapes that K-quants cannot take, is re-rounded to 4 bits. int8: every type
+    stored in an 8-bit container (Q5_0, Q6_K, Q8_0)."""
+    if cfg.precision == "int8":
+        return rw.bits == 8
+    return rw.bits == 4 or rw.gguf_type in SENSITIVE_GGUF_TYPES or (is_head and rw.bits == 8)
+
+
 def source_gguf(man: Manifest) -> Path | None:
     """The GGUF file an export was made from, when it can be found and its sha256 matches."""
     from edge.hub import MODELS, fetch_gguf
@@ -310,11 +325,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
             if head and cfg.quantize_lm_head:
                 node_to_weight[head] = "model.embed_tokens.weight" if man.tie_word_embeddings else "lm_head.weight"
             blocks = read_gguf_blocks(gguf_path, {w for w in node_to_weight.values() if w})
-            head_weight = node_to_weight.get(head) if head else None
-            # int4: copy tensors stored at 4 bits; the output head keeps its GGUF 8-bit blocks (as
-            # llama.cpp's mixes keep output.weight at 6-8 bits). int8: copy tensors stored in 8-bit blocks.
-            want = 8 if cfg.precision == "int8" else 4
-            blocks = {k: v for k, v in blocks.items() if v.bits == want or (k == head_weight and v.bits == 8)}
+            blocks = {k: v for k, v in blocks.items() if _keep_gguf_blocks(cfg, v, k == node_to_weight.get(head))}
             repacked = apply_gguf_blocks(model, blocks, node_to_weight, cfg.accuracy_level)
     targets = quantizable_matmuls(model, cfg, head)
     inits = _initializers(model)

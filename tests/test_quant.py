@@ -167,11 +167,11 @@ def test_gguf_source_is_reused_losslessly(tmp_path, monkeypatch, precision, type
     assert Manifest.read(off).quantization["quality_vs_fp32"]["kl_mean"] > 1e-7
 
 
-def test_int4_re_rounds_8_bit_layer_tensors(tmp_path, monkeypatch):
+def test_int4_keeps_sensitive_8_bit_tensors_and_re_rounds_q5_0(tmp_path, monkeypatch):
     fp32 = _gguf_export(tmp_path, monkeypatch, ["Q8_0", "Q4_1", "Q8_0", "Q4_1", "Q4_1", "Q4_1", "Q5_0", "Q4_1"])
     out = quantize_folder(fp32, tmp_path / "q", QuantConfig(precision="int4"), check_positions=0, compare_positions=0)
-    assert Manifest.read(out).quantization["gguf_repacked_nodes"] == 2 * 5 + 1
-    assert _bits(out) == [4] * 14 + [8]  # k_proj (Q8_0) and up_proj (Q5_0) became 4-bit
+    assert Manifest.read(out).quantization["gguf_repacked_nodes"] == 2 * 6 + 1
+    assert _bits(out) == [4] * 12 + [8] * 3  # k_proj (Q8_0) stays 8-bit, up_proj (Q5_0) became 4-bit
 
 
 # ------------------------------------------------------------------------------------ quality tools
