@@ -32,6 +32,16 @@ def _proc_status_mib(field: str) -> float | None:
     return None
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux ``clear_refs`` 5); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def folder_bytes(folder: str | os.PathLike) -> int:
     """Bytes of the model files (graph + external data) of an export folder."""
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.startswith("model.onnx"))
@@ -41,8 +51,9 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
                    repeat: int, warmup: int, bandwidth_gbps: float | None) -> dict:
     """Run inside a worker process: load ``folder`` and time every (batch, prompt_len).
 
-    Returns ``{"load": {...}, "runs": [{...}, ...]}``; each run has prefill/decode timings, KV cache
-    bytes at the end and the share of the memory-bandwidth limit reached by decode."""
+    Returns ``{"load": {...}, "runs": [{...}, ...]}``; each run has prefill/decode timings, its own
+    peak RSS (VmHWM reset before it), KV cache bytes at the end and the share of the
+    memory-bandwidth limit reached by decode."""
     from .runtime import OnnxCausalLM
 
     rss_before = _proc_status_mib("VmRSS")
@@ -79,6 +90,7 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
             if "steady_rss_mib" not in load:  # after the first warm-up: weights paged in, arenas sized
                 load["steady_rss_mib"] = _proc_status_mib("VmRSS")
             pres, steps, kv = [], [], 0
+            _reset_peak_rss()  # so the peak below belongs to this batch size and prompt length
             for _ in range(repeat):
                 p, s, kv = one()
                 pres.append(p)
@@ -88,12 +100,12 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
             run = {"batch": B, "prompt_len": S, "gen_len": gen_len, "repeat": repeat,
                    "ttft_ms": float(np.median(pres)), "prefill_tokens_per_s": B * S / float(np.median(pres)) * 1e3,
                    "decode_ms_p50": d50, "decode_ms_p90": d90, "decode_tokens_per_s": 1e3 * B / d50,
-                   "kv_cache_mib": kv / 2**20, "latency_ms": float(np.median(pres)) + gen_len * d50}
+                   "kv_cache_mib": kv / 2**20, "latency_ms": float(np.median(pres)) + gen_len * d50,
+                   "peak_rss_mib": _proc_status_mib("VmHWM")}
             if bandwidth_gbps:
                 run["bandwidth_share"] = (weight_bytes + kv_mid) / (d50 / 1e3) / (bandwidth_gbps * 1e9)
             runs.append(run)
     load.setdefault("steady_rss_mib", _proc_status_mib("VmRSS"))
-    load["peak_rss_mib"] = _proc_status_mib("VmHWM")
     return {"load": load, "runs": runs}
 
 
@@ -125,14 +137,19 @@ if __name__ == "__main__":
 
 # ------------------------------------------------------------------------------------ orchestration
 def quantized_folder(fp32: Path, precision: str, threads: int | None = None) -> Path:
-    """The ``precision`` variant of an fp32 export, made once next to it (default settings)."""
+    """The ``precision`` variant of an fp32 export for cost measurements, made once next to it.
+
+    Every model gets the same structure, so ParScale and its dense twins are compared like for
+    like: round-to-nearest, block 32, accuracy_level 4 on every node, no GGUF block reuse (its
+    exact-offset correction adds nodes) and no quality checks (cost does not depend on values)."""
     if precision == "fp32":
         return fp32
     from quant.onnx_quant import QuantConfig, quantize_folder
 
-    out = fp32.with_name(fp32.name.replace("-fp32", "") + f"-{precision}")
+    out = fp32.with_name(fp32.name.replace("-fp32", "") + f"-{precision}-cost")
     if not (out / "manifest.json").exists():
-        quantize_folder(fp32, out, QuantConfig(precision=precision), overwrite=True, threads=threads)
+        quantize_folder(fp32, out, QuantConfig(precision=precision, gguf_blocks=False, accuracy_level=4),
+                        overwrite=True, threads=threads, check_positions=0, compare_positions=0)
     return out
 
 
