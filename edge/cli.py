@@ -397,11 +397,12 @@ def cmd_profile(a) -> None:
         print("\nParScale against parameter scaling (increase over P=1; dense = scaling-law equivalent, random weights):")
         print("| precision | batch | P | memory +MiB ParScale / dense (ratio) | latency +ms ParScale / dense (ratio) |")
         print("| --- | --- | --- | --- | --- |")
+        fmt = lambda r: "n/a" if r is None else f"{r:.1f}x"  # noqa: E731
         for s in summary:
             print(f"| {s['precision']} | {s['batch']} | {s['P']} | {s['parscale_memory_increase_mib']:.0f} / "
-                  f"{s['dense_memory_increase_mib']:.0f} ({s['memory_ratio']:.1f}x) | "
+                  f"{s['dense_memory_increase_mib']:.0f} ({fmt(s['memory_ratio'])}) | "
                   f"{s['parscale_latency_increase_ms']:.0f} / {s['dense_latency_increase_ms']:.0f} "
-                  f"({s['latency_ratio']:.1f}x) |")
+                  f"({fmt(s['latency_ratio'])}) |")
     try:
         from .plots import plot_profile, plot_versus_dense
 

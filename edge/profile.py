@@ -208,6 +208,12 @@ def dense_twin_export(spec: str, P: int, law, threads: int | None = None) -> tup
     return out, info
 
 
+def _ratio(dense: float, parscale: float) -> float | None:
+    """dense increase / ParScale increase; None when either is not positive (within noise, the
+    ratio means nothing)."""
+    return dense / parscale if dense > 0 and parscale > 0 else None
+
+
 def versus_dense_summary(rows: list[dict]) -> list[dict]:
     """The paper's comparison (Sec. 4, Fig. 4): increase over P=1 of memory and latency for P
     streams and for the dense model of equal predicted loss, and their ratios, per batch/precision.
@@ -233,7 +239,7 @@ def versus_dense_summary(rows: list[dict]) -> list[dict]:
                    "parscale_latency_increase_ms": ps["latency_ms"] - b["latency_ms"],
                    "dense_latency_increase_ms": dn["latency_ms"] - b["latency_ms"],
                    "dense_layers": dn.get("dense_layers")}
-            row["memory_ratio"] = row["dense_memory_increase_mib"] / max(row["parscale_memory_increase_mib"], 1e-9)
-            row["latency_ratio"] = row["dense_latency_increase_ms"] / max(row["parscale_latency_increase_ms"], 1e-9)
+            row["memory_ratio"] = _ratio(row["dense_memory_increase_mib"], row["parscale_memory_increase_mib"])
+            row["latency_ratio"] = _ratio(row["dense_latency_increase_ms"], row["parscale_latency_increase_ms"])
             out.append(row)
     return out
