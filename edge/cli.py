@@ -229,12 +229,18 @@ def _run_quantize(src: Path, out: Path, a) -> None:
             f"{q['size_mib']:.1f} MiB (fp32 {q['source_size_mib']:.1f} MiB, "
             f"{q['size_mib'] / q['source_size_mib']:.0%}) in {time.perf_counter() - t0:.1f} s")
     print(line)
-    if q.get("gguf_repacked_nodes"):
-        print(f"  {q['gguf_repacked_nodes']} weights reuse the GGUF's own quantized blocks (no re-rounding)")
+    n = q.get("gguf_repacked_nodes")
+    if n:
+        print(f"  {n} {'weight reuses' if n == 1 else 'weights reuse'} the GGUF's own quantized blocks (no re-rounding)")
     if "accuracy_check" in q:
         c = q["accuracy_check"]
         print(f"  accuracy_level 4 vs 0: top-1 agreement {c['agreement_level4_vs_level0']:.2%} over "
               f"{c['positions']} positions; chosen: {c['chosen']} ({c['agreement']:.2%})")
+        if c["chosen"] == "all level 0":
+            _log("warning: every node now runs at accuracy_level 0; 8-bit MatMulNBits at level 0 decodes several "
+                 "times slower than fp32 on CPUs (README, Quantization). For speed, quantize again with "
+                 "--check-positions 0 (keeps level 4, top-1 agreement "
+                 f"{c['agreement_level4_vs_level0']:.1%}) or use --precision int4")
     if "quality_vs_fp32" in q:
         r = q["quality_vs_fp32"]
         print(f"  quality cost vs fp32 ({r['positions']} positions): perplexity {r['ref_perplexity']:.3f} -> "
@@ -325,7 +331,9 @@ def cmd_device_info(a) -> None:
     print(f"memory     {info['memory_gib']} GiB")
     print(f"bandwidth  {bw['read_gbps']} GB/s read, {bw['copy_gbps']} GB/s copy (one thread, {bw['array_mib']} MiB array)")
     print(f"runtime    onnxruntime {info['onnxruntime']}; providers {', '.join(info['providers'])}")
-    print(f"load avg   {info['loadavg']}")
+    la = info["loadavg"]
+    print(f"load avg   {' '.join(f'{x:.2f}' for x in la) if la else 'n/a'} (1/5/15 min)")
+    print(f"           bandwidth measured {bw.get('measured_at', '?')} (cached; --refresh measures again)")
     _write_json(a.json, info)
 
 
@@ -337,6 +345,8 @@ def cmd_profile(a) -> None:
     from .device import device_info
     from .profile import dense_twin_export, profile_folder, quantized_folder, versus_dense_summary
 
+    if a.gen_len < 1 or a.repeat < 1 or a.warmup < 0:
+        raise CLIError("--gen-len and --repeat must be >= 1 and --warmup >= 0")
     parallels, batches = _ints(a.parallel, "parallel"), _ints(a.batch, "batch")
     prompt_lens = _ints(a.prompt_len, "prompt-len")
     precisions = [p.strip() for p in a.precision.split(",")]
@@ -452,14 +462,13 @@ def cmd_scaling_law(a) -> None:
         raise CLIError("predict needs --params N (non-embedding parameters) and --parallel P")
     law = sl.paper_law(a.law)
     N = _parse_count(a.params)
-    rows = []
+    rows = [{"P": P, "loss": law.loss(N, P), "gain": law.gain(P), "dense_equivalent_params": law.equivalent_dense_params(N, P)}
+            for P in _ints(a.parallel, "parallel")]  # computed first: bad input fails before any output
     print(f"{a.law} law (paper constants): N = {N:.4g} non-embedding parameters")
     print("| P | predicted loss | gain k ln P + 1 | dense equivalent (non-embedding) |")
     print("| --- | --- | --- | --- |")
-    for P in _ints(a.parallel, "parallel"):
-        r = {"P": P, "loss": law.loss(N, P), "gain": law.gain(P), "dense_equivalent_params": law.equivalent_dense_params(N, P)}
-        rows.append(r)
-        print(f"| {P} | {r['loss']:.4f} | {r['gain']:.3f}x | {r['dense_equivalent_params']:.4g} |")
+    for r in rows:
+        print(f"| {r['P']} | {r['loss']:.4f} | {r['gain']:.3f}x | {r['dense_equivalent_params']:.4g} |")
     _write_json(a.json, {"law": a.law, "N": N, "rows": rows})
 
 
@@ -575,13 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    p.add_argument("--precision", choices=["fp32", "int4", "int8", "int8-dynamic"], default="fp32")
+    p.add_argument("--precision", default="fp32", help="fp32 (default), int4, int8 or int8-dynamic")
     _add_quant_args(p)
 
     p = sub.add_parser("quantize", help="quantize an fp32 export folder (int4 / int8, weight-only)")
     p.add_argument("model", help="an fp32 export folder")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--precision", choices=["int4", "int8", "int8-dynamic"], default="int4")
+    p.add_argument("--precision", default="int4", help="int4 (default), int8 or int8-dynamic")
     p.add_argument("--overwrite", action="store_true")
     _add_quant_args(p)
     p.set_defaults(func=cmd_quantize)
@@ -631,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--versus-dense", action="store_true",
                    help="also profile, per P, a dense model of the scaling law's equivalent size")
     p.add_argument("--law", default="stack-v2-python", choices=["stack-v2-python", "pile"],
-                   help="scaling-law constants used for the dense equivalent (paper Table, PARSCALE.md)")
+                   help="scaling-law constants used for the dense equivalent (the paper's fits, `parscale scaling-law`)")
     p.add_argument("-o", "--output", required=True, help="results folder (JSON, CSV, PNG)")
     p.set_defaults(func=cmd_profile)
 

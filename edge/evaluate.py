@@ -32,7 +32,11 @@ def stdlib_text(modules: Sequence[str] = HELDOUT_MODULES) -> str:
 
 def _windows(n_tokens: int, window: int, stride: int | None, max_positions: int | None):
     """Yield (begin, end, first): score absolute positions first..end-1 of window [begin, end)."""
-    stride = stride or max(1, window // 2)
+    if window < 2:
+        raise ValueError(f"the window must hold at least 2 tokens, got {window}")
+    if max_positions is not None and max_positions < 1:
+        raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+    stride = max(1, window // 2) if stride is None else stride
     if not 0 < stride <= window:
         raise ValueError(f"stride must be in 1..window, got {stride}")
     if n_tokens < 2:
@@ -77,7 +81,7 @@ def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], tokens: Sequence[i
         count += idx.size
     mean = total / count
     return {"perplexity": math.exp(mean), "nll": mean, "positions": count, "window": window,
-            "stride": stride or max(1, window // 2)}
+            "stride": max(1, window // 2) if stride is None else stride}
 
 
 def compare(ref_fn: Callable[[np.ndarray], np.ndarray], cand_fn: Callable[[np.ndarray], np.ndarray],
@@ -113,7 +117,7 @@ def compare(ref_fn: Callable[[np.ndarray], np.ndarray], cand_fn: Callable[[np.nd
     return {"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)), "kl_max": float(kl.max()),
             "top1_agreement": agree / n, "ref_perplexity": math.exp(nll_r / n),
             "cand_perplexity": math.exp(nll_c / n), "positions": n, "window": window,
-            "stride": stride or max(1, window // 2)}
+            "stride": max(1, window // 2) if stride is None else stride}
 
 
 def onnx_logits_fn(rt) -> Callable[[np.ndarray], np.ndarray]:

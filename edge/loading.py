@@ -18,6 +18,7 @@ import torch
 
 from .atomic import atomic_folder
 from .config import ParScaleConfig
+from .hub import sha256_file
 from .model import ParScaleForCausalLM
 
 
@@ -48,15 +49,6 @@ class LoadedModel:
     source_sha256: str
     generation_config: dict
     notes: dict = field(default_factory=dict)  # e.g. {"converted_to_parallel": 2}: goes into the manifest
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ state dicts

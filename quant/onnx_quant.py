@@ -229,8 +229,7 @@ def _keep_gguf_blocks(cfg: QuantConfig, rw, is_head: bool) -> bool:
 
 def source_gguf(man: Manifest) -> Path | None:
     """The GGUF file an export was made from, when it can be found and its sha256 matches."""
-    from edge.hub import MODELS, fetch_gguf
-    from edge.loading import sha256_file
+    from edge.hub import MODELS, fetch_gguf, sha256_file
 
     if man.source in MODELS:
         return fetch_gguf(man.source, progress=False)

@@ -2,6 +2,7 @@
 import io
 import json
 
+import numpy as np
 import pytest
 
 from edge.cli import main
@@ -138,3 +139,26 @@ def test_scaling_law_commands(tmp_path, capsys):
     assert rows[1]["dense_equivalent_params"] / 1.6e9 == pytest.approx(1.818, abs=1e-3)
     assert main(["scaling-law", "predict", "-N", "lots"]) == 2
     assert "cannot read a parameter count" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["profile", "--gen-len", "0", "-o", "OUT"], "--gen-len and --repeat must be >= 1"),
+    (["profile", "--repeat", "0", "-o", "OUT"], "--gen-len and --repeat must be >= 1"),
+    (["scaling-law", "predict", "-N", "-5"], "must be > 0"),
+    (["quantize", "tests", "-o", "OUT", "--precision", "int3"], "unknown precision 'int3'"),
+])
+def test_more_bad_input_fails_cleanly_before_output(argv, msg, tmp_path, capsys):
+    argv = [str(tmp_path / "out") if x == "OUT" else x for x in argv]
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    assert cap.err.startswith("error: ") and msg in cap.err and cap.out == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_rejects_empty_ranges(golden_exports, capsys, tmp_path):
+    from edge.evaluate import perplexity
+
+    for kw, msg in ((dict(max_positions=0), "max_positions must be >= 1"), (dict(window=1), "at least 2 tokens"),
+                    (dict(stride=0), "stride must be in 1..window")):
+        with pytest.raises(ValueError, match=msg):
+            perplexity(lambda ids: np.zeros(ids.shape + (4,)), [1, 2, 3, 0], **kw)

@@ -218,3 +218,19 @@ def test_gptq_without_calibration_text_is_refused(golden_exports, tmp_path):
     with pytest.raises(QuantizationError, match="GPTQ needs calibration text"):
         _q(rt.folder, tmp_path / "g", precision="int4", algorithm="gptq")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_needs_no_torch(golden_exports, tmp_path):
+    """The quant path (no GGUF source here) imports neither torch nor edge.loading."""
+    import subprocess
+    import sys
+
+    _, rt = golden_exports["p1_dense"]
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from quant.onnx_quant import QuantConfig, quantize_folder\n"
+            f"quantize_folder({str(rt.folder)!r}, {str(tmp_path / 'q')!r}, QuantConfig(precision='int4'),"
+            " check_positions=16, compare_positions=16)\n"
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
+                       env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
