@@ -63,7 +63,7 @@ def run_one(rt, prompt: list[int], gen_len: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m", help="comma-separated models or export folders")
     ap.add_argument("--parallel", default="1,2,4")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--gen-len", type=int, default=128)
@@ -77,22 +77,28 @@ def main() -> None:
     from edge.runtime import OnnxCausalLM
 
     rows = []
-    for P in [int(x) for x in a.parallel.split(",")]:
-        folder = ensure_export(a.model, P, a.threads, progress=False)
+    from edge.manifest import Manifest
+
+    for model, P in [(m, int(p)) for m in a.model.split(",") for p in a.parallel.split(",")]:
+        folder = ensure_export(model, P, a.threads, progress=False)
+        man = Manifest.read(folder)
+        P = man.parscale_n
         rt = OnnxCausalLM(folder, device="cpu", threads=a.threads)
         prompt = rt.tokenizer.encode(stdlib_text())[: a.prompt_len]
         run_one(rt, prompt[:16], 4)  # warm-up
         runs = [run_one(rt, prompt, a.gen_len) for _ in range(a.repeat)]
         pre = np.array([r["prefill_ms"] for r in runs])
         dec = np.concatenate([r["decode_ms"] for r in runs])
-        row = {"model": a.model, "P": P, "precision": "fp32", "batch": 1, "threads": a.threads,
+        row = {"model": model, "P": P, "precision": man.precision,
+               "accuracy_check": (man.quantization or {}).get("accuracy_check", {}).get("chosen"),
+               "batch": 1, "threads": a.threads,
                "prompt_len": a.prompt_len, "gen_len": a.gen_len, "repeat": a.repeat,
                "prefill_ms_p50": float(np.median(pre)), "prefill_tokens_per_s": float(a.prompt_len / np.median(pre) * 1e3),
                "decode_ms_p50": float(np.percentile(dec, 50)), "decode_ms_p90": float(np.percentile(dec, 90)),
                "decode_tokens_per_s": float(1e3 / np.median(dec)),
                "model_mib": round(sum(f.stat().st_size for f in Path(folder).iterdir()) / 2**20, 1)}
         rows.append(row)
-        print(f"P={P}  pp{a.prompt_len}: {row['prefill_tokens_per_s']:.1f} tok/s (TTFT {row['prefill_ms_p50']:.0f} ms)"
+        print(f"{Path(str(model)).name} P={P} {man.precision}  pp{a.prompt_len}: {row['prefill_tokens_per_s']:.1f} tok/s (TTFT {row['prefill_ms_p50']:.0f} ms)"
               f"  tg{a.gen_len}: {row['decode_tokens_per_s']:.1f} tok/s (p50 {row['decode_ms_p50']:.1f} ms,"
               f" p90 {row['decode_ms_p90']:.1f} ms)", flush=True)
     out = Path(a.output)
