@@ -7,8 +7,6 @@ Prints a clear message and exits 0 when bitsandbytes cannot run here.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -59,10 +57,10 @@ def main() -> None:
         print(f"bitsandbytes {mode}: perplexity {r['ref_perplexity']:.4f} -> {r['cand_perplexity']:.4f} "
               f"({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%}), KL {r['kl_mean']:.4f}, "
               f"top-1 {r['top1_agreement']:.2%} over {r['positions']} positions", flush=True)
-    out = Path(a.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "bitsandbytes": version, "model": a.model,
-                               "parallel": a.parallel, "rows": rows}, indent=2) + "\n")
+    from edge.atomic import write_json
+
+    out = write_json(a.output, {"machine": machine(), "bitsandbytes": version, "model": a.model,
+                                "parallel": a.parallel, "rows": rows})
     print(f"wrote {out}")
 
 

@@ -10,9 +10,6 @@ description of the machine.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -20,24 +17,10 @@ import numpy as np
 
 
 def machine() -> dict:
-    import onnxruntime as ort
+    """The machine description every result file carries (:func:`edge.device.device_info`)."""
+    from edge.device import device_info
 
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "platform": platform.platform(),
-            "python": platform.python_version(), "onnxruntime": ort.__version__, "loadavg_at_start": load}
+    return device_info()
 
 
 def run_one(rt, prompt: list[int], gen_len: int) -> dict:
@@ -72,6 +55,7 @@ def main() -> None:
     ap.add_argument("-o", "--output", default="bench/results/decode_prefill.json")
     a = ap.parse_args()
 
+    from edge.atomic import folder_size_mib, write_json
     from edge.cli import ensure_export
     from edge.evaluate import stdlib_text
     from edge.runtime import OnnxCausalLM
@@ -96,17 +80,12 @@ def main() -> None:
                "prefill_ms_p50": float(np.median(pre)), "prefill_tokens_per_s": float(a.prompt_len / np.median(pre) * 1e3),
                "decode_ms_p50": float(np.percentile(dec, 50)), "decode_ms_p90": float(np.percentile(dec, 90)),
                "decode_tokens_per_s": float(1e3 / np.median(dec)),
-               "model_mib": round(sum(f.stat().st_size for f in Path(folder).iterdir()) / 2**20, 1)}
+               "model_mib": round(folder_size_mib(folder), 1)}
         rows.append(row)
         print(f"{Path(str(model)).name} P={P} {man.precision}  pp{a.prompt_len}: {row['prefill_tokens_per_s']:.1f} tok/s (TTFT {row['prefill_ms_p50']:.0f} ms)"
               f"  tg{a.gen_len}: {row['decode_tokens_per_s']:.1f} tok/s (p50 {row['decode_ms_p50']:.1f} ms,"
               f" p90 {row['decode_ms_p90']:.1f} ms)", flush=True)
-    out = Path(a.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                               "results": rows}, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = write_json(a.output, {"machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": rows})
     print(f"wrote {out}")
 
 

@@ -55,7 +55,8 @@ def main() -> None:
     from edge.evaluate import compare, onnx_logits_fn, stdlib_text
     from edge.hub import default_cache_dir
     from edge.runtime import OnnxCausalLM
-    from quant.onnx_quant import QuantConfig, folder_size_mib, quantize_folder
+    from edge.atomic import folder_size_mib, write_json
+    from quant.onnx_quant import QuantConfig, quantize_folder
 
     out = Path(a.output)
     data = json.loads(out.read_text()) if out.exists() else {"machine": machine(), "rows": []}
@@ -108,10 +109,7 @@ def main() -> None:
                        "accuracy_check": (man.quantization or {}).get("accuracy_check"),
                        "loadavg": os.getloadavg()}
                 data["rows"].append(row)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(data, indent=2) + "\n")
-                os.replace(tmp, out)
+                write_json(out, data)
                 print(f"{model} P={P} {name:<15} {row['size_mib']:7.1f} MiB  ppl {row['perplexity']:.4f} "
                       f"({row['ppl_change']:+.2%})  KL {row['kl_mean']:.4f}  top-1 {row['top1_agreement']:.2%}  "
                       f"decode {row['decode_tokens_per_s']:.1f} tok/s", flush=True)

@@ -6,6 +6,7 @@ folder); a reader never sees a half-written model.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -49,3 +50,18 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as indented JSON through a temporary sibling and a rename (never half-written)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def folder_size_mib(folder: str | os.PathLike) -> float:
+    """Size of the files directly in ``folder``, MiB (2**20 bytes)."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file()) / 2**20

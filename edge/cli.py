@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import time
@@ -158,7 +157,9 @@ def cmd_export(a) -> None:
         return
     out = export_onnx(lm, a.output, overwrite=a.overwrite)
     man = Manifest.read(out)
-    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    from .atomic import folder_size_mib
+
+    size = folder_size_mib(out)
     print(f"exported {a.model} -> {out}  (P={man.parscale_n}, {man.num_layers} layers, {size:.1f} MiB)")
 
 
@@ -258,13 +259,10 @@ def cmd_quantize(a) -> None:
 
 
 def _write_json(path: str | None, obj: dict) -> None:
-    if not path:
-        return
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, p)
+    if path:
+        from .atomic import write_json
+
+        write_json(path, obj)
 
 
 def _eval_setup(a):

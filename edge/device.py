@@ -89,9 +89,8 @@ def device_info(cache_dir: str | os.PathLike | None = None, refresh: bool = Fals
     else:
         info["bandwidth"] = measure_bandwidth()
         info["bandwidth"]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, path)
+        from .atomic import write_json
+
+        write_json(path, info)
     info["loadavg"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return info

@@ -198,9 +198,10 @@ class OnnxCausalLM:
         longer than the model's context.
         """
         sampling = sampling or SamplingConfig()
-        eos = set(self.manifest.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        eos = np.array(sorted(set(self.manifest.eos_token_ids if eos_token_ids is None else eos_token_ids)),
+                       dtype=np.int64)
         pad = self.manifest.pad_token_id
-        pad = pad if pad is not None else (min(eos) if eos else 0)
+        pad = pad if pad is not None else (int(eos[0]) if eos.size else 0)
         longest = max((len(p) for p in prompts), default=0)
         ctx = self.manifest.max_position_embeddings
         if longest + 1 > ctx:
@@ -215,7 +216,7 @@ class OnnxCausalLM:
             nxt = sample_next(logits[:, -1, :], sampling, rng)
             nxt = np.where(done, -1, nxt)
             yield nxt
-            done |= np.isin(nxt, list(eos)) if eos else False
+            done |= np.isin(nxt, eos)
             if done.all() or step == budget - 1:
                 return
             feed = np.where(done, pad, nxt)[:, None].astype(np.int64)

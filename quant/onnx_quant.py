@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edge.atomic import atomic_folder
+from edge.atomic import atomic_folder, folder_size_mib
 from edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE, Manifest
 
 PRECISIONS = ("int4", "int8", "int8-dynamic")
@@ -502,8 +502,3 @@ def _calibration_reader(src: Path, man: Manifest, text: str | None):
             return r
 
     return Reader()
-
-
-def folder_size_mib(folder: str | os.PathLike) -> float:
-    """Size of the files in an export folder, MiB."""
-    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file()) / 2**20

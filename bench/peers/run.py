@@ -155,59 +155,65 @@ def builder_python() -> str:
     return cand if Path(cand).exists() else sys.executable
 
 
-def prepare_ort_genai(hf: Path) -> tuple[Path, dict]:
-    """onnxruntime-genai model builder: int4, CPU, from the local HF folder (its own defaults)."""
-    out = peers_dir() / f"{MODEL}-ortgenai-int4"
+def _cached_build(out: Path, build) -> tuple[Path, dict]:
+    """Reuse ``out`` if a build finished there; else run ``build(dest, scratch) -> info`` into a
+    temporary folder, record ``info`` in peers-build.json and rename it to ``out``. A failed build
+    leaves nothing behind."""
     info_path = out / "peers-build.json"
     if info_path.exists():
         return out, json.loads(info_path.read_text())
-    tmp = Path(tempfile.mkdtemp(dir=peers_dir(), prefix=".ortgenai-"))
-    py = builder_python()
-    cmd = [py, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp / "out"),
-           "-p", "int4", "-e", "cpu", "-c", str(tmp / "cache")]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"builder exited {r.returncode}: {(r.stdout + r.stderr)[-1500:]}")
-    shutil.rmtree(tmp / "cache", ignore_errors=True)
-    vers = subprocess.run([py, "-c", "import importlib.metadata as m; print(*(m.version(d) for d in "
-                           "('onnxruntime-genai', 'transformers', 'onnx', 'onnx-ir', 'torch')))"],
-                          capture_output=True, text=True).stdout.split()
-    info = {"command": "python " + " ".join(cmd[1:]).replace(str(tmp / "out"), str(out)).replace(str(tmp / "cache"), "<tmp>"),
-            "builder_python": py, "seconds": round(time.perf_counter() - t0, 1),
-            "builder_versions": dict(zip(("onnxruntime-genai", "transformers", "onnx", "onnx-ir", "torch"), vers)),
-            "log_tail": "\n".join(ln for ln in (r.stdout + r.stderr).replace("\r", "\n").splitlines()
-                                  if ln.strip() and "%|" not in ln and "quantizer [INFO]" not in ln)[-1500:]}
-    (tmp / "out" / "peers-build.json").write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp / "out", out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=peers_dir(), prefix=f".{out.name}-"))
+    try:
+        info = build(tmp / "out", tmp / "scratch")
+        (tmp / "out" / "peers-build.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp / "out", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out, info
+
+
+def prepare_ort_genai(hf: Path) -> tuple[Path, dict]:
+    """onnxruntime-genai model builder: int4, CPU, from the local HF folder (its own defaults)."""
+    out = peers_dir() / f"{MODEL}-ortgenai-int4"
+
+    def build(dest: Path, scratch: Path) -> dict:
+        py = builder_python()
+        cmd = [py, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(dest),
+               "-p", "int4", "-e", "cpu", "-c", str(scratch)]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"builder exited {r.returncode}: {(r.stdout + r.stderr)[-1500:]}")
+        vers = subprocess.run([py, "-c", "import importlib.metadata as m; print(*(m.version(d) for d in "
+                               "('onnxruntime-genai', 'transformers', 'onnx', 'onnx-ir', 'torch')))"],
+                              capture_output=True, text=True).stdout.split()
+        return {"command": "python " + " ".join(cmd[1:]).replace(str(dest), str(out)).replace(str(scratch), "<tmp>"),
+                "builder_python": py, "seconds": round(time.perf_counter() - t0, 1),
+                "builder_versions": dict(zip(("onnxruntime-genai", "transformers", "onnx", "onnx-ir", "torch"), vers)),
+                "log_tail": "\n".join(ln for ln in (r.stdout + r.stderr).replace("\r", "\n").splitlines()
+                                      if ln.strip() and "%|" not in ln and "quantizer [INFO]" not in ln)[-1500:]}
+
+    return _cached_build(out, build)
 
 
 def prepare_optimum(hf: Path) -> tuple[Path, dict]:
     """optimum's ONNX export (fp32, text-generation-with-past) of the same HF folder."""
     out = peers_dir() / f"{MODEL}-optimum-fp32"
-    info_path = out / "peers-build.json"
-    if info_path.exists():
-        return out, json.loads(info_path.read_text())
-    tmp = Path(tempfile.mkdtemp(dir=peers_dir(), prefix=".optimum-"))
-    cli = shutil.which("optimum-cli", path=str(Path(sys.executable).parent)) or "optimum-cli"
-    cmd = [cli, "export", "onnx", "--model", str(hf), "--task", "text-generation-with-past", str(tmp / "out")]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0 or not (tmp / "out" / "model.onnx").exists():
-        raise RuntimeError(f"optimum-cli exited {r.returncode}: {(r.stdout + r.stderr)[-1500:]}")
-    info = {"command": "optimum-cli " + " ".join(cmd[1:]).replace(str(tmp / "out"), str(out)),
-            "seconds": round(time.perf_counter() - t0, 1), "optimum": version("optimum"),
-            "optimum-onnx": version("optimum-onnx"), "transformers": version("transformers")}
-    (tmp / "out" / "peers-build.json").write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp / "out", out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out, info
+
+    def build(dest: Path, scratch: Path) -> dict:
+        cli = shutil.which("optimum-cli", path=str(Path(sys.executable).parent)) or "optimum-cli"
+        cmd = [cli, "export", "onnx", "--model", str(hf), "--task", "text-generation-with-past", str(dest)]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not (dest / "model.onnx").exists():
+            raise RuntimeError(f"optimum-cli exited {r.returncode}: {(r.stdout + r.stderr)[-1500:]}")
+        return {"command": "optimum-cli " + " ".join(cmd[1:]).replace(str(dest), str(out)),
+                "seconds": round(time.perf_counter() - t0, 1), "optimum": version("optimum"),
+                "optimum-onnx": version("optimum-onnx"), "transformers": version("transformers")}
+
+    return _cached_build(out, build)
 
 
 # ---------------------------------------------------------------------------------- workers
