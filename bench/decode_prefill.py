@@ -25,22 +25,16 @@ def machine() -> dict:
 
 def run_one(rt, prompt: list[int], gen_len: int) -> dict:
     """One prefill of ``prompt`` then ``gen_len`` decode steps; times in ms."""
-    ids = np.array([prompt], dtype=np.int64)
-    mask = np.ones_like(ids)
-    pos = np.arange(len(prompt), dtype=np.int64)[None]
     t0 = time.perf_counter()
-    logits, past = rt.forward(ids, mask, pos, None)
+    state, logits = rt.prefill([prompt], gen_len + 1)
     prefill_ms = (time.perf_counter() - t0) * 1e3
     steps = []
-    nxt = int(logits[0, -1].argmax())
-    T = len(prompt)
     for _ in range(gen_len):
-        T += 1
-        mask = np.ones((1, T), dtype=np.int64)
+        nxt = logits.argmax(-1)
         t0 = time.perf_counter()
-        logits, past = rt.forward(np.array([[nxt]]), mask, np.array([[T - 1]]), past)
+        logits = rt.decode(state, nxt)
         steps.append((time.perf_counter() - t0) * 1e3)
-        nxt = int(logits[0, -1].argmax())
+    state.close()
     return {"prefill_ms": prefill_ms, "decode_ms": steps}
 
 

@@ -91,8 +91,9 @@ def ensure_export(spec: str, parallel: int | None = None, threads: int | None = 
         raise CLIError(f"--parallel must be >= 1, got {parallel}")
     if _is_export_folder(spec):
         man = Manifest.read(spec)
-        if parallel and parallel != man.parscale_n:
-            raise CLIError(f"{spec} was exported with P={man.parscale_n}; re-export with --parallel {parallel}")
+        offered = sorted(int(k) for k in (man.parallel_options or {str(man.parscale_n): None}))
+        if parallel and parallel not in offered:
+            raise CLIError(f"{spec} offers P in {offered}, not {parallel}; re-export with --parallel {parallel}")
         return Path(spec)
     from .hub import default_cache_dir
 
@@ -104,13 +105,18 @@ def ensure_export(spec: str, parallel: int | None = None, threads: int | None = 
             return out
         _log(f"cached export {out} was made by another parscale-edge version; exporting again")
     lm = load_for_export(spec, parallel, threads, progress)
-    from export import export_onnx
+    from export import export_model
 
     _log(f"exporting {spec} (P={lm.model.config.parscale_n}) to {out} ...")
     t0 = time.perf_counter()
-    export_onnx(lm, out, overwrite=True)
+    export_model(lm, out, overwrite=True)
     _log(f"exported in {time.perf_counter() - t0:.1f} s")
     return out
+
+
+def _fused_parallel(spec: str, parallel: int | None) -> int | None:
+    """The P to run an export folder given on the command line at (None: the folder's default)."""
+    return parallel if parallel and _is_export_folder(spec) else None
 
 
 def _named() -> set[str]:
@@ -143,7 +149,7 @@ def cmd_export(a) -> None:
     if a.precision != "fp32":
         _quant_config(a).validate()
     lm = load_for_export(a.model, a.parallel, a.threads, progress=not a.quiet)
-    from export import export_onnx
+    from export import export_model
 
     if a.precision != "fp32":
         import tempfile
@@ -151,11 +157,11 @@ def cmd_export(a) -> None:
         out = Path(a.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as staging:
-            fp32 = export_onnx(lm, Path(staging) / "fp32")
+            fp32 = export_model(lm, Path(staging) / "fp32", graph=a.graph)
             del lm
             _run_quantize(fp32, out, a)
         return
-    out = export_onnx(lm, a.output, overwrite=a.overwrite)
+    out = export_model(lm, a.output, overwrite=a.overwrite, graph=a.graph)
     man = Manifest.read(out)
     from .atomic import folder_size_mib
 
@@ -278,6 +284,7 @@ def cmd_eval(a) -> None:
 
     text, desc = _eval_setup(a)
     rt = OnnxCausalLM(ensure_export(a.model, a.parallel, a.threads, progress=not a.quiet), device=a.device,
+                      parallel=_fused_parallel(a.model, a.parallel),
                       threads=a.threads)
     tokens = rt.tokenizer.encode(text)
     r = perplexity(onnx_logits_fn(rt), tokens, window=a.window, stride=a.stride, max_positions=a.max_positions)
@@ -482,7 +489,7 @@ def _open_runtime(a):
     from .runtime import OnnxCausalLM
 
     folder = ensure_export(a.model, a.parallel, a.threads, progress=not a.quiet)
-    return OnnxCausalLM(folder, device=a.device, threads=a.threads)
+    return OnnxCausalLM(folder, device=a.device, threads=a.threads, parallel=_fused_parallel(a.model, a.parallel))
 
 
 def cmd_generate(a) -> None:
@@ -580,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
     p.add_argument("--parallel", "-P", type=int, default=None, help="convert a dense model to P streams first")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--graph", choices=["auto", "fused", "reference"], default="auto",
+                   help="fused (ONNX Runtime fused ops, preallocated KV cache), reference (TorchScript trace "
+                        "of the PyTorch model, for checking) or auto (default: fused where it can run)")
     p.set_defaults(func=cmd_export)
 
     p.add_argument("--precision", default="fp32", help="fp32 (default), int4, int8 or int8-dynamic")

@@ -122,10 +122,7 @@ def compare(ref_fn: Callable[[np.ndarray], np.ndarray], cand_fn: Callable[[np.nd
 
 def onnx_logits_fn(rt) -> Callable[[np.ndarray], np.ndarray]:
     """Wrap an :class:`edge.runtime.OnnxCausalLM` as ``ids [1, S] -> logits [1, S, V]`` (no cache)."""
-    def fn(ids: np.ndarray) -> np.ndarray:
-        S = ids.shape[1]
-        return rt.forward(ids, np.ones_like(ids), np.arange(S, dtype=np.int64)[None].repeat(ids.shape[0], 0))[0]
-    return fn
+    return rt.score
 
 
 def read_text(path: str | None) -> tuple[str, str]:

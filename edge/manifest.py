@@ -24,7 +24,7 @@ from typing import Any
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fused graphs (GroupQueryAttention, ParScale parts as inputs)
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -64,6 +64,12 @@ class Manifest:
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     quantization: dict[str, Any] | None = None  # settings and measured cost, written by `parscale quantize`
+    #: "reference" (TorchScript trace: concatenated cache, prefix and aggregator inside) or "fused"
+    #: (export.onnx_builder: GroupQueryAttention, shared KV buffer, ParScale parts as inputs).
+    graph: str = "reference"
+    #: fused graphs: P -> ParScale part file (relative path; None for P = 1, the plain backbone).
+    parallel_options: dict[str, str | None] | None = None
+    rope_theta: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:

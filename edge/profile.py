@@ -68,22 +68,21 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
     weight_bytes = folder_bytes(folder)
     for B in batches:
         for S in prompt_lens:
-            ids = rng.integers(0, man.vocab_size, (B, S)).astype(np.int64)
-            pos = np.arange(S, dtype=np.int64)[None].repeat(B, 0)
+            prompts = rng.integers(0, man.vocab_size, (B, S)).tolist()
 
             def one() -> tuple[float, list[float], int]:
                 t = time.perf_counter()
-                logits, past = rt.forward(ids, np.ones((B, S), np.int64), pos, None)
+                state, logits = rt.prefill(prompts, gen_len + 1)
                 pre = (time.perf_counter() - t) * 1e3
-                nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
                 steps = []
-                for i in range(gen_len):
-                    T = S + i + 1
+                for _ in range(gen_len):
+                    nxt = logits.argmax(-1)
                     t = time.perf_counter()
-                    logits, past = rt.forward(nxt, np.ones((B, T), np.int64), np.full((B, 1), T - 1, np.int64), past)
+                    logits = rt.decode(state, nxt)
                     steps.append((time.perf_counter() - t) * 1e3)
-                    nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-                return pre, steps, sum(p.nbytes for p in past)
+                kv = state.kv_bytes
+                state.close()
+                return pre, steps, kv
 
             for _ in range(warmup):
                 one()
@@ -191,8 +190,10 @@ def dense_twin_export(spec: str, P: int, law, threads: int | None = None) -> tup
             "twin_non_embedding_params": non_embedding_params(twin), "weights": "random (cost does not depend on values)"}
     key = Path(spec).name if Path(spec).exists() else spec
     out = Path(default_cache_dir()) / "onnx" / f"{key}-dense-twin-L{twin.num_hidden_layers}-fp32"
-    if not (out / "manifest.json").exists():
-        from export import export_onnx
+    from .manifest import FORMAT_VERSION, Manifest
+
+    if not (out / "manifest.json").exists() or Manifest.read(out).format_version != FORMAT_VERSION:
+        from export import export_model
 
         torch.manual_seed(0)
         model = ParScaleForCausalLM(twin)
@@ -204,7 +205,7 @@ def dense_twin_export(spec: str, P: int, law, threads: int | None = None) -> tup
                     p.normal_(0.0, 0.02)
         lm = LoadedModel(model.eval(), base.tokenizer, f"random dense twin of {spec} ({twin.num_hidden_layers} layers)",
                          "0" * 64, {}, {"dense_twin": info})
-        export_onnx(lm, out, overwrite=True)
+        export_model(lm, out, overwrite=True)
     return out, info
 
 

@@ -16,6 +16,9 @@ import numpy as np
 
 from .manifest import MODEL_FILE, Manifest, ManifestError, past_names, present_names
 
+#: Graph inputs of the fused graph carrying the ParScale aggregator (export.onnx_builder).
+AGG_INPUTS = ("parscale.aggregate.w1", "parscale.aggregate.b1", "parscale.aggregate.w2", "parscale.aggregate.b2")
+
 
 class RuntimeInputError(ValueError):
     """Inputs that the graph cannot run on (wrong shapes, batch sizes, lengths)."""
@@ -107,20 +110,58 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     return ids, mask, pos
 
 
+class DecodeState:
+    """What one request holds between graph calls: the KV cache and the per-row lengths.
+
+    Fused graphs: ``buffers`` are 2*L preallocated float32 arrays [P*B, kv_heads, capacity, head_dim]
+    (rows batch-major, ``b*P + p``; the first ``n_prefix`` slots of every row hold that stream's
+    ParScale prefix), bound once to ONNX Runtime as both ``past`` and ``present`` (IO binding), so
+    a decode step allocates nothing that grows with the generated length. ``lengths`` int64 [B]:
+    cache slots in use per user row, prefix included.
+    Reference graphs: ``past`` is the list of 2*L present tensors of the last call (concatenated).
+    :meth:`close` drops the cache (generators call it in ``finally``)."""
+
+    def __init__(self, batch: int, P: int, n_prefix: int = 0, capacity: int = 0):
+        self.batch, self.P, self.n_prefix, self.capacity = batch, P, n_prefix, capacity
+        self.lengths = np.full(batch, n_prefix, dtype=np.int64)
+        self.buffers: list[np.ndarray] = []
+        self.past: list[np.ndarray] | None = None  # reference graphs
+        self.mask: np.ndarray | None = None  # reference graphs: attention mask so far
+        self.positions: np.ndarray | None = None  # reference graphs: last position per row [B, 1]
+        self.binding = None
+        self.closed = False
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes held by the cache (preallocated capacity for fused graphs)."""
+        return sum(b.nbytes for b in (self.buffers or self.past or []))
+
+    def close(self) -> None:
+        """Free the cache now (idempotent)."""
+        self.buffers, self.past, self.binding, self.closed = [], None, None, True
+
+
 class OnnxCausalLM:
     """An export folder loaded into an ONNX Runtime session.
+
+    Two graph kinds (``manifest.graph``): ``fused`` (:mod:`export.onnx_builder`, the default export:
+    GroupQueryAttention over a preallocated KV cache bound with IO binding, ParScale parts as inputs
+    so one backbone serves several P) and ``reference`` (the TorchScript trace: the cache is
+    concatenated and copied back every step). Both give the same tokens; :meth:`prefill` /
+    :meth:`decode` / :meth:`score` / :meth:`generate_tokens` work on either.
 
     Args:
         folder: a folder written by ``parscale export`` (see :mod:`edge.manifest`).
         model_file: the graph file inside ``folder`` (another graph over the same weights, for checks).
         device: ``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``.
         threads: intra-op threads (None: ONNX Runtime's default, all cores).
+        parallel: default P for fused graphs (one of :attr:`parallel_options`; default the manifest's).
     Raises:
-        ManifestError: not an export folder, or model.onnx / its data file missing.
+        ManifestError: not an export folder, model.onnx / its data file / a ParScale part file missing.
     """
 
     def __init__(self, folder: str | os.PathLike, device: str = "auto", threads: int | None = None,
-                 model_file: str = MODEL_FILE):
+                 model_file: str = MODEL_FILE, parallel: int | None = None):
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -133,6 +174,7 @@ class OnnxCausalLM:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = select_providers(device)
         try:
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)
@@ -140,22 +182,81 @@ class OnnxCausalLM:
             raise ManifestError(f"{path}: ONNX Runtime cannot load the model ({str(e).strip()[:300]}); "
                                 "the file or its model.onnx.data is missing or corrupt: re-export it") from None
         m = self.manifest
-        self.P, self.L = m.parscale_n, m.num_layers
+        self.fused = m.graph == "fused"
+        self.L = m.num_layers
         self._past_names = past_names(self.L)
         self._present_names = present_names(self.L)
         self._outputs = ["logits", *self._present_names]
         self._tokenizer = None
+        self._ort = ort
+        self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self._parts: dict[int, dict] = {}
+        if self.fused:
+            self.parallel_options = sorted(int(k) for k in (m.parallel_options or {"1": None}))
+        else:
+            self.parallel_options = [m.parscale_n]
+        self.P = m.parscale_n if parallel is None else int(parallel)
+        self._check_parallel(self.P)
 
-    # ------------------------------------------------------------------------------ one graph call
+    def _check_parallel(self, P: int) -> int:
+        if P not in self.parallel_options:
+            raise RuntimeInputError(f"{self.folder} has no ParScale parts for P={P}; it offers P in "
+                                    f"{self.parallel_options} (add an adapter with `parscale export --adapter`)")
+        return P
+
+    # ------------------------------------------------------------------ fused graphs: ParScale parts
+    def _parallel_parts(self, P: int) -> dict:
+        """Aggregator inputs (OrtValues) and per-layer prefixes for P, loaded once from the folder."""
+        if P in self._parts:
+            return self._parts[P]
+        H, L = self.manifest.hidden_size, self.L
+        rel = (self.manifest.parallel_options or {}).get(str(P))
+        if rel is None:  # P = 1: the plain backbone; softmax over one stream is exactly 1
+            agg = [np.zeros((H, H), np.float32), np.zeros(H, np.float32), np.zeros((H, 1), np.float32),
+                   np.zeros(1, np.float32)]
+            prefix: list[tuple[np.ndarray, np.ndarray]] = []
+            n = 0
+        else:
+            from safetensors import SafetensorError
+            from safetensors.numpy import load_file
+
+            f = self.folder / rel
+            try:
+                t = load_file(str(f))
+                agg = [np.ascontiguousarray(t["model.aggregate_layer.0.weight"].T), t["model.aggregate_layer.0.bias"],
+                       np.ascontiguousarray(t["model.aggregate_layer.2.weight"].T), t["model.aggregate_layer.2.bias"]]
+                prefix = [(t[f"model.layers.{i}.self_attn.prefix_k"], t[f"model.layers.{i}.self_attn.prefix_v"])
+                          for i in range(L)]
+            except (OSError, SafetensorError, KeyError) as e:
+                raise ManifestError(f"{f}: ParScale parts for P={P} are missing or unreadable ({e}); re-export "
+                                    "the model or re-add the adapter") from None
+            if agg[3].shape != (P,) or prefix[0][0].shape[0] != P:
+                raise ManifestError(f"{f}: holds parts for P={agg[3].shape[0]}, the manifest says P={P}; re-export")
+            n = prefix[0][0].shape[2]
+        ov = self._ort.OrtValue.ortvalue_from_numpy
+        parts = {"P": P, "n_prefix": n, "prefix": prefix,
+                 "agg": {name: ov(np.ascontiguousarray(a, dtype=np.float32), self._device, 0)
+                         for name, a in zip(AGG_INPUTS, agg)}}
+        self._parts[P] = parts
+        return parts
+
+    def set_parallel(self, P: int) -> None:
+        """Make P the default number of streams of later requests (fused graphs: any of
+        :attr:`parallel_options`; the backbone session is shared, only the small ParScale parts differ).
+        Raises RuntimeInputError for a P this folder has no parts for."""
+        self.P = self._check_parallel(int(P))
+
+    # ----------------------------------------------------------------------------- one graph call
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        """An empty cache for ``batch`` user rows: 2*L arrays float32 [P*batch, kv_heads, 0, head_dim]."""
+        """Reference graphs: an empty cache for ``batch`` user rows, 2*L arrays float32
+        [P*batch, kv_heads, 0, head_dim]."""
         m = self.manifest
         z = np.zeros((self.P * batch, m.num_key_value_heads, 0, m.head_dim), dtype=np.float32)
         return [z] * (2 * self.L)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Run the graph once.
+        """Reference graphs: run the graph once.
 
         Args:
             input_ids, position_ids: int64 [B, S]; attention_mask: int64 [B, past+S].
@@ -163,8 +264,12 @@ class OnnxCausalLM:
         Returns:
             logits float32 [B, S, vocab] and the present cache (2*L arrays, past+S tokens).
         Raises:
-            RuntimeInputError: shapes that disagree (the message names both sizes).
+            RuntimeInputError: shapes that disagree (the message names both sizes), or a fused graph
+            (use :meth:`prefill`/:meth:`decode`/:meth:`score`).
         """
+        if self.fused:
+            raise RuntimeInputError("forward() drives reference graphs; this export is a fused graph: use "
+                                    "prefill()/decode() or score()")
         B, S = input_ids.shape
         if past is None:
             past = self.empty_past(B)
@@ -187,48 +292,178 @@ class OnnxCausalLM:
         out = self.session.run(self._outputs, feed)
         return out[0], out[1:]
 
+    def new_state(self, batch: int, capacity: int, parallel: int | None = None) -> DecodeState:
+        """An empty request for ``batch`` user rows and up to ``capacity`` tokens per row (prompt +
+        new tokens, prefix not counted). Fused graphs allocate the KV cache here, once:
+        2*L float32 [P*batch, kv_heads, n_prefix + capacity, head_dim], prefix slots filled.
+        Raises RuntimeInputError for batch < 1 or capacity < 1."""
+        if batch < 1 or capacity < 1:
+            raise RuntimeInputError(f"batch and capacity must be >= 1, got {batch} and {capacity}")
+        P = self._check_parallel(self.P if parallel is None else int(parallel))
+        if not self.fused:
+            return DecodeState(batch, P)
+        parts = self._parallel_parts(P)
+        m, n = self.manifest, parts["n_prefix"]
+        st = DecodeState(batch, P, n, n + capacity)
+        shape = (P * batch, m.num_key_value_heads, n + capacity, m.head_dim)
+        st.buffers = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.L)]
+        if n:
+            for i, (pk, pv) in enumerate(parts["prefix"]):  # ParScale: prefix, written once per request
+                st.buffers[2 * i].reshape(batch, P, *shape[1:])[:, :, :, :n] = pk[None]
+                st.buffers[2 * i + 1].reshape(batch, P, *shape[1:])[:, :, :, :n] = pv[None]
+        io = self.session.io_binding()
+        ov = self._ort.OrtValue.ortvalue_from_numpy
+        for past_name, present_name, buf in zip(self._past_names, self._present_names, st.buffers):
+            v = ov(buf, self._device, 0)  # CPU: wraps the numpy memory, no copy
+            io.bind_ortvalue_input(past_name, v)
+            io.bind_ortvalue_output(present_name, v)  # GroupQueryAttention writes in place
+        for name, v in parts["agg"].items():
+            io.bind_ortvalue_input(name, v)
+        io.bind_cpu_input("total_sequence_length", np.array(n + capacity, dtype=np.int32))
+        st.binding = io
+        return st
+
+    def step(self, state: DecodeState, input_ids: np.ndarray, query_lens: np.ndarray | None = None,
+             logits_index: np.ndarray | None = None) -> np.ndarray:
+        """Fused graphs: append a right-padded chunk to every row and return the requested logits.
+
+        Args:
+            input_ids: int64 [B, S]; row b's first ``query_lens[b]`` tokens are real (default all S),
+                the rest padding. A row with ``query_lens[b] == 0`` is idle (its cache is unchanged).
+            logits_index: int64 [B, K] positions in the chunk to return logits for (default: each
+                row's last real token, K = 1).
+        Returns:
+            logits float32 [B, K, vocab] (a fresh array).
+        Raises:
+            RuntimeInputError: batch differs from the state's, or the chunk overflows its capacity.
+        """
+        if not self.fused:
+            raise RuntimeInputError("step() drives fused graphs; use forward() on a reference graph")
+        if state.closed or state.binding is None:
+            raise RuntimeInputError("this decode state was closed; start a new one with new_state()")
+        B, S = input_ids.shape
+        if B != state.batch:
+            raise RuntimeInputError(f"input_ids has batch {B} but the KV cache was made for batch {state.batch} "
+                                    f"({state.P * state.batch} stream rows with P={state.P}); use a state of the same batch")
+        q = np.full(B, S, dtype=np.int64) if query_lens is None else np.asarray(query_lens, dtype=np.int64)
+        if int((state.lengths + S).max()) > state.capacity:
+            raise RuntimeInputError(f"the chunk of {S} tokens does not fit: the cache holds "
+                                    f"{state.capacity - state.n_prefix} tokens per row and row lengths are "
+                                    f"{(state.lengths - state.n_prefix).tolist()}; make a state with a larger capacity")
+        if logits_index is None:
+            logits_index = np.maximum(q - 1, 0)[:, None]
+        io = state.binding
+        pos = (state.lengths - state.n_prefix)[:, None] + np.arange(S, dtype=np.int64)[None]
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input("position_ids", pos)
+        io.bind_cpu_input("seqlens_k", (state.lengths + q - 1).astype(np.int32))
+        io.bind_cpu_input("query_seqlens", q.astype(np.int32))
+        io.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, dtype=np.int64))
+        shape = (B, logits_index.shape[1], self.manifest.vocab_size)
+        if self._device == "cpu":  # ORT writes straight into this array
+            out = np.empty(shape, dtype=np.float32)
+            io.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(out))
+        else:  # a device buffer; only the requested logits travel to the host
+            dev = self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self._device, 0)
+            io.bind_ortvalue_output("logits", dev)
+        self.session.run_with_iobinding(io)
+        state.lengths = state.lengths + q
+        return out if self._device == "cpu" else dev.numpy()
+
+    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                parallel: int | None = None) -> tuple[DecodeState, np.ndarray]:
+        """Start a request: run the prompts (any lengths) and return the state and the logits of
+        each prompt's last token, float32 [B, vocab]. Every row gets the tokens it would get alone
+        (fused: right padding with per-row lengths; reference: left padding with cumsum positions).
+        Raises RuntimeInputError for an empty prompt or one that leaves no room in the context."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise RuntimeInputError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        ctx = self.manifest.max_position_embeddings
+        if longest + 1 > ctx:
+            raise RuntimeInputError(f"the prompt has {longest} tokens; the model's context is {ctx} tokens")
+        B = len(prompts)
+        st = self.new_state(B, min(ctx, longest + max(1, max_new_tokens)), parallel)
+        if self.fused:
+            ids = np.zeros((B, longest), dtype=np.int64)
+            for b, p in enumerate(prompts):
+                ids[b, :len(p)] = p
+            logits = self.step(st, ids, np.array([len(p) for p in prompts], dtype=np.int64))
+            return st, logits[:, 0]
+        pad = self.manifest.pad_token_id
+        eos = self.manifest.eos_token_ids
+        ids, st.mask, pos = left_pad(prompts, pad if pad is not None else (eos[0] if eos else 0))
+        logits, st.past = self.forward(ids, st.mask, pos, None)
+        st.positions = pos[:, -1:]
+        return st, logits[:, -1]
+
+    def decode(self, state: DecodeState, tokens: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
+        """Append one token per row; return the next logits float32 [B, vocab].
+
+        ``tokens`` int64 [B]; ``active`` bool [B] (rows already finished pass False: fused graphs leave
+        their cache untouched). Raises RuntimeInputError when the state is full or of another batch."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        if self.fused:
+            q = np.ones(state.batch, dtype=np.int64) if active is None else active.astype(np.int64)
+            return self.step(state, tokens, q)[:, 0]
+        if state.past is None:
+            raise RuntimeInputError("this decode state was closed; start a new one with prefill()")
+        state.positions = state.positions + 1
+        state.mask = np.concatenate([state.mask, np.ones((state.batch, 1), dtype=np.int64)], axis=1)
+        logits, state.past = self.forward(tokens, state.mask, state.positions, state.past)
+        return logits[:, -1]
+
+    def score(self, input_ids: np.ndarray, parallel: int | None = None) -> np.ndarray:
+        """Logits of every position without a prior cache: int64 [B, S] -> float32 [B, S, vocab]
+        (perplexity, comparisons)."""
+        B, S = input_ids.shape
+        if not self.fused:
+            return self.forward(input_ids, np.ones_like(input_ids),
+                                np.arange(S, dtype=np.int64)[None].repeat(B, 0))[0]
+        st = self.new_state(B, S, parallel)
+        try:
+            return self.step(st, input_ids, None, np.arange(S, dtype=np.int64)[None].repeat(B, 0))
+        finally:
+            st.close()
+
     # --------------------------------------------------------------------------------- generation
     def generate_tokens(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | None = None,
-                        eos_token_ids: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+                        eos_token_ids: Sequence[int] | None = None, parallel: int | None = None
+                        ) -> Iterator[np.ndarray]:
         """Yield the next token of every row, one int64 [B] array per step.
 
-        Prompts are left-padded (each row gets the tokens it would get alone). A row stops at any
-        eos id (the eos token is yielded, later steps repeat -1 for it); the loop ends when every
-        row stopped or after ``max_new_tokens``. Raises RuntimeInputError for an empty prompt or one
-        longer than the model's context.
+        Each row gets the tokens it would get alone. A row stops at any eos id (the eos token is
+        yielded, later steps repeat -1 for it); the loop ends when every row stopped or after
+        ``max_new_tokens``. ``parallel`` picks P for this request (fused graphs). The KV cache is
+        freed when the generator finishes or is closed. Raises RuntimeInputError for an empty
+        prompt or one longer than the model's context.
         """
         sampling = sampling or SamplingConfig()
         eos = np.array(sorted(set(self.manifest.eos_token_ids if eos_token_ids is None else eos_token_ids)),
                        dtype=np.int64)
         pad = self.manifest.pad_token_id
         pad = pad if pad is not None else (int(eos[0]) if eos.size else 0)
-        longest = max((len(p) for p in prompts), default=0)
-        ctx = self.manifest.max_position_embeddings
-        if longest + 1 > ctx:
-            raise RuntimeInputError(f"the prompt has {longest} tokens; the model's context is {ctx} tokens")
-        ids, mask, pos = left_pad(prompts, pad)
-        rng = np.random.default_rng(sampling.seed)
-        B = ids.shape[0]
-        done = np.zeros(B, dtype=bool)
-        logits, past = self.forward(ids, mask, pos, None)
-        budget = min(sampling.max_new_tokens, ctx - longest)
-        for step in range(budget):
-            nxt = sample_next(logits[:, -1, :], sampling, rng)
-            nxt = np.where(done, -1, nxt)
-            yield nxt
-            done |= np.isin(nxt, eos)
-            if done.all() or step == budget - 1:
-                return
-            feed = np.where(done, pad, nxt)[:, None].astype(np.int64)
-            pos = pos[:, -1:] + 1
-            mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
-            logits, past = self.forward(feed, mask, pos, past)
+        state, logits = self.prefill(prompts, sampling.max_new_tokens, parallel)
+        try:
+            rng = np.random.default_rng(sampling.seed)
+            done = np.zeros(state.batch, dtype=bool)
+            longest = max(len(p) for p in prompts)
+            budget = min(sampling.max_new_tokens, self.manifest.max_position_embeddings - longest)
+            for step in range(budget):
+                nxt = np.where(done, -1, sample_next(logits, sampling, rng))
+                yield nxt
+                done |= np.isin(nxt, eos)
+                if done.all() or step == budget - 1:
+                    return
+                logits = self.decode(state, np.where(done, pad, nxt), ~done)
+        finally:
+            state.close()
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | None = None,
-                 eos_token_ids: Sequence[int] | None = None) -> list[list[int]]:
+                 eos_token_ids: Sequence[int] | None = None, parallel: int | None = None) -> list[list[int]]:
         """New tokens per prompt (the eos token included when one was produced)."""
         out: list[list[int]] = [[] for _ in prompts]
-        for step in self.generate_tokens(prompts, sampling, eos_token_ids):
+        for step in self.generate_tokens(prompts, sampling, eos_token_ids, parallel):
             for b, t in enumerate(step):
                 if t >= 0:
                     out[b].append(int(t))
@@ -244,7 +479,7 @@ class OnnxCausalLM:
         return self._tokenizer
 
     def stream_text(self, prompt: str, sampling: SamplingConfig | None = None, chat: bool = False,
-                    history: list[dict] | None = None) -> Iterator[str]:
+                    history: list[dict] | None = None, parallel: int | None = None) -> Iterator[str]:
         """Yield text pieces of one answer as tokens arrive (never a split multi-byte character).
 
         ``chat=True`` wraps ``history`` + the prompt in the model's chat template. The eos token is
@@ -260,7 +495,7 @@ class OnnxCausalLM:
         ids = tok.encode(text)
         eos = set(self.manifest.eos_token_ids)
         dec = StreamDecoder(tok)
-        for step in self.generate_tokens([ids], sampling):
+        for step in self.generate_tokens([ids], sampling, parallel=parallel):
             t = int(step[0])
             if t < 0 or t in eos:
                 break

@@ -1,4 +1,37 @@
-"""ONNX export of ParScale models (P folded into the batch axis, KV cache in and out, prefix baked in)."""
+"""ONNX export of ParScale models (P folded into the batch axis, KV cache in and out).
+
+Two graphs over the same weights: ``fused`` (:mod:`export.onnx_builder`, the default: ONNX Runtime's
+fused ops, preallocated KV cache, ParScale parts as inputs) and ``reference``
+(:mod:`export.onnx_export`, a TorchScript trace of our PyTorch model, node for node)."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
 from .onnx_export import ExportError, export_onnx
 
-__all__ = ["ExportError", "export_onnx"]
+GRAPHS = ("auto", "fused", "reference")
+
+
+def export_model(lm, out_dir: str | os.PathLike, overwrite: bool = False, graph: str = "auto") -> Path:
+    """Export ``lm`` to ``out_dir`` as the ``graph`` kind: ``fused``, ``reference``, or ``auto``
+    (fused when :func:`export.onnx_builder.fused_unsupported` has no objection, else reference
+    with a warning naming the reason).
+
+    Raises ValueError for another graph name, or ``fused`` on a config it cannot express; see
+    :func:`export.onnx_builder.export_fused` and :func:`export.onnx_export.export_onnx` for the rest."""
+    if graph in ("auto", "fused"):
+        from .onnx_builder import export_fused, fused_unsupported
+
+        why = fused_unsupported(lm.model.config)
+        if why and graph == "auto":
+            warnings.warn(f"exporting the reference graph: {why}", stacklevel=2)
+            return export_onnx(lm, out_dir, overwrite=overwrite)
+        return export_fused(lm, out_dir, overwrite=overwrite)
+    if graph == "reference":
+        return export_onnx(lm, out_dir, overwrite=overwrite)
+    raise ValueError(f"unknown graph kind {graph!r}; use one of {', '.join(GRAPHS)}")
+
+
+__all__ = ["ExportError", "GRAPHS", "export_model", "export_onnx"]

@@ -107,7 +107,8 @@ def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = F
     return out
 
 
-def _write_sidecars(lm: LoadedModel, folder: Path, opset: int) -> None:
+def _write_sidecars(lm: LoadedModel, folder: Path, opset: int, graph: str = "reference",
+                    parallel_options: dict[str, str | None] | None = None) -> None:
     """manifest.json, tokenizer files and generation_config.json next to the graph."""
     cfg = lm.model.config
     tok = lm.tokenizer
@@ -119,6 +120,7 @@ def _write_sidecars(lm: LoadedModel, folder: Path, opset: int) -> None:
         eos_token_ids=eos, precision="fp32", source=lm.source, source_sha256=lm.source_sha256,
         family=cfg.family, max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=cfg.tie_word_embeddings, opset=opset,
+        graph=graph, parallel_options=parallel_options, rope_theta=cfg.rope_theta,
         bos_token_id=tok.bos_token_id if tok is not None else cfg.bos_token_id,
         pad_token_id=tok.pad_token_id if tok is not None else None,
         extra={"parscale_attn_smooth": cfg.parscale_attn_smooth, "torch": torch.__version__,

@@ -63,7 +63,7 @@ def test_export_folder_with_other_p_is_refused(tiny, capsys):
     out = root / "p1"
     assert main(["-q", "export", str(gguf_path), "-o", str(out)]) == 0
     assert main(["generate", "--model", str(out), "-P", "4", "-p", "x"]) == 2
-    assert "exported with P=1" in capsys.readouterr().err
+    assert "offers P in [1], not 4" in capsys.readouterr().err
 
 
 def test_output_that_is_a_file_is_refused_before_loading(tmp_path, capsys):

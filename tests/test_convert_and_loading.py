@@ -26,7 +26,7 @@ def test_convert_saves_authors_format_and_reloads_identically(tmp_path, family, 
     if family == "qwen2":
         assert cfg["model_type"] == "qwen2_parscale" and cfg["architectures"] == ["Qwen2ParScaleForCausalLM"]
     state = load_file(str(out / "model.safetensors"))
-    assert state["model.layers.1.self_attn.prefix_k"].shape == (3, 2, 5, 8)  # [P, kv_heads, n_tokens, head_dim]
+    assert state["model.layers.1.self_attn.prefix_k"].shape == (3, 2, 5, 16)  # [P, kv_heads, n_tokens, head_dim]
     assert state["model.aggregate_layer.0.weight"].shape == (48, 3 * 48)
     assert state["model.aggregate_layer.2.weight"].shape == (3, 48)
     assert ("lm_head.weight" in state) == (not tie)

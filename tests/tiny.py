@@ -6,7 +6,9 @@ from edge.loading import LoadedModel
 from edge.model import ParScaleForCausalLM
 
 
-def tiny_config(family="qwen2", P=1, tie=True, head_dim=None, **kw) -> ParScaleConfig:
+def tiny_config(family="qwen2", P=1, tie=True, head_dim=16, **kw) -> ParScaleConfig:
+    """head_dim 16 (!= hidden/heads = 8): ONNX Runtime's GroupQueryAttention needs a multiple of 16,
+    and it exercises q/o projections that change width."""
     base = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=6, num_key_value_heads=2, head_dim=head_dim, rope_theta=10000.0,
                 rms_norm_eps=1e-6, max_position_embeddings=128, tie_word_embeddings=tie,

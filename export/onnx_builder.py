@@ -1,0 +1,322 @@
+"""Build the fast ("fused") decoder graph directly from the weights, with ONNX Runtime's fused ops.
+
+The TorchScript export (:mod:`export.onnx_export`) is the reference: it mirrors our PyTorch code
+node for node (unfused attention, ~2600 Constant nodes for smollm2-135m, past and present
+concatenated every step). This builder writes the graph a runtime wants, in the way
+onnxruntime-genai's model builder does: ``SkipSimplifiedLayerNormalization`` (plus two plain RMSNorms that ONNX Runtime fuses) for the RMSNorms and residual adds, ``GroupQueryAttention``
+(RoPE inside, past and present sharing one preallocated buffer), plain ``MatMul`` weights that
+``parscale quantize`` turns into ``MatMulNBits``, and logits only for the positions asked for.
+
+ParScale (Chen et al. 2025, Sec. 2) in this graph:
+
+* **replicate**: the embedded rows and the per-row lengths/positions are expanded to P*B rows,
+  batch-major (row ``b*P + p`` is stream p of sample b), so one sample's streams are contiguous;
+* **prefix**: the runtime writes each stream's per-layer prefix keys/values into the first
+  ``n_prefix`` slots of its KV-cache rows once per request (prefix keys carry no RoPE, so they sit
+  in the cache as they are); ``seqlens_k`` counts them, ``position_ids`` do not;
+* **aggregate**: after the last layer only the requested positions are gathered, then the final
+  RMSNorm, the aggregator MLP (its weights are graph *inputs*, ``parscale.aggregate.*``) and one
+  ``lm_head`` over B*K rows.
+
+Because the prefix and the aggregator are inputs, the graph does not depend on P: one backbone
+export serves every P for which the folder has a ParScale part file (dynamic parallel scaling).
+P = 1 feeds a zero aggregator: softmax over one stream is exactly 1.
+
+Graph inputs (B user rows, S new tokens, K gathered positions, N = P*B, C = cache capacity):
+``input_ids`` int64 [B, S]; ``position_ids`` int64 [B, S] (RoPE positions of the new tokens);
+``seqlens_k`` int32 [B] (tokens in the cache after this step, prefix included, minus 1);
+``query_seqlens`` int32 [B] (valid tokens of this right-padded chunk); ``total_sequence_length``
+int32 [] (an upper bound of seqlens_k + 1: the capacity C); ``logits_index`` int64 [B, K];
+``parscale.aggregate.w1`` float [P*H, H], ``.b1`` [H], ``.w2`` [H, P], ``.b2`` [P];
+``past_key_values.{i}.key/.value`` float [N, kv_heads, C, head_dim] (bound to the same buffer as
+the matching ``present``). Outputs: ``logits`` float [B, K, vocab]; ``present.{i}.key/.value``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edge.atomic import atomic_folder
+from edge.loading import LoadedModel
+from edge.manifest import DATA_FILE, MODEL_FILE, past_names, present_names
+from edge.runtime import AGG_INPUTS
+
+OPSET = 17
+GRAPH_KIND = "fused"
+PARSCALE_DIR = "parscale"
+
+
+class _Graph:
+    """Tiny helper collecting nodes and initializers with unique names."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const_i64(self, values, name: str | None = None) -> str:
+        self._n += 1
+        return self.init(name or f"const_i64_{self._n}", np.asarray(values, dtype=np.int64))
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, name: str | None = None, domain: str = "",
+             outputs: list[str] | None = None, **attrs) -> list[str]:
+        self._n += 1
+        name = name or f"/{op}_{self._n}"
+        outs = outputs or [f"{name}/output_{k}" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
+        return outs
+
+    def one(self, op: str, inputs: list[str], **kw) -> str:
+        return self.node(op, inputs, **kw)[0]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
+def rope_tables(max_positions: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """GroupQueryAttention's cos/sin caches: float32 [max_positions, head_dim/2] each (half-split RoPE)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    freqs = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def fused_unsupported(cfg) -> str | None:
+    """Why the fused graph cannot run ``cfg`` (a ParScaleConfig) on ONNX Runtime, or None."""
+    if cfg.head_dim % 16:
+        return f"head_dim {cfg.head_dim} is not a multiple of 16 (GroupQueryAttention needs one)"
+    return None
+
+
+def build_fused_graph(lm: LoadedModel) -> onnx.ModelProto:
+    """The fused decoder graph of ``lm`` (fp32 weights as initializers; see the module docstring).
+
+    Raises ValueError for a model whose config this graph cannot express (:func:`fused_unsupported`)."""
+    model = lm.model.float().eval()
+    cfg = model.config
+    why = fused_unsupported(cfg)
+    if why:
+        raise ValueError(f"cannot build the fused graph: {why}; export with --graph reference")
+    sd = {k: v for k, v in model.state_dict().items()}
+    L, H, nh, kv, hd, V = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                           cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size)
+    g = _Graph()
+    f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
+              helper.make_tensor_value_info("query_seqlens", i32, ["batch"]),
+              helper.make_tensor_value_info("total_sequence_length", i32, []),
+              helper.make_tensor_value_info("logits_index", i64, ["batch", "gathered"]),
+              helper.make_tensor_value_info(AGG_INPUTS[0], f32, ["parallel_hidden", H]),
+              helper.make_tensor_value_info(AGG_INPUTS[1], f32, [H]),
+              helper.make_tensor_value_info(AGG_INPUTS[2], f32, [H, "parallel"]),
+              helper.make_tensor_value_info(AGG_INPUTS[3], f32, ["parallel"])]
+    cache_shape = ["stream_batch", kv, "capacity", hd]
+    inputs += [helper.make_tensor_value_info(n, f32, cache_shape) for n in past_names(L)]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "gathered", V])]
+    outputs += [helper.make_tensor_value_info(n, f32, cache_shape) for n in present_names(L)]
+
+    # ---- sizes: B from input_ids, P from the aggregator's last bias (graph does not bake P)
+    shape_ids = g.one("Shape", ["input_ids"], name="/sizes/ids_shape")
+    B = g.one("Gather", [shape_ids, g.const_i64([0])], name="/sizes/B", axis=0)  # [1]
+    S = g.one("Gather", [shape_ids, g.const_i64([1])], name="/sizes/S", axis=0)  # [1]
+    P = g.one("Shape", [AGG_INPUTS[3]], name="/sizes/P")  # [1]
+    N = g.one("Mul", [B, P], name="/sizes/N")  # [1]
+    one = g.const_i64([1], "one_i64")
+    minus1 = g.const_i64([-1], "minus_one_i64")
+
+    def replicate(x: str, tail: list[str], name: str) -> str:
+        """[B, *tail] -> [B*P, *tail], batch-major (ParScale: replicate)."""
+        u = g.one("Unsqueeze", [x, one], name=f"/replicate/{name}/Unsqueeze")
+        e = g.one("Expand", [u, g.one("Concat", [B, P, *tail], name=f"/replicate/{name}/shape", axis=0)],
+                  name=f"/replicate/{name}/Expand")
+        return g.one("Reshape", [e, g.one("Concat", [N, *tail], name=f"/replicate/{name}/rows", axis=0)],
+                     name=f"/replicate/{name}/Reshape")
+
+    # ---- embedding (one lookup for all streams) and replicate
+    emb_w = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"]))
+    x = g.one("Gather", [emb_w, "input_ids"], name="/model/embed_tokens/Gather", axis=0)  # [B, S, H]
+    Hc = g.const_i64([H], "hidden_i64")
+    x = replicate(x, [S, Hc], "hidden")  # [N, S, H]
+    pos = replicate("position_ids", [S], "position_ids")  # [N, S]
+    seqlens = g.one("Cast", [replicate(g.one("Cast", ["seqlens_k"], name="/replicate/seqlens_k/to64", to=TensorProto.INT64),
+                                       [], "seqlens_k")], name="/replicate/seqlens_k/to32", to=TensorProto.INT32)
+    qlens = g.one("Cast", [replicate(g.one("Cast", ["query_seqlens"], name="/replicate/query_seqlens/to64",
+                                           to=TensorProto.INT64), [], "query_seqlens")],
+                  name="/replicate/query_seqlens/to32", to=TensorProto.INT32)
+    cos, sin = rope_tables(cfg.max_position_embeddings, hd, cfg.rope_theta)
+    cos_c, sin_c = g.init("rope.cos_cache", cos), g.init("rope.sin_cache", sin)
+
+    def linear(inp: str, layer: int, block: str, name: str) -> str:
+        """MatMul named like the TorchScript export (``/model/layers.3/mlp/down_proj/MatMul``), so the
+        quantizer maps it to its GGUF tensor; weight stored transposed [in, out]."""
+        key = f"model.layers.{layer}.{block}.{name}"
+        w = g.init(f"{key}.weight_t", _np(sd[f"{key}.weight"]).T)
+        scope = f"/model/layers.{layer}/{block}/{name}"
+        y = g.one("MatMul", [inp, w], name=f"{scope}/MatMul")
+        b = sd.get(f"{key}.bias")
+        if b is not None:
+            y = g.one("Add", [y, g.init(f"{key}.bias", _np(b))], name=f"{scope}/Add")
+        return y
+
+    eps = float(cfg.rms_norm_eps)
+    eps_c = g.init("rms_norm_eps", np.array(eps, np.float32))
+    two = g.init("two_f32", np.array(2.0, np.float32))
+
+    def rms_norm(inp: str, weight: str, scope: str) -> str:
+        """x / sqrt(mean(x^2) + eps) * w, decomposed (the ONNX checker does not know ORT's
+        SimplifiedLayerNormalization); ONNX Runtime fuses this exact pattern back into it."""
+        ms = g.one("ReduceMean", [g.one("Pow", [inp, two], name=f"{scope}/Pow")], name=f"{scope}/ReduceMean",
+                   axes=[-1], keepdims=1)
+        r = g.one("Sqrt", [g.one("Add", [ms, eps_c], name=f"{scope}/Add")], name=f"{scope}/Sqrt")
+        return g.one("Mul", [g.one("Div", [inp, r], name=f"{scope}/Div"), weight], name=f"{scope}/Mul")
+
+    residual = x
+    pending = None  # output of the previous block to add to the residual
+    for i in range(L):
+        pre = f"model.layers.{i}"
+        w_in = g.init(f"{pre}.input_layernorm.weight", _np(sd[f"{pre}.input_layernorm.weight"]))
+        if pending is None:
+            h = rms_norm(residual, w_in, f"/model/layers.{i}/input_layernorm")
+        else:
+            h, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [pending, residual, w_in], n_out=4,
+                                       name=f"/model/layers.{i}/input_layernorm", domain="com.microsoft", epsilon=eps)
+        q, k, v = (linear(h, i, "self_attn", f"{n}_proj") for n in ("q", "k", "v"))
+        o, _, _ = g.node("GroupQueryAttention",
+                         [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
+                          "total_sequence_length", cos_c, sin_c, pos, "", "", "", "", "", "", qlens],
+                         name=f"/model/layers.{i}/self_attn/GroupQueryAttention", domain="com.microsoft",
+                         outputs=[f"/model/layers.{i}/self_attn/attn_out", f"present.{i}.key", f"present.{i}.value"],
+                         num_heads=nh, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0,
+                         scale=float(1.0 / np.sqrt(hd)))
+        a = linear(o, i, "self_attn", "o_proj")
+        w_post = g.init(f"{pre}.post_attention_layernorm.weight", _np(sd[f"{pre}.post_attention_layernorm.weight"]))
+        h2, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [a, residual, w_post], n_out=4,
+                                    name=f"/model/layers.{i}/post_attention_layernorm", domain="com.microsoft",
+                                    epsilon=eps)
+        gate = linear(h2, i, "mlp", "gate_proj")
+        act = g.one("Mul", [gate, g.one("Sigmoid", [gate], name=f"/model/layers.{i}/mlp/act/Sigmoid")],
+                    name=f"/model/layers.{i}/mlp/act/Mul")
+        up = linear(h2, i, "mlp", "up_proj")
+        pending = linear(g.one("Mul", [act, up], name=f"/model/layers.{i}/mlp/Mul"), i, "mlp", "down_proj")
+    x = g.one("Add", [pending, residual], name="/model/final_residual/Add")  # [N, S, H]
+
+    # ---- gather the requested positions first: final norm, aggregator and head see B*K rows only
+    idx = replicate("logits_index", [g.one("Gather", [g.one("Shape", ["logits_index"], name="/gather/shape"),
+                                                      one], name="/gather/K", axis=0)], "logits_index")  # [N, K]
+    x = g.one("GatherND", [x, g.one("Unsqueeze", [idx, minus1], name="/gather/idx")], name="/gather/GatherND",
+              batch_dims=1)  # [N, K, H]
+    w_norm = g.init("model.norm.weight", _np(sd["model.norm.weight"]))
+    x = rms_norm(x, w_norm, "/model/norm")
+
+    # ---- ParScale: aggregate. [N, K, H] -> [B, P, K, H]; features interleaved h*P + p (authors' layout)
+    K = g.one("Gather", [g.one("Shape", [x], name="/aggregate/x_shape"), one], name="/aggregate/K", axis=0)
+    hs = g.one("Reshape", [x, g.one("Concat", [B, P, K, Hc], name="/aggregate/bpkh", axis=0)], name="/aggregate/split")
+    feats = g.one("Transpose", [hs], name="/aggregate/interleave", perm=[0, 2, 3, 1])  # [B, K, H, P]
+    PH = g.one("Mul", [P, Hc], name="/aggregate/PH")
+    feats = g.one("Reshape", [feats, g.one("Concat", [B, K, PH], name="/aggregate/bk_ph", axis=0)],
+                  name="/aggregate/feats")
+    z = g.one("Add", [g.one("MatMul", [feats, AGG_INPUTS[0]], name="/model/aggregate_layer.0/MatMul"), AGG_INPUTS[1]],
+              name="/model/aggregate_layer.0/Add")
+    z = g.one("Mul", [z, g.one("Sigmoid", [z], name="/model/aggregate_layer.1/Sigmoid")], name="/model/aggregate_layer.1/Mul")
+    z = g.one("Add", [g.one("MatMul", [z, AGG_INPUTS[2]], name="/model/aggregate_layer.2/MatMul"), AGG_INPUTS[3]],
+              name="/model/aggregate_layer.2/Add")
+    w = g.one("Softmax", [z], name="/model/aggregate_layer/Softmax", axis=-1)  # [B, K, P]
+    smooth = float(cfg.parscale_attn_smooth)
+    Pf = g.one("Cast", [P], name="/aggregate/Pf", to=TensorProto.FLOAT)
+    w = g.one("Add", [g.one("Mul", [w, g.init("aggregate.keep", np.array(1.0 - smooth, np.float32))], name="/aggregate/keep"),
+                      g.one("Div", [g.init("aggregate.eps", np.array(smooth, np.float32)), Pf], name="/aggregate/eps_over_P")],
+              name="/aggregate/smoothed")
+    wt = g.one("Unsqueeze", [g.one("Transpose", [w], name="/aggregate/w_t", perm=[0, 2, 1]), minus1],
+               name="/aggregate/w_u")  # [B, P, K, 1]
+    x = g.one("ReduceSum", [g.one("Mul", [hs, wt], name="/aggregate/weigh"), one], name="/aggregate/sum",
+              keepdims=0)  # [B, K, H]
+
+    # ---- lm_head on B*K rows. Tied: Gemm(transB=1) on the embedding itself (stored once).
+    x2 = g.one("Reshape", [x, g.const_i64([-1, H])], name="/lm_head/flatten")
+    if cfg.tie_word_embeddings:
+        logits = g.one("Gemm", [x2, emb_w, g.init("lm_head.zero_bias", np.zeros(V, np.float32))],
+                       name="/lm_head/Gemm", transB=1)
+    else:
+        logits = g.one("MatMul", [x2, g.init("lm_head.weight_t", _np(sd["lm_head.weight"]).T)], name="/lm_head/MatMul")
+    g.node("Reshape", [logits, g.one("Concat", [B, K, g.const_i64([V])], name="/lm_head/shape", axis=0)],
+           name="/lm_head/unflatten", outputs=["logits"])
+
+    graph = helper.make_graph(g.nodes, "parscale_fused_decoder", inputs, outputs, g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="parscale-edge")
+    proto.ir_version = 8
+    return proto
+
+
+def parscale_parts(lm: LoadedModel) -> dict[str, np.ndarray]:
+    """The ParScale tensors of a P > 1 model in the adapter layout (state-dict names, float32):
+    ``model.layers.{i}.self_attn.prefix_k/_v`` [P, kv_heads, n_tokens, head_dim] and
+    ``model.aggregate_layer.{0,2}.{weight,bias}`` (torch Linear layout). Empty for P = 1."""
+    sd = lm.model.state_dict()
+    keys = [k for k in sd if ".prefix_" in k or "aggregate_layer" in k]
+    return {k: _np(sd[k]) for k in keys}
+
+
+def write_parscale_parts(parts: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
+    """Save ParScale parts as safetensors (the adapter format of :mod:`edge.adapter`)."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in parts.items()}, str(path), metadata=metadata)
+
+
+def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = False, check: bool = True) -> Path:
+    """Write the fused graph of ``lm`` and its ParScale parts to an export folder (atomically).
+
+    The folder holds the backbone graph (``model.onnx`` + ``model.onnx.data``), the ParScale parts of
+    P = ``lm``'s parscale_n under ``parscale/p{P}.safetensors`` (none for P = 1), the manifest
+    (``graph: "fused"``, ``parallel_options``) and the tokenizer files.
+
+    Raises FileExistsError (``out_dir`` exists, no ``overwrite``) and
+    :class:`export.onnx_export.ExportError` when the ONNX checker rejects the graph.
+    """
+    from .onnx_export import ExportError, _write_sidecars
+
+    out = Path(out_dir)
+    cfg = lm.model.config
+    P = cfg.parscale_n
+    with atomic_folder(out, overwrite) as tmp:
+        proto = build_fused_graph(lm)
+        meta = {"parscale_n": str(P), "parscale_n_tokens": str(cfg.parscale_n_tokens),
+                "num_layers": str(cfg.num_hidden_layers), "producer": "parscale-edge", "graph": GRAPH_KIND}
+        for k, v in meta.items():
+            proto.metadata_props.add(key=k, value=v)
+        onnx.save_model(proto, str(tmp / MODEL_FILE), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+        del proto
+        if check:
+            try:
+                onnx.checker.check_model(str(tmp / MODEL_FILE))
+            except onnx.checker.ValidationError as e:
+                raise ExportError(f"the fused graph fails the ONNX checker: {e}") from e
+        options: dict[int, str | None] = {1: None}
+        if P > 1:
+            rel = f"{PARSCALE_DIR}/p{P}.safetensors"
+            write_parscale_parts(parscale_parts(lm), tmp / rel,
+                                 {"format": "parscale-edge-adapter/1", "parscale_n": str(P),
+                                  "parscale_n_tokens": str(cfg.parscale_n_tokens),
+                                  "num_layers": str(cfg.num_hidden_layers), "source": lm.source})
+            options = {P: rel}
+        _write_sidecars(lm, tmp, OPSET, graph=GRAPH_KIND,
+                        parallel_options={str(k): v for k, v in options.items()})
+        man = json.loads((tmp / "manifest.json").read_text())
+        assert man["graph"] == GRAPH_KIND
+    return out
