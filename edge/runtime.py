@@ -16,6 +16,8 @@ import numpy as np
 
 from .manifest import MODEL_FILE, Manifest, ManifestError, past_names, present_names
 
+#: Prefix slots a fused graph's RoPE table allows on top of the context (authors: 48 prefix tokens).
+MAX_PREFIX_SLOTS = 128
 #: Graph inputs of the fused graph carrying the ParScale aggregator (export.onnx_builder).
 AGG_INPUTS = ("parscale.aggregate.w1", "parscale.aggregate.b1", "parscale.aggregate.w2", "parscale.aggregate.b2")
 
@@ -304,6 +306,9 @@ class OnnxCausalLM:
             return DecodeState(batch, P)
         parts = self._parallel_parts(P)
         m, n = self.manifest, parts["n_prefix"]
+        if capacity > m.max_position_embeddings or n > MAX_PREFIX_SLOTS:
+            raise RuntimeInputError(f"a request of {capacity} tokens with {n} prefix slots exceeds the model's "
+                                    f"context ({m.max_position_embeddings} tokens, at most {MAX_PREFIX_SLOTS} prefix slots)")
         st = DecodeState(batch, P, n, n + capacity)
         shape = (P * batch, m.num_key_value_heads, n + capacity, m.head_dim)
         st.buffers = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.L)]

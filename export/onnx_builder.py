@@ -45,11 +45,12 @@ from onnx import TensorProto, helper, numpy_helper
 from edge.atomic import atomic_folder
 from edge.loading import LoadedModel
 from edge.manifest import DATA_FILE, MODEL_FILE, past_names, present_names
-from edge.runtime import AGG_INPUTS
+from edge.runtime import AGG_INPUTS, MAX_PREFIX_SLOTS
 
 OPSET = 17
 GRAPH_KIND = "fused"
 PARSCALE_DIR = "parscale"
+
 
 
 class _Graph:
@@ -155,7 +156,8 @@ def build_fused_graph(lm: LoadedModel) -> onnx.ModelProto:
     qlens = g.one("Cast", [replicate(g.one("Cast", ["query_seqlens"], name="/replicate/query_seqlens/to64",
                                            to=TensorProto.INT64), [], "query_seqlens")],
                   name="/replicate/query_seqlens/to32", to=TensorProto.INT32)
-    cos, sin = rope_tables(cfg.max_position_embeddings, hd, cfg.rope_theta)
+    # GroupQueryAttention checks the table against total_sequence_length, which counts prefix slots
+    cos, sin = rope_tables(cfg.max_position_embeddings + MAX_PREFIX_SLOTS, hd, cfg.rope_theta)
     cos_c, sin_c = g.init("rope.cos_cache", cos), g.init("rope.sin_cache", sin)
 
     def linear(inp: str, layer: int, block: str, name: str) -> str:

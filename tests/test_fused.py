@@ -1,0 +1,116 @@
+"""The fused graph (export.onnx_builder) against the authors' golden logits, the reference graph and
+itself: ragged batches, chunked prefill, P switching, preallocated-cache behaviour."""
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from edge.loading import load_hf_folder
+from edge.runtime import OnnxCausalLM, RuntimeInputError, SamplingConfig
+from export import export_model
+from golden import GOLDEN, MODELS, run_cases
+from tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def golden_fused(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    out = {}
+    for name in MODELS:
+        lm = load_hf_folder(GOLDEN / name)
+        out[name] = (lm, OnnxCausalLM(export_model(lm, root / name, graph="fused"), device="cpu", threads=1))
+    return out
+
+
+def fused_forward(rt: OnnxCausalLM):
+    """Adapt the golden (ids, mask, pos, past) protocol to the fused graph: left-padded chunks become
+    right-padded ones with per-row lengths; logits come back at the original columns."""
+    def forward(ids, mask, pos, state):
+        B, S = ids.shape
+        new = mask[:, -S:].astype(bool)
+        q = new.sum(1)
+        assert (new == (np.arange(S)[None] >= (S - q)[:, None])).all(), "golden chunks are left-padded"
+        if state is None:
+            state = rt.new_state(B, 64)
+        chunk = np.zeros_like(ids)
+        for b in range(B):
+            chunk[b, :q[b]] = ids[b, S - q[b]:]
+        idx = np.maximum(np.arange(S)[None] - (S - q)[:, None], 0)
+        logits = rt.step(state, chunk, q, idx)
+        logits[~new] = 0.0  # padded columns are not compared
+        return logits, state
+    return forward
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fused_graph_matches_authors_golden_logits(golden_fused, name):
+    lm, rt = golden_fused[name]
+    assert rt.fused and rt.manifest.graph == "fused"
+    errs = run_cases(GOLDEN / name, fused_forward(rt))
+    assert len(errs) >= 9
+    bad = {k: v for k, v in errs.items() if not v <= 1e-4}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("P", [1, 2, 4, 8])
+def test_ragged_batch_equals_solo_runs_and_reference_graph(tmp_path, P):
+    lm = tiny_model("qwen2", P=P, tie=P % 2 == 0, seed=P)
+    fused = OnnxCausalLM(export_model(lm, tmp_path / "f", graph="fused"), device="cpu", threads=1)
+    ref = OnnxCausalLM(export_model(lm, tmp_path / "r", graph="reference"), device="cpu", threads=1)
+    rng = np.random.default_rng(P)
+    prompts = [rng.integers(4, 97, n).tolist() for n in (3, 11)]
+    greedy = SamplingConfig(max_new_tokens=32)
+    together = fused.generate(prompts, greedy, eos_token_ids=[])
+    assert together == [fused.generate([p], greedy, eos_token_ids=[])[0] for p in prompts]
+    assert together == ref.generate(prompts, greedy, eos_token_ids=[])
+    assert all(len(t) == 32 for t in together)
+    # the short row's prefill logits equal its solo run's (1e-4)
+    st, last = fused.prefill(prompts, 4)
+    st1, solo = fused.prefill(prompts[:1], 4)
+    np.testing.assert_allclose(last[0], solo[0], atol=1e-4)
+    ids = np.array([prompts[1]])
+    np.testing.assert_allclose(fused.score(ids), ref.score(ids), atol=1e-4)
+
+
+def test_chunked_prefill_equals_one_prefill_at_every_position(tmp_path):
+    lm = tiny_model("llama", P=2, tie=False, seed=5)
+    rt = OnnxCausalLM(export_model(lm, tmp_path / "f", graph="fused"), device="cpu", threads=1)
+    ids = np.random.default_rng(0).integers(4, 97, (2, 13))
+    full = rt.score(ids)
+    st = rt.new_state(2, 16)
+    parts = [rt.step(st, ids[:, a:b], None, np.arange(b - a)[None].repeat(2, 0)) for a, b in ((0, 5), (5, 6), (6, 13))]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, atol=1e-4)
+    assert st.lengths.tolist() == [13 + st.n_prefix] * 2
+
+
+def test_state_errors_name_both_sizes(tmp_path):
+    lm = tiny_model("qwen2", P=2, seed=1)
+    rt = OnnxCausalLM(export_model(lm, tmp_path / "f", graph="fused"), device="cpu", threads=1)
+    st = rt.new_state(2, 4)
+    with pytest.raises(RuntimeInputError, match="batch 3 but the KV cache was made for batch 2 .4 stream rows"):
+        rt.step(st, np.ones((3, 1), np.int64))
+    with pytest.raises(RuntimeInputError, match="does not fit"):
+        rt.step(st, np.ones((2, 5), np.int64))
+    st.close()
+    with pytest.raises(RuntimeInputError, match="closed"):
+        rt.step(st, np.ones((2, 1), np.int64))
+    with pytest.raises(RuntimeInputError, match="offers P in \\[2\\]"):
+        rt.new_state(1, 4, parallel=4)
+
+
+def test_decode_steps_allocate_nothing_that_grows(tmp_path):
+    lm = tiny_model("qwen2", P=2, seed=2)
+    rt = OnnxCausalLM(export_model(lm, tmp_path / "f", graph="fused"), device="cpu", threads=1)
+    st, logits = rt.prefill([[5, 6, 7]], 100)
+    buffers = [b.ctypes.data for b in st.buffers]
+    peaks = []
+    for window in range(3):
+        tracemalloc.start()
+        for _ in range(30):
+            logits = rt.decode(st, logits.argmax(-1))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert [b.ctypes.data for b in st.buffers] == buffers  # the same cache memory all along
+    assert st.lengths[0] == st.n_prefix + 3 + 90
+    assert max(peaks) - min(peaks) < 4096, peaks  # steps 60-90 need no more memory than steps 0-30
+    assert max(peaks) < 64 * 1024  # and the per-step traffic is small (logits of one row: 388 bytes)
