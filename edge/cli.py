@@ -148,7 +148,19 @@ def cmd_export(a) -> None:
     _check_output(a.output, a.overwrite)  # before the (slow) load and export
     if a.precision != "fp32":
         _quant_config(a).validate()
-    lm = load_for_export(a.model, a.parallel, a.threads, progress=not a.quiet)
+    parallels = _ints(a.parallel, "parallel") if a.parallel else [None]
+    also = []
+    if len(parallels) > 1:  # one backbone, ParScale parts for every P (dynamic parallel scaling)
+        from .loading import convert_to_parscale
+
+        dense = load_for_export(a.model, None, a.threads, progress=not a.quiet)
+        if dense.model.config.parscale_n != 1:
+            raise CLIError(f"several --parallel values need a dense (P=1) model; {a.model} has "
+                           f"P={dense.model.config.parscale_n}")
+        models = [dense if P == 1 else convert_to_parscale(dense, P) for P in parallels]
+        lm, also = models[0], models[1:]
+    else:
+        lm = load_for_export(a.model, parallels[0], a.threads, progress=not a.quiet)
     from export import export_model
 
     if a.precision != "fp32":
@@ -157,11 +169,11 @@ def cmd_export(a) -> None:
         out = Path(a.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as staging:
-            fp32 = export_model(lm, Path(staging) / "fp32", graph=a.graph)
+            fp32 = export_model(lm, Path(staging) / "fp32", graph=a.graph, also=also)
             del lm
             _run_quantize(fp32, out, a)
         return
-    out = export_model(lm, a.output, overwrite=a.overwrite, graph=a.graph)
+    out = export_model(lm, a.output, overwrite=a.overwrite, graph=a.graph, also=also)
     man = Manifest.read(out)
     from .atomic import folder_size_mib
 
@@ -585,7 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model to ONNX (P folded into the batch axis, KV cache in/out)")
     p.add_argument("model", help="named model, .gguf file or Hugging Face folder")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
-    p.add_argument("--parallel", "-P", type=int, default=None, help="convert a dense model to P streams first")
+    p.add_argument("--parallel", "-P", default=None,
+                   help="convert a dense model to P streams first; a list (1,2,4) puts one backbone and the "
+                        "ParScale parts of every P in one folder (the first is the default)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--graph", choices=["auto", "fused", "reference"], default="auto",
                    help="fused (ONNX Runtime fused ops, preallocated KV cache), reference (TorchScript trace "

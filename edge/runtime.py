@@ -131,6 +131,8 @@ class DecodeState:
         self.mask: np.ndarray | None = None  # reference graphs: attention mask so far
         self.positions: np.ndarray | None = None  # reference graphs: last position per row [B, 1]
         self.binding = None
+        self.decode_io: dict[str, np.ndarray] | None = None  # fused, CPU: decode-step arrays bound once
+        self.decode_bound = False
         self.closed = False
 
     @property
@@ -140,7 +142,7 @@ class DecodeState:
 
     def close(self) -> None:
         """Free the cache now (idempotent)."""
-        self.buffers, self.past, self.binding, self.closed = [], None, None, True
+        self.buffers, self.past, self.binding, self.decode_io, self.closed = [], None, None, None, True
 
 
 class OnnxCausalLM:
@@ -358,13 +360,37 @@ class OnnxCausalLM:
         if logits_index is None:
             logits_index = np.maximum(q - 1, 0)[:, None]
         io = state.binding
+        K = logits_index.shape[1]
+        if S == 1 and K == 1 and self._device == "cpu":
+            # decode: small inputs and the logits live in arrays bound once; refill them in place
+            d = state.decode_io
+            if d is None:
+                V = self.manifest.vocab_size
+                d = state.decode_io = {"input_ids": np.zeros((B, 1), np.int64), "position_ids": np.zeros((B, 1), np.int64),
+                                       "seqlens_k": np.zeros(B, np.int32), "query_seqlens": np.zeros(B, np.int32),
+                                       "logits_index": np.zeros((B, 1), np.int64), "logits": np.zeros((B, 1, V), np.float32)}
+            d["input_ids"][:] = input_ids
+            d["position_ids"][:, 0] = state.lengths - state.n_prefix
+            d["seqlens_k"][:] = state.lengths + q - 1
+            d["query_seqlens"][:] = q
+            d["logits_index"][:] = logits_index
+            if not state.decode_bound:
+                ov = self._ort.OrtValue.ortvalue_from_numpy
+                for name in ("input_ids", "position_ids", "seqlens_k", "query_seqlens", "logits_index"):
+                    io.bind_ortvalue_input(name, ov(d[name]))
+                io.bind_ortvalue_output("logits", ov(d["logits"]))
+                state.decode_bound = True
+            self.session.run_with_iobinding(io)
+            state.lengths = state.lengths + q
+            return d["logits"].copy()
+        state.decode_bound = False
         pos = (state.lengths - state.n_prefix)[:, None] + np.arange(S, dtype=np.int64)[None]
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("position_ids", pos)
         io.bind_cpu_input("seqlens_k", (state.lengths + q - 1).astype(np.int32))
         io.bind_cpu_input("query_seqlens", q.astype(np.int32))
         io.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, dtype=np.int64))
-        shape = (B, logits_index.shape[1], self.manifest.vocab_size)
+        shape = (B, K, self.manifest.vocab_size)
         if self._device == "cpu":  # ORT writes straight into this array
             out = np.empty(shape, dtype=np.float32)
             io.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(out))

@@ -14,10 +14,11 @@ from .onnx_export import ExportError, export_onnx
 GRAPHS = ("auto", "fused", "reference")
 
 
-def export_model(lm, out_dir: str | os.PathLike, overwrite: bool = False, graph: str = "auto") -> Path:
+def export_model(lm, out_dir: str | os.PathLike, overwrite: bool = False, graph: str = "auto", also=()) -> Path:
     """Export ``lm`` to ``out_dir`` as the ``graph`` kind: ``fused``, ``reference``, or ``auto``
     (fused when :func:`export.onnx_builder.fused_unsupported` has no objection, else reference
-    with a warning naming the reason).
+    with a warning naming the reason). ``also``: models over the same backbone with other P (fused
+    only: their ParScale parts join the folder).
 
     Raises ValueError for another graph name, or ``fused`` on a config it cannot express; see
     :func:`export.onnx_builder.export_fused` and :func:`export.onnx_export.export_onnx` for the rest."""
@@ -25,11 +26,13 @@ def export_model(lm, out_dir: str | os.PathLike, overwrite: bool = False, graph:
         from .onnx_builder import export_fused, fused_unsupported
 
         why = fused_unsupported(lm.model.config)
-        if why and graph == "auto":
+        if why and graph == "auto" and not also:
             warnings.warn(f"exporting the reference graph: {why}", stacklevel=2)
             return export_onnx(lm, out_dir, overwrite=overwrite)
-        return export_fused(lm, out_dir, overwrite=overwrite)
+        return export_fused(lm, out_dir, overwrite=overwrite, also=also)
     if graph == "reference":
+        if also:
+            raise ValueError("several P in one folder need the fused graph (--graph fused)")
         return export_onnx(lm, out_dir, overwrite=overwrite)
     raise ValueError(f"unknown graph kind {graph!r}; use one of {', '.join(GRAPHS)}")
 

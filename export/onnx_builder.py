@@ -280,21 +280,41 @@ def write_parscale_parts(parts: dict[str, np.ndarray], path: Path, metadata: dic
     save_file({k: np.ascontiguousarray(v) for k, v in parts.items()}, str(path), metadata=metadata)
 
 
-def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = False, check: bool = True) -> Path:
+def same_backbone(a: LoadedModel, b: LoadedModel) -> bool:
+    """True when the two models' backbone tensors (everything but the ParScale parts) are equal."""
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    keys = [k for k in sa if ".prefix_" not in k and "aggregate_layer" not in k]
+    other = [k for k in sb if ".prefix_" not in k and "aggregate_layer" not in k]
+    return sorted(keys) == sorted(other) and all(torch.equal(sa[k], sb[k]) for k in keys)
+
+
+def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = False, check: bool = True,
+                 also: list[LoadedModel] | tuple = ()) -> Path:
     """Write the fused graph of ``lm`` and its ParScale parts to an export folder (atomically).
 
     The folder holds the backbone graph (``model.onnx`` + ``model.onnx.data``), the ParScale parts of
     P = ``lm``'s parscale_n under ``parscale/p{P}.safetensors`` (none for P = 1), the manifest
-    (``graph: "fused"``, ``parallel_options``) and the tokenizer files.
+    (``graph: "fused"``, ``parallel_options``, default P = ``lm``'s) and the tokenizer files.
+    ``also``: more models over the same backbone (e.g. conversions of one dense model to other P);
+    their parts are added, so one backbone serves every P (dynamic parallel scaling).
 
-    Raises FileExistsError (``out_dir`` exists, no ``overwrite``) and
-    :class:`export.onnx_export.ExportError` when the ONNX checker rejects the graph.
+    Raises FileExistsError (``out_dir`` exists, no ``overwrite``), ValueError (a model in ``also``
+    has another backbone or repeats a P) and :class:`export.onnx_export.ExportError` when the
+    ONNX checker rejects the graph.
     """
     from .onnx_export import ExportError, _write_sidecars
 
     out = Path(out_dir)
     cfg = lm.model.config
     P = cfg.parscale_n
+    models = {P: lm}
+    for other in also:
+        q = other.model.config.parscale_n
+        if q in models:
+            raise ValueError(f"P={q} is given twice")
+        if not same_backbone(lm, other):
+            raise ValueError(f"the P={q} model has another backbone than the P={P} model; export it separately")
+        models[q] = other
     with atomic_folder(out, overwrite) as tmp:
         proto = build_fused_graph(lm)
         meta = {"parscale_n": str(P), "parscale_n_tokens": str(cfg.parscale_n_tokens),
@@ -309,14 +329,17 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
                 onnx.checker.check_model(str(tmp / MODEL_FILE))
             except onnx.checker.ValidationError as e:
                 raise ExportError(f"the fused graph fails the ONNX checker: {e}") from e
-        options: dict[int, str | None] = {1: None}
-        if P > 1:
-            rel = f"{PARSCALE_DIR}/p{P}.safetensors"
-            write_parscale_parts(parscale_parts(lm), tmp / rel,
-                                 {"format": "parscale-edge-adapter/1", "parscale_n": str(P),
-                                  "parscale_n_tokens": str(cfg.parscale_n_tokens),
-                                  "num_layers": str(cfg.num_hidden_layers), "source": lm.source})
-            options = {P: rel}
+        options: dict[int, str | None] = {}
+        for q, m in sorted(models.items()):
+            if q == 1:
+                options[1] = None
+                continue
+            rel = f"{PARSCALE_DIR}/p{q}.safetensors"
+            write_parscale_parts(parscale_parts(m), tmp / rel,
+                                 {"format": "parscale-edge-adapter/1", "parscale_n": str(q),
+                                  "parscale_n_tokens": str(m.model.config.parscale_n_tokens),
+                                  "num_layers": str(cfg.num_hidden_layers), "source": m.source})
+            options[q] = rel
         _write_sidecars(lm, tmp, OPSET, graph=GRAPH_KIND,
                         parallel_options={str(k): v for k, v in options.items()})
         man = json.loads((tmp / "manifest.json").read_text())

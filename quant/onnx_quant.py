@@ -360,6 +360,8 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
         for f in src.iterdir():
             if f.name not in (MODEL_FILE, DATA_FILE) and f.is_file():
                 shutil.copy2(f, tmp / f.name)
+            elif f.is_dir():  # fused graphs: ParScale parts (prefixes, aggregator) stay float32
+                shutil.copytree(f, tmp / f.name)
         man.precision = cfg.precision
         man.quantization = {**asdict(cfg), "lm_head_untied": bool(untied), "source_precision": "fp32",
                             "gguf_repacked_nodes": len(repacked),

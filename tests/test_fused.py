@@ -103,6 +103,7 @@ def test_decode_steps_allocate_nothing_that_grows(tmp_path):
     rt = OnnxCausalLM(export_model(lm, tmp_path / "f", graph="fused"), device="cpu", threads=1)
     st, logits = rt.prefill([[5, 6, 7]], 100)
     buffers = [b.ctypes.data for b in st.buffers]
+    logits = rt.decode(st, logits.argmax(-1))  # the first decode step binds its small arrays once
     peaks = []
     for window in range(3):
         tracemalloc.start()
@@ -111,6 +112,31 @@ def test_decode_steps_allocate_nothing_that_grows(tmp_path):
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert [b.ctypes.data for b in st.buffers] == buffers  # the same cache memory all along
-    assert st.lengths[0] == st.n_prefix + 3 + 90
+    assert st.lengths[0] == st.n_prefix + 3 + 91
     assert max(peaks) - min(peaks) < 4096, peaks  # steps 60-90 need no more memory than steps 0-30
     assert max(peaks) < 64 * 1024  # and the per-step traffic is small (logits of one row: 388 bytes)
+
+
+def test_one_backbone_serves_several_p(tmp_path):
+    """Dynamic parallel scaling: conversions of one dense model share the backbone export; each P
+    run from the shared folder equals the same P exported alone."""
+    from edge.loading import convert_to_parscale
+    from edge.cli import main
+
+    dense = tiny_model("llama", P=1, tie=True, seed=7)
+    convs = {P: convert_to_parscale(dense, P, n_tokens=3) for P in (2, 4)}
+    shared = OnnxCausalLM(export_model(dense, tmp_path / "shared", graph="fused", also=list(convs.values())),
+                          device="cpu", threads=1)
+    assert shared.parallel_options == [1, 2, 4] and shared.P == 1
+    ids = np.random.default_rng(3).integers(4, 97, (1, 9))
+    for P, conv in convs.items():
+        alone = OnnxCausalLM(export_model(conv, tmp_path / f"p{P}", graph="fused"), device="cpu", threads=1)
+        np.testing.assert_allclose(shared.score(ids, parallel=P), alone.score(ids), atol=1e-5)
+        assert shared.generate([ids[0].tolist()], SamplingConfig(max_new_tokens=8), [], parallel=P) == \
+            alone.generate([ids[0].tolist()], SamplingConfig(max_new_tokens=8), [])
+    np.testing.assert_allclose(shared.score(ids, parallel=1), OnnxCausalLM(
+        export_model(dense, tmp_path / "p1", graph="fused"), device="cpu", threads=1).score(ids), atol=1e-6)
+    other = tiny_model("llama", P=1, tie=True, seed=8)
+    with pytest.raises(ValueError, match="another backbone"):
+        export_model(dense, tmp_path / "bad", graph="fused", also=[convert_to_parscale(other, 2)])
+    assert main(["generate", "--model", str(tmp_path / "shared"), "-P", "3", "-p", "x"]) == 2
