@@ -96,7 +96,7 @@ def test_accuracy_level_check_records_its_choice(golden_exports, tmp_path):
     c = Manifest.read(out).quantization["accuracy_check"]
     assert c["chosen"] in ("all level 4", "down_proj 4-bit nodes level 0", "MLP 4-bit nodes level 0",
                            "all 4-bit nodes level 0", "all level 0")
-    assert c["agreement"] >= 0.97 and 0 <= c["agreement_level4_vs_level0"] <= 1
+    assert c["agreement"] >= 0.95 and 0 <= c["agreement_level4_vs_level0"] <= 1 and c["ppl_increase"] <= 0.005
     levels = {next((a.i for a in n.attribute if a.name == "accuracy_level"), 0) for n in _ops(out).node
               if n.op_type == "MatMulNBits"}
     assert levels == ({4} if c["chosen"] == "all level 4" else {0, 4} if c["chosen"] != "all level 0" else {0})

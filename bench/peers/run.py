@@ -100,14 +100,15 @@ def ours_folder(precision: str) -> Path:
 
 def ensure_ours(precision: str, threads: int) -> Path:
     """Our P=1 export: the cached one, else `parscale export` (fp32) / quantize_folder (int4)."""
+    from edge.manifest import FORMAT_VERSION, Manifest
     folder = ours_folder(precision)
-    if (folder / "manifest.json").exists():
+    if (folder / "manifest.json").exists() and Manifest.read(folder).format_version == FORMAT_VERSION:
         return folder
     if precision == "fp32":
         from edge.cli import ensure_export
         return Path(ensure_export(MODEL, 1, threads, progress=False))
     from quant.onnx_quant import QuantConfig, quantize_folder
-    quantize_folder(ensure_ours("fp32", threads), folder, QuantConfig(precision="int4"))
+    quantize_folder(ensure_ours("fp32", threads), folder, QuantConfig(precision="int4"), overwrite=True)
     return folder
 
 
@@ -259,14 +260,16 @@ def work_ours(precision, prompt, gen_len, repeat, threads, logits_out):
     rt = OnnxCausalLM(folder, device="cpu", threads=threads)
     if logits_out:
         p = np.array([prompt])
-        np.save(logits_out, rt.forward(p, np.ones_like(p), np.arange(len(prompt))[None])[0][0])
+        np.save(logits_out, rt.score(p)[0])
     run_one(rt, prompt[:16], 4)  # warm-up, as bench/decode_prefill.py
     runs = [run_one(rt, prompt, gen_len) for _ in range(repeat)]  # the project's own timing loop
-    runs[0]["tokens"] = _onnx_greedy(rt.forward, prompt, gen_len)["tokens"]  # one more, untimed: the tokens
+    from edge.runtime import SamplingConfig
+    runs[0]["tokens"] = rt.generate([prompt], SamplingConfig(max_new_tokens=gen_len), eos_token_ids=[])[0]
     man = json.loads((folder / "manifest.json").read_text())
     q = man.get("quantization") or {}
     return {"runs": runs, "info": {"folder": str(folder), "model_mib": folder_mib(folder),
                                    "providers": rt.providers, "timing": "bench/decode_prefill.run_one",
+                                   "graph": man.get("graph", "reference"),
                                    "quantization": {k: q.get(k) for k in ("block_size", "symmetric", "accuracy_level",
                                                                           "gguf_blocks", "accuracy_check") if k in q}}}
 
