@@ -99,8 +99,14 @@ def fused_unsupported(cfg) -> str | None:
     return None
 
 
-def build_fused_graph(lm: LoadedModel) -> onnx.ModelProto:
+#: Weights packed into one MatMul (fewer, wider kernels per step) and the packed node's name.
+PACKED = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}
+
+
+def build_fused_graph(lm: LoadedModel, pack: bool = True) -> onnx.ModelProto:
     """The fused decoder graph of ``lm`` (fp32 weights as initializers; see the module docstring).
+    ``pack``: q/k/v as one MatMul feeding GroupQueryAttention's packed input, gate/up as one MatMul
+    and a Split (:data:`PACKED`).
 
     Raises ValueError for a model whose config this graph cannot express (:func:`fused_unsupported`)."""
     model = lm.model.float().eval()
@@ -160,16 +166,22 @@ def build_fused_graph(lm: LoadedModel) -> onnx.ModelProto:
     cos, sin = rope_tables(cfg.max_position_embeddings + MAX_PREFIX_SLOTS, hd, cfg.rope_theta)
     cos_c, sin_c = g.init("rope.cos_cache", cos), g.init("rope.sin_cache", sin)
 
-    def linear(inp: str, layer: int, block: str, name: str) -> str:
-        """MatMul named like the TorchScript export (``/model/layers.3/mlp/down_proj/MatMul``), so the
-        quantizer maps it to its GGUF tensor; weight stored transposed [in, out]."""
-        key = f"model.layers.{layer}.{block}.{name}"
-        w = g.init(f"{key}.weight_t", _np(sd[f"{key}.weight"]).T)
+    def linear(inp: str, layer: int, block: str, names: tuple[str, ...]) -> str:
+        """One MatMul over the concatenated weights ``names`` of one block (output width the sum),
+        named like the TorchScript export for one weight (``/model/layers.3/mlp/down_proj/MatMul``)
+        or by :data:`PACKED` for several (``qkv_proj``, ``gate_up_proj``), so the quantizer maps it to
+        its GGUF tensors; weights stored transposed [in, out]."""
+        keys = [f"model.layers.{layer}.{block}.{n}" for n in names]
+        name = names[0] if len(names) == 1 else PACKED[names]
+        parts = [_np(sd[f"{k}.weight"]) for k in keys]
+        w = g.init(f"model.layers.{layer}.{block}.{name}.weight_t", np.concatenate(parts, axis=0).T)
         scope = f"/model/layers.{layer}/{block}/{name}"
+        if len(names) > 1:  # the quantizer splits a packed node whose GGUF parts differ in type
+            packed_widths[f"{scope}/MatMul"] = [p.shape[0] for p in parts]
         y = g.one("MatMul", [inp, w], name=f"{scope}/MatMul")
-        b = sd.get(f"{key}.bias")
-        if b is not None:
-            y = g.one("Add", [y, g.init(f"{key}.bias", _np(b))], name=f"{scope}/Add")
+        if f"{keys[0]}.bias" in sd:
+            b = np.concatenate([_np(sd[f"{k}.bias"]) for k in keys])
+            y = g.one("Add", [y, g.init(f"model.layers.{layer}.{block}.{name}.bias", b)], name=f"{scope}/Add")
         return y
 
     eps = float(cfg.rms_norm_eps)
@@ -184,6 +196,8 @@ def build_fused_graph(lm: LoadedModel) -> onnx.ModelProto:
         r = g.one("Sqrt", [g.one("Add", [ms, eps_c], name=f"{scope}/Add")], name=f"{scope}/Sqrt")
         return g.one("Mul", [g.one("Div", [inp, r], name=f"{scope}/Div"), weight], name=f"{scope}/Mul")
 
+    inter2 = g.const_i64([cfg.intermediate_size, cfg.intermediate_size], "gate_up_split")
+    packed_widths: dict[str, list[int]] = {}
     residual = x
     pending = None  # output of the previous block to add to the residual
     for i in range(L):
@@ -194,7 +208,10 @@ def build_fused_graph(lm: LoadedModel) -> onnx.ModelProto:
         else:
             h, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [pending, residual, w_in], n_out=4,
                                        name=f"/model/layers.{i}/input_layernorm", domain="com.microsoft", epsilon=eps)
-        q, k, v = (linear(h, i, "self_attn", f"{n}_proj") for n in ("q", "k", "v"))
+        if pack:  # one MatMul; GroupQueryAttention takes packed QKV (key and value inputs empty)
+            q, k, v = linear(h, i, "self_attn", ("q_proj", "k_proj", "v_proj")), "", ""
+        else:
+            q, k, v = (linear(h, i, "self_attn", (f"{n}_proj",)) for n in ("q", "k", "v"))
         o, _, _ = g.node("GroupQueryAttention",
                          [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
                           "total_sequence_length", cos_c, sin_c, pos, "", "", "", "", "", "", qlens],
@@ -202,16 +219,19 @@ def build_fused_graph(lm: LoadedModel) -> onnx.ModelProto:
                          outputs=[f"/model/layers.{i}/self_attn/attn_out", f"present.{i}.key", f"present.{i}.value"],
                          num_heads=nh, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0,
                          scale=float(1.0 / np.sqrt(hd)))
-        a = linear(o, i, "self_attn", "o_proj")
+        a = linear(o, i, "self_attn", ("o_proj",))
         w_post = g.init(f"{pre}.post_attention_layernorm.weight", _np(sd[f"{pre}.post_attention_layernorm.weight"]))
         h2, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [a, residual, w_post], n_out=4,
                                     name=f"/model/layers.{i}/post_attention_layernorm", domain="com.microsoft",
                                     epsilon=eps)
-        gate = linear(h2, i, "mlp", "gate_proj")
+        if pack:
+            gate, up = g.node("Split", [linear(h2, i, "mlp", ("gate_proj", "up_proj")), inter2], n_out=2,
+                              name=f"/model/layers.{i}/mlp/gate_up_split", axis=-1)
+        else:
+            gate, up = (linear(h2, i, "mlp", (n,)) for n in ("gate_proj", "up_proj"))
         act = g.one("Mul", [gate, g.one("Sigmoid", [gate], name=f"/model/layers.{i}/mlp/act/Sigmoid")],
                     name=f"/model/layers.{i}/mlp/act/Mul")
-        up = linear(h2, i, "mlp", "up_proj")
-        pending = linear(g.one("Mul", [act, up], name=f"/model/layers.{i}/mlp/Mul"), i, "mlp", "down_proj")
+        pending = linear(g.one("Mul", [act, up], name=f"/model/layers.{i}/mlp/Mul"), i, "mlp", ("down_proj",))
     x = g.one("Add", [pending, residual], name="/model/final_residual/Add")  # [N, S, H]
 
     # ---- gather the requested positions first: final norm, aggregator and head see B*K rows only
@@ -260,6 +280,7 @@ def build_fused_graph(lm: LoadedModel) -> onnx.ModelProto:
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="parscale-edge")
     proto.ir_version = 8
+    proto.metadata_props.add(key="packed_widths", value=json.dumps(packed_widths))
     return proto
 
 

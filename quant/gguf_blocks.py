@@ -165,10 +165,36 @@ def dequantize_repacked(w: RepackedWeight, with_residual: bool = True) -> np.nda
     return out.reshape(N, -1)
 
 
+#: Packed MatMuls of the fused graph (export.onnx_builder.PACKED) and the weights they hold, in order.
+PACKED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def hf_name_of_node(node_name: str) -> str | None:
     """``/model/layers.3/mlp/down_proj/MatMul`` -> ``model.layers.3.mlp.down_proj.weight``."""
     m = _NODE_RE.match(node_name)
     return f"model.layers.{m.group(1)}.{m.group(2)}.{m.group(3)}.weight" if m else None
+
+
+def hf_names_of_node(node_name: str) -> tuple[str, ...]:
+    """HF weight names a MatMul holds, in output order: one, or several for a packed node
+    (``/model/layers.3/self_attn/qkv_proj/MatMul`` -> q, k, v); () for other nodes."""
+    m = _NODE_RE.match(node_name)
+    if not m:
+        return ()
+    parts = PACKED_PARTS.get(m.group(3), (m.group(3),))
+    return tuple(f"model.layers.{m.group(1)}.{m.group(2)}.{p}.weight" for p in parts)
+
+
+def concat_repacked(parts: list[RepackedWeight]) -> RepackedWeight | None:
+    """The weights of a packed MatMul stacked along N (rows): exact, since MatMulNBits blocks run
+    along K. None when the parts differ in GGUF type (a packed node then keeps separate weights)."""
+    first = parts[0]
+    if any(p.gguf_type != first.gguf_type for p in parts):
+        return None
+    zp = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])
+    res = None if first.residual is None else np.concatenate([p.residual for p in parts])
+    return RepackedWeight(np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
+                          zp, first.bits, first.gguf_type, res, first.block_size)
 
 
 def read_gguf_blocks(path: str | os.PathLike, names: set[str]) -> dict[str, RepackedWeight]:

@@ -118,6 +118,45 @@ def untie_lm_head(model: onnx.ModelProto) -> bool:
     return False
 
 
+def unpack_matmul(model: onnx.ModelProto, name: str, weights: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Split the packed MatMul ``name`` (weight [K, sum N_i]) into one MatMul per part plus a Concat,
+    named like the unpacked graph (``.../q_proj/MatMul``); returns {new node name: (weight,)}.
+    The part widths come from the graph's ``packed_widths`` metadata. Raises QuantizationError
+    when it is missing or disagrees with the weight."""
+    inits = _initializers(model)
+    idx, node = next((i, n) for i, n in enumerate(model.graph.node) if n.name == name)
+    w = numpy_helper.to_array(inits[node.input[1]])
+    widths = _packed_widths(model, name, w.shape[1], len(weights))
+    scope = name.rsplit("/", 2)[0]
+    outs, new, mapping, start = [], [], {}, 0
+    for hf, width in zip(weights, widths):
+        part = hf.split(".")[-2]  # q_proj
+        t = numpy_helper.from_array(np.ascontiguousarray(w[:, start:start + width]), f"{hf}_t")
+        model.graph.initializer.append(t)
+        out = f"{scope}/{part}/MatMul_output_0"
+        new.append(helper.make_node("MatMul", [node.input[0], t.name], [out], name=f"{scope}/{part}/MatMul"))
+        outs.append(out)
+        mapping[f"{scope}/{part}/MatMul"] = (hf,)
+        start += width
+    new.append(helper.make_node("Concat", outs, list(node.output), name=f"{name}/unpacked", axis=-1))
+    model.graph.node.remove(node)
+    for k, n in enumerate(new):
+        model.graph.node.insert(idx + k, n)
+    return mapping
+
+
+def _packed_widths(model: onnx.ModelProto, name: str, total: int, parts: int) -> list[int]:
+    """Output widths of a packed node's parts, from the graph's metadata ``packed_widths`` (written by
+    export.onnx_builder as JSON {node name: [widths]})."""
+    import json
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    widths = json.loads(meta.get("packed_widths", "{}")).get(name)
+    if not widths or sum(widths) != total or len(widths) != parts:
+        raise QuantizationError(f"{name}: cannot split the packed weight (no packed_widths metadata); re-export")
+    return widths
+
+
 def head_node_name(model: onnx.ModelProto, vocab_size: int) -> str | None:
     """Name of the MatMul computing the logits: the one whose constant weight is [hidden, vocab]."""
     inits = _initializers(model)
@@ -318,13 +357,24 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
     if cfg.gguf_blocks and cfg.precision != "int8-dynamic":
         gguf_path = source_gguf(man)
         if gguf_path is not None:
-            from .gguf_blocks import hf_name_of_node, read_gguf_blocks
+            from .gguf_blocks import concat_repacked, hf_names_of_node, read_gguf_blocks
 
-            node_to_weight = {n.name: hf_name_of_node(n.name) for n in model.graph.node if n.op_type == "MatMul"}
+            node_names = {n.name: hf_names_of_node(n.name) for n in model.graph.node if n.op_type == "MatMul"}
             if head and cfg.quantize_lm_head:
-                node_to_weight[head] = "model.embed_tokens.weight" if man.tie_word_embeddings else "lm_head.weight"
-            blocks = read_gguf_blocks(gguf_path, {w for w in node_to_weight.values() if w})
-            blocks = {k: v for k, v in blocks.items() if _keep_gguf_blocks(cfg, v, k == node_to_weight.get(head))}
+                node_names[head] = ("model.embed_tokens.weight" if man.tie_word_embeddings else "lm_head.weight",)
+            raw = read_gguf_blocks(gguf_path, {w for ws in node_names.values() for w in ws})
+            kept = {k: v for k, v in raw.items() if _keep_gguf_blocks(cfg, v, (k,) == node_names.get(head))}
+            # a packed node whose parts the GGUF stores differently is split back into one MatMul each
+            mixed = [n for n, ws in node_names.items() if len(ws) > 1 and any(w in kept for w in ws)
+                     and (not all(w in kept for w in ws) or concat_repacked([kept[w] for w in ws]) is None)]
+            for name in mixed:
+                node_names.update(unpack_matmul(model, name, node_names.pop(name)))
+            blocks, node_to_weight = {}, {}
+            for name, ws in node_names.items():
+                if ws and all(w in kept for w in ws):
+                    key = "+".join(ws)
+                    blocks[key] = kept[ws[0]] if len(ws) == 1 else concat_repacked([kept[w] for w in ws])
+                    node_to_weight[name] = key
             repacked = apply_gguf_blocks(model, blocks, node_to_weight, cfg.accuracy_level)
     targets = quantizable_matmuls(model, cfg, head)
     inits = _initializers(model)

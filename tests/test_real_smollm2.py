@@ -7,7 +7,7 @@ import torch
 from edge.evaluate import perplexity, stdlib_text
 from edge.loading import convert_to_parscale, load_model
 from edge.runtime import OnnxCausalLM, SamplingConfig
-from export import export_onnx
+from export import export_model
 
 pytestmark = pytest.mark.slow
 
@@ -40,15 +40,16 @@ def _torch_greedy(model, ids, n, eos):
     return out
 
 
+@pytest.mark.parametrize("graph", ["fused", "reference"])
 @pytest.mark.parametrize("which", ["dense", "p2"])
-def test_onnx_matches_pytorch_on_real_prompt(request, tmp_path, which):
+def test_onnx_matches_pytorch_on_real_prompt(request, tmp_path, which, graph):
     lm = request.getfixturevalue(which)
-    rt = OnnxCausalLM(export_onnx(lm, tmp_path / which), device="cpu", threads=1)
+    rt = OnnxCausalLM(export_model(lm, tmp_path / which, graph=graph), device="cpu", threads=1)
     ids = rt.tokenizer.encode(rt.tokenizer.apply_chat_template(PROMPT))
     t = torch.tensor([ids])
     with torch.no_grad():
         ref, _ = lm.model(t, torch.ones_like(t), torch.arange(len(ids))[None])
-    got, _ = rt.forward(np.array([ids]), np.ones((1, len(ids)), np.int64), np.arange(len(ids))[None])
+    got = rt.score(np.array([ids]))
     assert np.abs(got - ref.numpy()).max() < 1e-3
     onnx_tokens = rt.generate([ids], SamplingConfig(max_new_tokens=32))[0]
     assert len(onnx_tokens) == 32  # the answer is longer than 32 tokens
@@ -76,7 +77,7 @@ def test_conversion_stays_within_10_percent_of_dense_perplexity(dense):
 
 @pytest.fixture(scope="module")
 def fp32_export(dense, tmp_path_factory):
-    return export_onnx(dense, tmp_path_factory.mktemp("real") / "fp32")
+    return export_model(dense, tmp_path_factory.mktemp("real") / "fp32")
 
 
 def test_int4_reuses_gguf_blocks_and_meets_quality_target(fp32_export, tmp_path):
@@ -90,7 +91,7 @@ def test_int4_reuses_gguf_blocks_and_meets_quality_target(fp32_export, tmp_path)
     q = Manifest.read(out).quantization
     r = q["quality_vs_fp32"]
     assert r["positions"] == 4096
-    assert r["cand_perplexity"] / r["ref_perplexity"] - 1 < 0.02
+    assert r["cand_perplexity"] / r["ref_perplexity"] - 1 < 0.005  # issue #5 keeps int4 within +0.5%
     assert r["top1_agreement"] >= 0.95
     assert q["gguf_repacked_nodes"] == 30 * 7 + 1  # every Q4_1 projection and the Q8_0 head
     assert q["size_mib"] < 0.5 * q["source_size_mib"]

@@ -17,8 +17,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# Tiny model: hidden 32 (a Q8_0/Q4_0 block), 4 heads of 8, 2 kv heads, 2 layers.
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS = 32, 4, 2, 8, 64, 2
+# Tiny model: hidden 64 (two Q8_0/Q4_0 blocks), 4 heads of 16 (GroupQueryAttention needs a multiple of 16), 2 kv heads, 2 layers.
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS = 64, 4, 2, 16, 64, 2
 
 
 def bytes_to_unicode() -> dict[int, str]:
