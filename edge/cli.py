@@ -377,7 +377,9 @@ def cmd_profile(a) -> None:
     for model in a.models:
         if _is_export_folder(model):
             man = Manifest.read(model)
-            jobs.append((model, "parscale", man.parscale_n, Path(model), {}))
+            offered = sorted(int(k) for k in (man.parallel_options or {str(man.parscale_n): None}))
+            for P in [P for P in parallels if P in offered] or [man.parscale_n]:
+                jobs.append((model, "parscale", P, Path(model), {"parallel": P}))
             continue
         for P in parallels:
             fp32 = ensure_export(model, P, a.threads, progress=not a.quiet)
@@ -398,7 +400,7 @@ def cmd_profile(a) -> None:
     rows = []
     for model, kind, P, folder, extra in tqdm(jobs, desc="profiling", disable=a.quiet):
         for r in profile_folder(folder, batches, prompt_lens, a.gen_len, a.threads, a.repeat, a.warmup,
-                                info["bandwidth"]["read_gbps"]):
+                                info["bandwidth"]["read_gbps"], parallel=extra.pop("parallel", None)):
             rows.append({"model": model, "kind": kind, **r, "P": P, "folder": str(folder), **extra})
     summary = versus_dense_summary(rows) if a.versus_dense else []
     settings = {k: getattr(a, k) for k in ("models", "parallel", "batch", "precision", "prompt_len", "gen_len",

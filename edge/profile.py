@@ -48,7 +48,7 @@ def folder_bytes(folder: str | os.PathLike) -> int:
 
 
 def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_len: int, threads: int | None,
-                   repeat: int, warmup: int, bandwidth_gbps: float | None) -> dict:
+                   repeat: int, warmup: int, bandwidth_gbps: float | None, parallel: int | None = None) -> dict:
     """Run inside a worker process: load ``folder`` and time every (batch, prompt_len).
 
     Returns ``{"load": {...}, "runs": [{...}, ...]}``; each run has prefill/decode timings, its own
@@ -58,7 +58,7 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
 
     rss_before = _proc_status_mib("VmRSS")
     t0 = time.perf_counter()
-    rt = OnnxCausalLM(folder, device="cpu", threads=threads)
+    rt = OnnxCausalLM(folder, device="cpu", threads=threads, parallel=parallel)
     load_ms = (time.perf_counter() - t0) * 1e3
     load = {"load_ms": load_ms, "rss_before_mib": rss_before, "peak_rss_load_mib": _proc_status_mib("VmHWM"),
             "file_mib": folder_bytes(folder) / 2**20, "P": rt.P, "precision": rt.manifest.precision}
@@ -110,12 +110,14 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
 
 def profile_folder(folder: str | os.PathLike, batches: list[int], prompt_lens: list[int], gen_len: int,
                    threads: int | None = None, repeat: int = 3, warmup: int = 1,
-                   bandwidth_gbps: float | None = None, timeout_s: float = 3600) -> list[dict]:
+                   bandwidth_gbps: float | None = None, timeout_s: float = 3600,
+                   parallel: int | None = None) -> list[dict]:
     """Measure one export folder in a fresh process; one flat row per (batch, prompt_len).
+    ``parallel``: the P to run a fused folder that offers several (default: its own).
 
     Raises RuntimeError with the worker's stderr tail if it fails."""
     args = dict(folder=str(folder), batches=batches, prompt_lens=prompt_lens, gen_len=gen_len, threads=threads,
-                repeat=repeat, warmup=warmup, bandwidth_gbps=bandwidth_gbps)
+                repeat=repeat, warmup=warmup, bandwidth_gbps=bandwidth_gbps, parallel=parallel)
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
