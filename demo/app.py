@@ -23,7 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from .models import LoadedModel
-from .streaming import Answer, AnswerStats, PromptTooLong, take_turns
+from .streaming import Answer, AnswerStats, take_turns
 
 SIDES = ("left", "right")
 EXAMPLES = [
@@ -115,8 +115,8 @@ def make_respond(models: dict[str, LoadedModel]):
             else:
                 try:
                     answer = Answer(lm.runtime, hist[s] + [{"role": "user", "content": message}], sampling)
-                except PromptTooLong as e:
-                    disp[s].append(pane_message("assistant", f"{NOTE}Not sent to this model: {e}."))
+                except ValueError as e:  # PromptTooLong, or a chat template that rejects the messages
+                    disp[s].append(pane_message("assistant", f"{NOTE}Not sent to this model: {str(e).rstrip('.')}."))
                 else:
                     hist[s] += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
                     disp[s].append(pane_message("assistant", ""))
@@ -127,7 +127,10 @@ def make_respond(models: dict[str, LoadedModel]):
             for i in take_turns(answers):
                 s, a = SIDES[i], answers[i]
                 hist[s][-1]["content"] = a.text
-                disp[s][-1]["content"]["text"] = a.text if (a.text or not a.done) else "(empty answer: the model stopped at once)"
+                shown = a.text if (a.text or not a.done) else "(empty answer: the model stopped at once)"
+                if a.error:
+                    shown = f"{a.text}\n\n{NOTE}This model failed while answering: {a.error}".strip()
+                disp[s][-1]["content"]["text"] = shown
                 yield out("")
         finally:
             for a in answers:
@@ -214,7 +217,7 @@ def build_app(left: LoadedModel, right: LoadedModel, *, concurrency: int = 2, ma
             for s, lm in models.items():
                 with gr.Column():
                     gr.Markdown(header_md(lm), elem_id=f"header-{s}")
-                    panes[s] = gr.Chatbot(label=f"{s}: {lm.spec}", height=420, elem_id=f"chat-{s}",
+                    panes[s] = gr.Chatbot(label=f"{s}: {lm.spec}", show_label=False, height=420, elem_id=f"chat-{s}",
                                           placeholder=None if lm.ok else f"{NOTE}This model did not load: {lm.error}",
                                           buttons=["copy"])
                     numbers[s] = gr.Markdown(stats_md(lm, None), elem_id=f"stats-{s}")
@@ -244,15 +247,25 @@ def build_app(left: LoadedModel, right: LoadedModel, *, concurrency: int = 2, ma
         io = dict(inputs=[msg, max_new, temperature, top_p, seed, state],
                   outputs=[msg, panes["left"], panes["right"], numbers["left"], numbers["right"], status, state],
                   concurrency_limit=concurrency, concurrency_id="decode", show_progress="hidden")
-        ev_submit = msg.submit(respond, api_name="chat", **io)
-        ev_send = send.click(respond, api_visibility="private", **io)
-        stop.click(None, None, None, cancels=[ev_submit, ev_send], api_visibility="private")
+        # one event for Enter and Send, so a session never runs two answers at once (trigger_mode "once")
+        ev = gr.on([msg.submit, send.click], respond, api_name="chat", trigger_mode="once", **io)
+        stop.click(None, None, None, cancels=[ev], api_visibility="private")
 
         def clear_chat():
             return ([], [], stats_md(left, None), stats_md(right, None), "", new_session())
 
+        def clear_side(side: str):
+            def fn(session: dict | None):  # a pane's own trash button: forget that side's conversation only
+                session = session if session else new_session()
+                session["history"][side], session["display"][side] = [], []
+                return stats_md(models[side], None), session
+            return fn
+
+        for s in SIDES:
+            panes[s].clear(clear_side(s), [state], [numbers[s], state], api_visibility="private")
+
         clear.click(clear_chat, None, [panes["left"], panes["right"], numbers["left"], numbers["right"], status, state],
-                    cancels=[ev_submit, ev_send], api_name="clear")
+                    cancels=[ev], api_name="clear")
 
         def profile_pair():
             try:

@@ -184,8 +184,11 @@ def load_pair(left: str, left_parallel: int | None, right: str, right_parallel: 
                                                      ("right", right, right_parallel, DEFAULTS.right_parallel)), 1):
         if P is None and not _is_export_folder(spec):
             P = default_P
-        what = spec if _is_export_folder(spec) else f"{spec}, P={P}, {precision}"
-        log(f"[{k}/2] {label}: {what} (exported and cached on the first start; this can take minutes) ...")
+        if _is_export_folder(spec):
+            log(f"[{k}/2] {label}: loading {spec} ...")
+        else:
+            log(f"[{k}/2] {label}: {spec}, P={P}, {precision} (exported and quantized into the cache on the first "
+                "start, minutes; later starts reuse it) ...")
         lm = load_model(label, spec, P, precision, threads, device, progress, log)
         if lm.ok and k == 1 and not started:
             lm.resident_how += " (includes ONNX Runtime's one-time start-up, about 10 MiB)"

@@ -65,15 +65,20 @@ class Answer:
         self._decoder = StreamDecoder(tok)
         self.text = ""
         self.done = False
+        self.error: str | None = None  # set when a decode step raised (the answer then ends)
         self.stats = AnswerStats(prompt_tokens=len(ids), busy_s=time.perf_counter() - t0)
 
     def step(self) -> None:
-        """Run one decode step (the first call: prefill) and append its text; ``done`` at the end."""
+        """Run one decode step (the first call: prefill) and append its text; ``done`` at the end or
+        when the step raised (``error`` then holds the message)."""
         t0 = time.perf_counter()
         first = self.stats.tokens == 0
         try:
             t = int(next(self._steps)[0])
         except StopIteration:
+            t = -1
+        except Exception as e:  # noqa: BLE001 - a failing model ends its own answer, not the other's
+            self.error = " ".join(str(e).split())[:300] or type(e).__name__
             t = -1
         if t >= 0:
             self.stats.tokens += 1

@@ -2,6 +2,8 @@
 streaming, equality with the runtime's own generate(), sessions, Stop, bad input, the profile panel."""
 from __future__ import annotations
 
+import re
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -209,6 +211,32 @@ def test_bad_input_gets_a_note_and_the_demo_keeps_working(served):
     assert cleared[0] == [] and cleared[1] == []
 
 
+def test_a_model_failing_mid_answer_gets_a_note_and_the_other_finishes(served):
+    right = served.models["right"].runtime
+    orig = right.generate_tokens
+
+    def failing(*args, **kw):
+        gen = orig(*args, **kw)
+        yield next(gen)
+        yield next(gen)
+        gen.close()
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : boom")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(right, "generate_tokens", failing)
+    try:
+        out = Client(served.url, verbose=False).predict("hello world", 16, 0.0, 1.0, 0, api_name="/chat")
+    finally:
+        mp.undo()
+    text = reference(right, [{"role": "user", "content": "hello world"}], SamplingConfig(max_new_tokens=2))[1]
+    assert answer(out[RIGHT]) == f"{text}\n\n⚠ This model failed while answering: [ONNXRuntimeError] : 6 : " \
+                                 "RUNTIME_EXCEPTION : boom"
+    assert "**2** tokens" in out[RIGHT + 2]
+    left = served.models["left"].runtime
+    assert answer(out[LEFT]) == reference(left, [{"role": "user", "content": "hello world"}],
+                                          SamplingConfig(max_new_tokens=16))[1]
+
+
 def test_a_model_that_fails_to_load_leaves_the_other_working(tiny_pair, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -238,6 +266,12 @@ def test_profile_button_plots_the_pair(served):
     pngs = sorted((Path(item["image"]) for item in gallery), key=lambda p: p.name)
     assert [p.name for p in pngs] == ["profile_decode.png", "profile_memory.png", "profile_ttft.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    # kept in the cache: the next start of the demo for this pair shows the plots at once
+    from demo.app import profile_dir, profile_view
+
+    kept, kept_table = profile_view(profile_dir(served.models))
+    assert sorted(Path(p).name for p in kept) == [p.name for p in pngs] and kept_table.split("\n\n")[0] == \
+        table.split("\n\n")[0]
 
 
 def test_turns_go_to_the_model_with_the_least_compute():
@@ -265,3 +299,63 @@ def test_demo_command_bad_input_is_one_error_line(argv, msg, capsys):
     assert main(["-q", *argv]) == 2
     err = capsys.readouterr().err
     assert f"error: {msg}" in err and "Traceback" not in err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable found (Debian: apt-get install chromium; "
+                                              ".ci/run installs it)")
+def test_browser_sees_both_panes_stream_and_the_numbers(served, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    mp = pytest.MonkeyPatch()
+    counters = [counting(served.models[s].runtime, mp, delay=0.02) for s in ("left", "right")]
+    lengths = {"left": [], "right": []}
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                         args=["--no-sandbox", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(served.url)
+            box = page.locator("#message textarea")
+            box.fill("hello world")
+            box.press("Enter")
+            deadline = time.time() + 60
+            while time.time() < deadline and any(c.closed == 0 for c in counters):
+                for s in lengths:
+                    bot = page.locator(f"#chat-{s} [data-testid='bot']")
+                    lengths[s].append(len(bot.inner_text()) if bot.count() else 0)
+                time.sleep(0.05)
+            page.wait_for_function("document.querySelector('#stats-right').innerText.includes('tokens')")
+            stats = {s: page.locator(f"#stats-{s}").inner_text() for s in lengths}
+            final = {s: page.locator(f"#chat-{s} [data-testid='bot']").inner_text() for s in lengths}
+            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+
+            # a closed tab ends the decode too
+            page2 = browser.new_page()
+            page2.goto(served.url)
+            page2.locator("#message textarea").fill("hello")
+            page2.locator("#message textarea").press("Enter")
+            before, base = sum(c.closed for c in counters), sum(c.steps for c in counters)
+            while sum(c.steps for c in counters) < base + 10:
+                time.sleep(0.01)
+            page2.close()
+            closed_at = sum(c.steps for c in counters)
+            deadline = time.time() + 10
+            while sum(c.closed for c in counters) < before + 2 and time.time() < deadline:
+                time.sleep(0.02)
+            after_close = sum(c.steps for c in counters)
+            browser.close()
+    finally:
+        mp.undo()
+    for s in lengths:
+        grew = distinct(n for n in lengths[s] if n)
+        assert len(grew) >= 3 and grew == sorted(grew), (s, grew)  # the text arrived in pieces, growing
+        assert len(final[s]) > 0
+        assert re.search(r"TTFT \d+ ms · [\d.]+ tok/s · \d+ tokens", stats[s]), stats[s]
+        assert re.search(r"resident [\d.]+ MiB · file [\d.]+ MiB", stats[s])
+    assert "P 2 · fp32" in stats["left"] and "P 1 · fp32" in stats["right"]
+    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert sum(c.closed for c in counters) == before + 2  # the closed tab's answers were closed (caches freed)
+    assert after_close - closed_at <= 3 and after_close < base + 2 * 64  # 64 = max new tokens: it stopped early
