@@ -1,4 +1,6 @@
-"""Gradio demo: a ParScale model beside a larger dense model.
+"""Gradio demo (``parscale demo``): a ParScale model beside a larger dense model, answers streaming side by side.
 
-Not implemented yet: tracked in issue #6. Nothing here is imported by the rest of the toolkit.
+``demo.models``: the default pair, export/quantize/load with memory measured (no gradio import);
+``demo.streaming``: one model's answer stepped token by token, and two answers taking turns;
+``demo.app``: the Gradio Blocks and launch. Nothing else in the toolkit imports this package.
 """

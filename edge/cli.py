@@ -1,4 +1,4 @@
-"""``parscale`` command line: export, convert, generate, chat.
+"""``parscale`` command line: export, convert, generate, chat, demo.
 
 Every command that runs a model goes through ONNX Runtime; torch is imported only to load,
 convert or export a checkpoint (the ``export`` extra). A model argument is an export folder, a
@@ -552,6 +552,33 @@ def cmd_chat(a) -> None:
         history += [{"role": "user", "content": msg}, {"role": "assistant", "content": "".join(answer)}]
 
 
+def cmd_demo(a) -> None:
+    from demo.models import PRECISIONS
+
+    if a.precision not in PRECISIONS:
+        raise CLIError(f"unknown precision {a.precision!r}; use {', '.join(PRECISIONS)}")
+    for name in ("left_parallel", "right_parallel"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.concurrency < 1 or a.max_new_tokens < 1:
+        raise CLIError(f"--concurrency and --max-new-tokens must be >= 1, got {a.concurrency} and {a.max_new_tokens}")
+    if a.port is not None and not 0 < a.port < 65536:
+        raise CLIError(f"--port must be in 1..65535, got {a.port}")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise CLIError("the demo needs gradio: pip install 'parscale-edge[demo]'") from None
+    from demo.app import build_app, launch
+    from demo.models import load_pair
+
+    left, right = load_pair(a.left, a.left_parallel, a.right, a.right_parallel, a.precision, a.threads,
+                            a.device, progress=not a.quiet, log=_log)
+    if not left.ok and not right.ok:
+        raise CLIError(f"neither model loaded: left: {left.error}; right: {right.error}")
+    app = build_app(left, right, concurrency=a.concurrency, max_new_tokens=a.max_new_tokens, threads=a.threads)
+    launch(app, a.host, a.port, share=a.share)
+
+
 # ---------------------------------------------------------------------------------------- parser
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
@@ -692,6 +719,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=cmd_chat)
+
+    from demo.models import DEFAULTS
+
+    p = sub.add_parser("demo", help="web demo: a ParScale model and a larger dense model answer side by side (gradio)")
+    p.add_argument("--left", default=DEFAULTS.left, help=f"the ParScale side (default {DEFAULTS.left})")
+    p.add_argument("--left-parallel", type=int, default=None,
+                   help=f"P streams of the left model (default {DEFAULTS.left_parallel}; an export folder keeps its own)")
+    p.add_argument("--right", default=DEFAULTS.right, help=f"the dense side (default {DEFAULTS.right})")
+    p.add_argument("--right-parallel", type=int, default=None, help="P of the right model (default 1)")
+    p.add_argument("--precision", default=DEFAULTS.precision,
+                   help=f"fp32, int8 or int4 for models the demo exports (default {DEFAULTS.precision}; "
+                        "export folders run as they are)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--concurrency", type=int, default=2, help="answers decoded at once; more requests queue (default 2)")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="initial max new tokens (default 256)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=cmd_demo)
     return ap
 
 

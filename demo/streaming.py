@@ -1,0 +1,113 @@
+"""One answer of one model, advanced one decode step at a time, and two answers taking turns.
+
+No threads: the caller's generator (the Gradio handler) owns the answers and advances them. Each
+:class:`Answer` iterates :meth:`edge.runtime.OnnxCausalLM.generate_tokens` directly; closing it
+closes that generator, which drops the KV cache it holds (``present`` tensors are locals of the
+decode loop). :func:`take_turns` is how two answers stream at once: it always advances the answer
+that has used the least compute so far, so each model gets half of the time and a faster model
+streams faster, and every step is followed by a yield (where a Stop or a closed tab arrives).
+
+Timings count each model's own steps only (tokenizing, prefill, decode, detokenizing), never the
+other model's turns: TTFT = tokenizing + prefill + first sampling (ms); tokens/s = decode steps after
+the first token / their time.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+
+class PromptTooLong(ValueError):
+    """The conversation does not fit the model's context (message names both lengths)."""
+
+
+@dataclass
+class AnswerStats:
+    """What a pane shows under its answer. ms, tokens/s, tokens (eos included when produced)."""
+
+    prompt_tokens: int = 0
+    tokens: int = 0
+    ttft_ms: float | None = None
+    decode_s: float = 0.0
+    busy_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed: tokens after the first / their decode time; None before the second token."""
+        return (self.tokens - 1) / self.decode_s if self.tokens > 1 and self.decode_s > 0 else None
+
+
+class Answer:
+    """One model's streamed answer to ``messages`` (chat template applied, generation prompt added).
+
+    Args:
+        runtime: an :class:`edge.runtime.OnnxCausalLM`.
+        messages: ``[{"role": ..., "content": ...}, ...]``, the last one the user's new message.
+        sampling: :class:`edge.runtime.SamplingConfig` (``max_new_tokens`` is capped by the context).
+    Raises:
+        PromptTooLong: the templated prompt leaves no room for one new token in the context.
+    """
+
+    def __init__(self, runtime, messages: Sequence[dict], sampling):
+        from edge.tokenizer import StreamDecoder
+
+        t0 = time.perf_counter()
+        tok = runtime.tokenizer
+        ids = tok.encode(tok.apply_chat_template(list(messages), add_generation_prompt=True))
+        ctx = runtime.manifest.max_position_embeddings
+        if len(ids) + 1 > ctx:
+            raise PromptTooLong(f"the conversation is {len(ids)} tokens and this model's context is {ctx} tokens: "
+                                "shorten the message or clear the chat")
+        self.ids = ids
+        self.eos = set(runtime.manifest.eos_token_ids)
+        self._steps: Iterator = runtime.generate_tokens([ids], sampling)
+        self._decoder = StreamDecoder(tok)
+        self.text = ""
+        self.done = False
+        self.error: str | None = None  # set when a decode step raised (the answer then ends)
+        self.stats = AnswerStats(prompt_tokens=len(ids), busy_s=time.perf_counter() - t0)
+
+    def step(self) -> None:
+        """Run one decode step (the first call: prefill) and append its text; ``done`` at the end or
+        when the step raised (``error`` then holds the message)."""
+        t0 = time.perf_counter()
+        first = self.stats.tokens == 0
+        try:
+            t = int(next(self._steps)[0])
+        except StopIteration:
+            t = -1
+        except Exception as e:  # noqa: BLE001 - a failing model ends its own answer, not the other's
+            self.error = " ".join(str(e).split())[:300] or type(e).__name__
+            t = -1
+        if t >= 0:
+            self.stats.tokens += 1
+        if t < 0 or t in self.eos:
+            self.text += self._decoder.flush()
+            self.close()
+        else:
+            self.text += self._decoder.put(t)
+        dt = time.perf_counter() - t0
+        self.stats.busy_s += dt
+        if first:
+            self.stats.ttft_ms = self.stats.busy_s * 1e3
+        else:
+            self.stats.decode_s += dt
+
+    def close(self) -> None:
+        """Stop decoding and free the KV cache (closes the runtime's generator). Idempotent."""
+        self.done = True
+        self._steps.close()
+
+
+def take_turns(answers: Sequence[Answer | None]) -> Iterator[int]:
+    """Advance the unfinished answer with the least compute so far by one step, yield its index;
+    repeat until all are done (None entries are skipped). The caller closes the answers in its
+    ``finally`` (this generator never leaves a step half-done: it yields after each one)."""
+    while True:
+        live = [i for i, a in enumerate(answers) if a is not None and not a.done]
+        if not live:
+            return
+        i = min(live, key=lambda j: answers[j].stats.busy_s)
+        answers[i].step()
+        yield i
