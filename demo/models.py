@@ -132,8 +132,7 @@ def load_model(label: str, spec: str, parallel: int | None, precision: str, thre
         before = _rss_mib()
         t0 = time.perf_counter()
         rt = OnnxCausalLM(folder, device=device, threads=threads)
-        one = np.ones((1, 1), np.int64)
-        rt.forward(one, one, np.zeros((1, 1), np.int64))  # warm-up: weights paged in, arenas sized
+        rt.score(np.ones((1, 1), np.int64))  # warm-up: weights paged in, arenas sized
         rt.tokenizer  # noqa: B018 - loaded now: it is part of what the model keeps resident
         lm.load_s = time.perf_counter() - t0
         after = _rss_mib()
