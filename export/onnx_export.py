@@ -121,6 +121,7 @@ def _write_sidecars(lm: LoadedModel, folder: Path, opset: int) -> None:
         tie_word_embeddings=cfg.tie_word_embeddings, opset=opset,
         bos_token_id=tok.bos_token_id if tok is not None else cfg.bos_token_id,
         pad_token_id=tok.pad_token_id if tok is not None else None,
+        tokenizer_vocab_size=tok.vocab_size if tok is not None else None,
         extra={"parscale_attn_smooth": cfg.parscale_attn_smooth, "torch": torch.__version__,
                "onnx": onnx.__version__, **lm.notes})
     (folder / MANIFEST_FILE).write_text(man.to_json())
