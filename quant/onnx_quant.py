@@ -459,6 +459,7 @@ def choose_accuracy_levels(folder: Path, tokens: list[int], positions: int, thre
             result.setdefault("agreement_level4_vs_level0", agree)
             if agree >= MIN_LEVEL4_AGREEMENT:
                 onnx.save(g, str(path))  # same weights, new attributes; external data untouched
+                onnx.checker.check_model(str(path))  # path-based: works above 2 GB
                 result.update(chosen=label, agreement=agree)
                 return result
         raise AssertionError("unreachable: 'all level 0' always qualifies")
