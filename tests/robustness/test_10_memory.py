@@ -45,5 +45,6 @@ def test_real_model_session_peak_rss_stays_under_1_3x_the_weight_file(precision)
 
     folder = quantized_folder(ensure_export("smollm2-135m", 1, threads=1, progress=False), precision, threads=1)
     row = profile_folder(folder, batches=[1], prompt_lens=[8], gen_len=2, threads=1, repeat=1, warmup=0)[0]
-    assert row["file_mib"] > 200
+    assert row["file_mib"] > 150
     assert row["load_rss_ratio"] < LOAD_MEMORY_FACTOR, row  # measured 1.26 (fp32), 0.89 (int4)
+    print(precision, f"{row['load_rss_ratio']:.2f}x of {row['file_mib']:.0f} MiB")
