@@ -164,14 +164,12 @@ def cmd_export(a) -> None:
     from export import export_model
 
     if a.precision != "fp32":
-        import tempfile
+        from .atomic import staging_folder
 
-        out = Path(a.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as staging:
-            fp32 = export_model(lm, Path(staging) / "fp32", graph=a.graph, also=also)
+        with staging_folder(a.output) as staging:  # removed on exit, or by the next run if killed
+            fp32 = export_model(lm, staging / "fp32", graph=a.graph, also=also)
             del lm
-            _run_quantize(fp32, out, a)
+            _run_quantize(fp32, Path(a.output), a)
         return
     out = export_model(lm, a.output, overwrite=a.overwrite, graph=a.graph, also=also)
     man = Manifest.read(out)
@@ -415,12 +413,13 @@ def cmd_profile(a) -> None:
     print(f"machine: {info['cpu']['model']}, {info['cpu']['logical_cores']} cores, {info['memory_gib']} GiB, "
           f"read bandwidth {info['bandwidth']['read_gbps']} GB/s; threads {a.threads or 'ORT default'}")
     print("| model | kind | P | precision | batch | prompt | TTFT ms | prefill tok/s | decode ms p50/p90 | "
-          "decode tok/s | peak RSS MiB | file MiB | KV MiB | bw share |")
-    print("| " + " | ".join(["---"] * 14) + " |")
+          "decode tok/s | peak RSS MiB | file MiB | load RSS / file | KV MiB | bw share |")
+    print("| " + " | ".join(["---"] * 15) + " |")
     for r in rows:
         print(f"| {r['model']} | {r['kind']} | {r['P']} | {r['precision']} | {r['batch']} | {r['prompt_len']} | "
               f"{r['ttft_ms']:.0f} | {r['prefill_tokens_per_s']:.0f} | {r['decode_ms_p50']:.1f}/{r['decode_ms_p90']:.1f} | "
               f"{r['decode_tokens_per_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['file_mib']:.0f} | "
+              f"{r.get('load_rss_ratio') or float('nan'):.2f}x | "
               f"{r['kv_cache_mib']:.1f} | {r.get('bandwidth_share', 0):.0%} |")
     if summary:
         print("\nParScale against parameter scaling (increase over P=1; dense = scaling-law equivalent, random weights):")
@@ -506,10 +505,22 @@ def _open_runtime(a):
     return OnnxCausalLM(folder, device=a.device, threads=a.threads, parallel=_fused_parallel(a.model, a.parallel))
 
 
+def _read_stdin() -> str:
+    """The prompt from stdin, decoded as UTF-8 (CLIError naming the first bad byte otherwise)."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"the prompt on stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                       "convert it first, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
 def cmd_generate(a) -> None:
     sampling = _sampling(a)  # validate flags before any loading/export
     rt = _open_runtime(a)
-    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    prompt = a.prompt if a.prompt is not None else _read_stdin()
     t0 = time.perf_counter()
     n = 0
     for piece in rt.stream_text(prompt, sampling, chat=a.chat):

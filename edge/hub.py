@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .atomic import clean_stale, temp_prefix
+
 __all__ = ["ModelSpec", "MODELS", "IntegrityError", "DownloadError", "fetch_gguf", "resolve_model",
            "default_cache_dir", "sha256_file"]
 
@@ -259,7 +261,8 @@ def fetch_gguf(model_id: str, cache_dir: str | os.PathLike | None = None, progre
     gdir.mkdir(parents=True, exist_ok=True)
     total = sum(i.file_size for _, i in wheels)
     h = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.id}.", suffix=".partial", dir=gdir)
+    clean_stale(target)  # .partial files of killed fetches
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".partial", dir=gdir)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,

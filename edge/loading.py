@@ -31,6 +31,10 @@ CALIBRATION_TEXT = (
 )
 
 
+#: Checkpoint formats that execute code when loaded (Python pickle); parscale-edge never opens them.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
 class CheckpointError(ValueError):
     """Weight files are missing, unreadable, or do not match the config."""
 
@@ -121,18 +125,26 @@ def read_safetensors_folder(path: Path) -> dict[str, torch.Tensor]:
 
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is unreadable ({type(e).__name__}: {e}); it is truncated or corrupt, "
+                                  "download it again") from None
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
         found = sorted(p.name for p in path.glob("*.safetensors"))
         if not found:
-            extra = " (PyTorch .bin checkpoints are not supported; convert them to safetensors)" \
-                if list(path.glob("*.bin")) else ""
+            pickles = sorted(p.name for ext in PICKLE_SUFFIXES for p in path.glob(f"*{ext}"))
+            extra = (f" ({', '.join(pickles[:3])}: pickle-based PyTorch checkpoints are never loaded, since "
+                     "unpickling runs code from the file; convert them to safetensors where you trust them, "
+                     "or download the safetensors version)") if pickles else ""
             raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{extra}")
         files = found
     state: dict[str, torch.Tensor] = {}
     for name in files:
+        if Path(name).name != name:
+            raise CheckpointError(f"{index}: shard {name!r} is not a file name inside {path}; refusing to read it")
         f = path / name
         if not f.exists():
             raise CheckpointError(f"{path}: weight shard {name} listed in the index is missing")

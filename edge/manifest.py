@@ -63,6 +63,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+    tokenizer_vocab_size: int | None = None  # tokens of the exported tokenizer.json (checked at load)
     quantization: dict[str, Any] | None = None  # settings and measured cost, written by `parscale quantize`
     #: "reference" (TorchScript trace: concatenated cache, prefix and aggregator inside) or "fused"
     #: (export.onnx_builder: GroupQueryAttention, shared KV buffer, ParScale parts as inputs).

@@ -32,7 +32,10 @@ KVCache = tuple[torch.Tensor, ...]
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, as in Qwen2/Llama. x: [..., H] -> same shape/dtype."""
+    """Root-mean-square norm computed in float32, as in Qwen2/Llama.
+
+    x: [..., H] of any float dtype -> same shape in the weight's dtype (a half-precision model keeps
+    its residual stream in float32 and gets half-precision activations out of every norm)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -40,10 +43,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * x.to(self.weight.dtype)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,10 +137,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
+        """x: residual stream [P*B, S, H] (float32 also in a half-precision model: residual adds of
+        large activations overflow fp16). Attention and MLP run in the weights' dtype."""
         a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
-        x = x + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + _as(a, x)
+        x = x + _as(self.mlp(self.post_attention_layernorm(x)), x)
         return x, k, v
+
+
+def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s dtype; no op (and no Cast node in a traced fp32 graph) when they agree."""
+    return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
 class Backbone(nn.Module):
@@ -208,6 +217,12 @@ class ParScaleForCausalLM(nn.Module):
         B, S = input_ids.shape
         L = cfg.num_hidden_layers
         x = self.model.embed_tokens(input_ids)  # [B, S, H]: one lookup for all streams
+        kv_dtype = x.dtype  # the cache holds keys/values in the weights' dtype
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # Half-precision weights: the residual stream, the norms' statistics, the attention mask
+            # and softmax, and the aggregator stay float32 (Qwen2-family models carry activations
+            # beyond fp16's 65504 in a few channels); matmuls run in the weights' dtype.
+            x = x.float()
 
         # ParScale: replicate. Stream-major copies: row p*B + b.
         if P > 1:
@@ -216,7 +231,7 @@ class ParScaleForCausalLM(nn.Module):
             attention_mask = attention_mask.repeat(P, 1)
         N = x.shape[0]
         if len(past_key_values) == 0:
-            empty = x.new_zeros((N, cfg.num_key_value_heads, 0, cfg.head_dim))
+            empty = x.new_zeros((N, cfg.num_key_value_heads, 0, cfg.head_dim), dtype=kv_dtype)
             past_key_values = (empty,) * (2 * L)
         past = past_key_values[0].shape[2]
 

@@ -6,6 +6,7 @@ new token, each feeding the previous ``present`` tensors back as ``past_key_valu
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import MODEL_FILE, Manifest, ManifestError, past_names, present_names
+from .validate import check_export_folder
 
 #: Prefix slots a fused graph's RoPE table allows on top of the context (authors: 48 prefix tokens).
 MAX_PREFIX_SLOTS = 128
@@ -58,6 +60,12 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)):
+            raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -76,9 +84,11 @@ def sample_next(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generato
     """Pick one token per row. logits: float [B, vocab] -> int64 [B]."""
     if cfg.greedy:
         return logits.argmax(-1).astype(np.int64)
-    x = logits.astype(np.float64) / cfg.temperature
-    if cfg.top_k:
-        kth = np.partition(x, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
+    x = logits.astype(np.float64)
+    x = (x - x.max(-1, keepdims=True)) / cfg.temperature  # max first: a tiny temperature gives -inf, never inf-inf
+    k = min(cfg.top_k, x.shape[-1])
+    if k:
+        kth = np.partition(x, -k, axis=-1)[:, -k][:, None]
         x = np.where(x < kth, -np.inf, x)
     x = x - x.max(-1, keepdims=True)
     p = np.exp(x)
@@ -173,6 +183,7 @@ class OnnxCausalLM:
         path = self.folder / model_file
         if not path.exists():
             raise ManifestError(f"{self.folder}: {MODEL_FILE} is missing; re-export the model")
+        check_export_folder(self.folder, self.manifest, model_file)  # truncated files, foreign manifest, memory
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
@@ -268,8 +279,8 @@ class OnnxCausalLM:
         Returns:
             logits float32 [B, S, vocab] and the present cache (2*L arrays, past+S tokens).
         Raises:
-            RuntimeInputError: shapes that disagree (the message names both sizes), or a fused graph
-            (use :meth:`prefill`/:meth:`decode`/:meth:`score`).
+            RuntimeInputError: shapes that disagree (the message names both sizes), token ids outside
+                the vocabulary, or a fused graph (use :meth:`prefill`/:meth:`decode`/:meth:`score`).
         """
         if self.fused:
             raise RuntimeInputError("forward() drives reference graphs; this export is a fused graph: use "
@@ -284,6 +295,15 @@ class OnnxCausalLM:
             raise RuntimeInputError(
                 f"the KV cache has {rows} rows but input_ids has batch {B}: with P={self.P} streams the "
                 f"cache needs P*B = {self.P * B} rows (stream-major). Use a cache from the same batch")
+        want = (self.P * B, self.manifest.num_key_value_heads, plen, self.manifest.head_dim)
+        bad = next((i for i, t in enumerate(past) if t.shape != want), None)
+        if bad is not None:
+            raise RuntimeInputError(f"{self._past_names[bad]} has shape {past[bad].shape}, expected "
+                                    f"(P*B, kv_heads, past, head_dim) = {want}")
+        V = self.manifest.vocab_size
+        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= V):
+            raise RuntimeInputError(f"token ids must be in [0, {V}) for this model; got {int(input_ids.min())}.."
+                                    f"{int(input_ids.max())}")
         if position_ids.shape != (B, S):
             raise RuntimeInputError(f"position_ids has shape {position_ids.shape}, expected {(B, S)}")
         if attention_mask.shape != (B, plen + S):

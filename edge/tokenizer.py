@@ -169,11 +169,14 @@ class Tokenizer:
         Reads the Hugging Face keys ``bos_token``, ``eos_token``, ``pad_token``, ``unk_token``
         (strings or AddedToken dicts), ``chat_template`` (string or list of named templates; a
         ``chat_template.jinja`` file, as newer transformers write, is used when the key is absent)
-        and our extra key ``eos_token_ids`` (list of int).
+        and our extra key ``eos_token_ids`` (list of int). In an export folder (``manifest.json``
+        present) the tokenizer must belong to the model (:func:`edge.validate.check_tokenizer`).
 
         Raises:
             FileNotFoundError: no ``tokenizer.json`` in ``path``.
             ValueError: a file is not valid JSON, or a special token is not in the vocabulary.
+            edge.validate.ExportFolderError (a ValueError): the tokenizer of an export folder has
+                another model's vocabulary size.
         """
         d = Path(path)
         tj = d / "tokenizer.json"
@@ -197,9 +200,16 @@ class Tokenizer:
         eos_ids = cfg.get("eos_token_ids") or []
         if isinstance(eos_ids, int):
             eos_ids = [eos_ids]
-        return cls(hf, bos_token=_token_content(cfg.get("bos_token")), eos_token=_token_content(cfg.get("eos_token")),
-                   pad_token=_token_content(cfg.get("pad_token")), unk_token=_token_content(cfg.get("unk_token")),
-                   chat_template=template, eos_token_ids=eos_ids, config=cfg)
+        tok = cls(hf, bos_token=_token_content(cfg.get("bos_token")), eos_token=_token_content(cfg.get("eos_token")),
+                  pad_token=_token_content(cfg.get("pad_token")), unk_token=_token_content(cfg.get("unk_token")),
+                  chat_template=template, eos_token_ids=eos_ids, config=cfg)
+        from .manifest import MANIFEST_FILE, Manifest
+
+        if (d / MANIFEST_FILE).is_file():
+            from .validate import check_tokenizer
+
+            check_tokenizer(tok.vocab_size, d, Manifest.read(d))
+        return tok
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into folder ``path`` (created if
@@ -272,8 +282,20 @@ class Tokenizer:
         """Token ids of ``text``. Special tokens written in the text (``<|im_start|>``) become their
         single ids. ``add_special_tokens=True`` applies the tokenizer's post-processor (e.g. a bos
         token for models configured with one); the default adds nothing, which is what a rendered
-        chat template wants."""
-        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        chat template wants.
+
+        Raises ValueError for text with lone surrogates (U+D800..U+DFFF: not Unicode text, e.g.
+        undecodable bytes read with Python's ``surrogateescape``)."""
+        try:
+            return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            if isinstance(text, str):
+                bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+                if bad is not None:
+                    raise ValueError(
+                        f"the text has a lone surrogate U+{ord(text[bad]):04X} at character {bad}: it is not valid "
+                        "Unicode (often bytes that are not UTF-8); pass UTF-8 text") from None
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (a list of int or a 1-D integer array). Bytes that do not form valid

@@ -123,6 +123,7 @@ def _write_sidecars(lm: LoadedModel, folder: Path, opset: int, graph: str = "ref
         graph=graph, parallel_options=parallel_options, rope_theta=cfg.rope_theta,
         bos_token_id=tok.bos_token_id if tok is not None else cfg.bos_token_id,
         pad_token_id=tok.pad_token_id if tok is not None else None,
+        tokenizer_vocab_size=tok.vocab_size if tok is not None else None,
         extra={"parscale_attn_smooth": cfg.parscale_attn_smooth, "torch": torch.__version__,
                "onnx": onnx.__version__, **lm.notes})
     (folder / MANIFEST_FILE).write_text(man.to_json())

@@ -520,6 +520,7 @@ def choose_accuracy_levels(folder: Path, tokens: list[int], positions: int, thre
             result.setdefault("ppl_increase_level4_vs_level0", rise)
             if agree >= MIN_LEVEL4_AGREEMENT and rise <= MAX_LEVEL4_PPL_INCREASE:
                 onnx.save(g, str(path))  # same weights, new attributes; external data untouched
+                onnx.checker.check_model(str(path))  # path-based: works above 2 GB
                 result.update(chosen=label, agreement=agree, ppl_increase=rise)
                 return result
         raise AssertionError("unreachable: 'all level 0' always qualifies")

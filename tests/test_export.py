@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edge.manifest import DATA_FILE, MODEL_FILE, Manifest
-from edge.runtime import OnnxCausalLM, RuntimeInputError
+from edge.runtime import OnnxCausalLM
 from export import export_onnx
 from golden import GOLDEN, MODELS, run_cases
 
@@ -83,10 +83,3 @@ def test_export_refuses_existing_folder_and_leaves_no_temp(exported, tmp_path):
     with pytest.raises(FileExistsError):
         export_onnx(lm, out)
     assert [p.name for p in tmp_path.iterdir()] == ["x"]
-
-
-def test_wrong_cache_batch_is_a_clear_error(exported):
-    _, sess = exported["p2_untied"]
-    _, present = sess.forward(np.array([[1, 2]]), np.ones((1, 2), np.int64), np.array([[0, 1]]))
-    with pytest.raises(RuntimeInputError, match=r"P\*B = 4"):
-        sess.forward(np.array([[3], [4]]), np.ones((2, 3), np.int64), np.array([[2], [2]]), present)

@@ -140,3 +140,27 @@ def test_one_backbone_serves_several_p(tmp_path):
     with pytest.raises(ValueError, match="another backbone"):
         export_model(dense, tmp_path / "bad", graph="fused", also=[convert_to_parscale(other, 2)])
     assert main(["generate", "--model", str(tmp_path / "shared"), "-P", "3", "-p", "x"]) == 2
+
+
+@pytest.mark.parametrize("damage", ["head_dim", "truncated_data", "parts"])
+def test_damaged_fused_folder_is_refused_at_load(tmp_path, damage):
+    import json
+    import shutil
+
+    from edge.manifest import ManifestError
+
+    lm = tiny_model("qwen2", P=2, seed=4)
+    d = export_model(lm, tmp_path / "f", graph="fused")
+    if damage == "head_dim":
+        man = json.loads((d / "manifest.json").read_text())
+        man["head_dim"] = 32
+        (d / "manifest.json").write_text(json.dumps(man))
+    elif damage == "truncated_data":
+        data = d / "model.onnx.data"
+        data.write_bytes(data.read_bytes()[:1000])
+    else:
+        shutil.rmtree(d / "parscale")
+    with pytest.raises((ManifestError, ValueError)) as e:
+        rt = OnnxCausalLM(d, device="cpu", threads=1)
+        rt.generate([[5, 6]], SamplingConfig(max_new_tokens=2))
+    assert str(d) in str(e.value) or "p2.safetensors" in str(e.value)
