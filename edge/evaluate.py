@@ -121,10 +121,13 @@ def compare(ref_fn: Callable[[np.ndarray], np.ndarray], cand_fn: Callable[[np.nd
 
 
 def onnx_logits_fn(rt) -> Callable[[np.ndarray], np.ndarray]:
-    """Wrap an :class:`edge.runtime.OnnxCausalLM` as ``ids [1, S] -> logits [1, S, V]`` (no cache)."""
+    """Wrap an :class:`edge.runtime.OnnxCausalLM` as ``ids [B, S] -> logits float32 [B, S, V]`` (no cache).
+
+    The empty cache is built from the manifest, so float16 exports (``cache_dtype`` float16) work too."""
     def fn(ids: np.ndarray) -> np.ndarray:
-        S = ids.shape[1]
-        return rt.forward(ids, np.ones_like(ids), np.arange(S, dtype=np.int64)[None].repeat(ids.shape[0], 0))[0]
+        B, S = ids.shape
+        pos = np.arange(S, dtype=np.int64)[None].repeat(B, 0)
+        return rt.forward(ids, np.ones_like(ids), pos, rt.manifest.empty_cache(B))[0]
     return fn
 
 

@@ -21,23 +21,17 @@ class RuntimeInputError(ValueError):
     """Inputs that the graph cannot run on (wrong shapes, batch sizes, lengths)."""
 
 
-def select_providers(device: str = "auto") -> list[str]:
-    """ONNX Runtime execution providers for ``device`` in ``auto|cpu|cuda``.
+def select_providers(device: str = "auto") -> list:
+    """ONNX Runtime execution providers for ``device`` in ``auto|cpu|cuda`` (see :mod:`edge.providers`).
 
-    ``auto`` takes CUDA when onnxruntime-gpu reports it, else CPU; ``cuda`` without CUDA falls back
-    to CPU with a warning. Raises ValueError for another device name.
+    ``auto`` takes CUDA only when onnxruntime-gpu lists it *and* a probe session runs on it; a
+    CUDA entry comes with its options, ``("CUDAExecutionProvider", {...})``. Otherwise CPU, with
+    one warning per process when CUDA was requested or listed but does not work. Raises
+    ValueError for another device name.
     """
-    import onnxruntime as ort
+    from .providers import select
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
-    have = ort.get_available_providers()
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in have:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "cuda":
-        warnings.warn("CUDA was requested but this onnxruntime has no CUDAExecutionProvider "
-                      "(install onnxruntime-gpu in place of onnxruntime); running on CPU", stacklevel=2)
-    return ["CPUExecutionProvider"]
+    return select(device)
 
 
 @dataclass
