@@ -141,9 +141,13 @@ def _log(msg: str) -> None:
 
 # -------------------------------------------------------------------------------------- commands
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
+#: ``export --precision``: the float exports, then quant.onnx_quant.PRECISIONS (quantized after an fp32 export)
+EXPORT_PRECISIONS = FLOAT_PRECISIONS + ("int4", "int8", "int8-dynamic")
 
 
 def cmd_export(a) -> None:
+    if a.precision not in EXPORT_PRECISIONS:
+        raise CLIError(f"unknown precision {a.precision!r}; use one of {', '.join(EXPORT_PRECISIONS)}")
     _check_output(a.output, a.overwrite)  # before the (slow) load and export
     if a.precision not in FLOAT_PRECISIONS:
         _quant_config(a).validate()
@@ -337,6 +341,10 @@ def cmd_device_info(a) -> None:
     print(f"memory     {info['memory_gib']} GiB")
     print(f"bandwidth  {bw['read_gbps']} GB/s read, {bw['copy_gbps']} GB/s copy (one thread, {bw['array_mib']} MiB array)")
     print(f"runtime    onnxruntime {info['onnxruntime']}; providers {', '.join(info['providers'])}")
+    from .providers import cuda_status
+
+    works, why = cuda_status()
+    print(f"CUDA       {'works (CUDAExecutionProvider probe session ran)' if works else 'not used: ' + why}")
     for g in info.get("gpu") or []:
         print(f"GPU        {g['name']} ({g['memory_mib']} MiB, driver {g['driver']}, compute {g['compute_capability']})")
     la = info["loadavg"]

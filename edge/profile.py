@@ -133,10 +133,11 @@ class GraphStepper:
         import onnxruntime as ort
 
         shape = (m.parscale_n * batch, m.num_key_value_heads, 0, m.head_dim)
+        # empty (0 tokens), so it may live on the host: nothing is copied to the device
         if m.cache_dtype == "bfloat16":
             v = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros(shape, np.uint16), 16)  # 16: BFLOAT16
         else:
-            v = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, m.cache_dtype), self.device_type, 0)
+            v = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, m.cache_dtype))
         return [v] * (2 * m.num_layers)
 
     def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: list) -> tuple[np.ndarray, list]:
@@ -170,10 +171,81 @@ class GraphStepper:
 def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_len: int, threads: int | None,
                    repeat: int, warmup: int, bandwidth_gbps: float | None, device: str = "cpu",
                    io_binding: bool | None = None) -> dict:
-    """Run inside a worker process: load ``folder`` on ``device`` and time every (batch, prompt_len).
+    """Run inside a worker process: load ``folder`` and time every (batch, prompt_len).
 
-    ``io_binding`` None: on for CUDA and for bfloat16 caches, off on the CPU (see
-    :class:`GraphStepper`). Returns ``{"load": {...}, "runs": [{...}, ...]}``; each run has
+    Returns ``{"load": {...}, "runs": [{...}, ...]}``; each run has prefill/decode timings, its own
+    peak RSS (VmHWM reset before it), KV cache bytes at the end and the share of the
+    memory-bandwidth limit reached by decode. Another ``device`` than cpu, ``io_binding`` or a
+    half-precision cache go to :func:`measure_folder_bound` (GPU memory, device-resident cache)."""
+    from .manifest import Manifest
+    from .runtime import OnnxCausalLM
+
+    man = Manifest.read(folder)
+    reference = getattr(man, "graph", "reference") == "reference"  # GraphStepper drives reference graphs
+    if reference and (device != "cpu" or io_binding or man.cache_dtype != "float32"):
+        return measure_folder_bound(folder, batches, prompt_lens, gen_len, threads, repeat, warmup, bandwidth_gbps,
+                                    device, io_binding)
+
+    rss_before = _proc_status_mib("VmRSS")
+    t0 = time.perf_counter()
+    rt = OnnxCausalLM(folder, device=device, threads=threads)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    load = {"load_ms": load_ms, "rss_before_mib": rss_before, "peak_rss_load_mib": _proc_status_mib("VmHWM"),
+            "file_mib": folder_bytes(folder) / 2**20, "P": rt.P, "precision": rt.manifest.precision}
+    man = rt.manifest
+    rng = np.random.default_rng(0)
+    runs = []
+    weight_bytes = folder_bytes(folder)
+    for B in batches:
+        for S in prompt_lens:
+            ids = rng.integers(0, man.vocab_size, (B, S)).astype(np.int64)
+            pos = np.arange(S, dtype=np.int64)[None].repeat(B, 0)
+
+            def one() -> tuple[float, list[float], int]:
+                t = time.perf_counter()
+                logits, past = rt.forward(ids, np.ones((B, S), np.int64), pos, None)
+                pre = (time.perf_counter() - t) * 1e3
+                nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+                steps = []
+                for i in range(gen_len):
+                    T = S + i + 1
+                    t = time.perf_counter()
+                    logits, past = rt.forward(nxt, np.ones((B, T), np.int64), np.full((B, 1), T - 1, np.int64), past)
+                    steps.append((time.perf_counter() - t) * 1e3)
+                    nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+                return pre, steps, sum(p.nbytes for p in past)
+
+            for _ in range(warmup):
+                one()
+            if "steady_rss_mib" not in load:  # after the first warm-up: weights paged in, arenas sized
+                load["steady_rss_mib"] = _proc_status_mib("VmRSS")
+            pres, steps, kv = [], [], 0
+            _reset_peak_rss()  # so the peak below belongs to this batch size and prompt length
+            for _ in range(repeat):
+                p, s, kv = one()
+                pres.append(p)
+                steps += s
+            d50, d90 = float(np.percentile(steps, 50)), float(np.percentile(steps, 90))
+            kv_mid = kv * (S + gen_len / 2) / (S + gen_len)
+            run = {"batch": B, "prompt_len": S, "gen_len": gen_len, "repeat": repeat,
+                   "ttft_ms": float(np.median(pres)), "prefill_tokens_per_s": B * S / float(np.median(pres)) * 1e3,
+                   "decode_ms_p50": d50, "decode_ms_p90": d90, "decode_tokens_per_s": 1e3 * B / d50,
+                   "kv_cache_mib": kv / 2**20, "latency_ms": float(np.median(pres)) + gen_len * d50,
+                   "peak_rss_mib": _proc_status_mib("VmHWM")}
+            if bandwidth_gbps:
+                run["bandwidth_share"] = (weight_bytes + kv_mid) / (d50 / 1e3) / (bandwidth_gbps * 1e9)
+            runs.append(run)
+    load.setdefault("steady_rss_mib", _proc_status_mib("VmRSS"))
+    return {"load": load, "runs": runs}
+
+
+def measure_folder_bound(folder: str, batches: list[int], prompt_lens: list[int], gen_len: int,
+                         threads: int | None, repeat: int, warmup: int, bandwidth_gbps: float | None,
+                         device: str = "cpu", io_binding: bool | None = None) -> dict:
+    """:func:`measure_folder` for reference graphs on a GPU or with a half-precision cache: each
+    step through a :class:`GraphStepper`, so the cache can stay on the device and be fp16/bf16.
+
+    ``io_binding`` None: on for CUDA and for bfloat16 caches, off on the CPU. Returns ``{"load": {...}, "runs": [{...}, ...]}``; each run has
     prefill/decode timings, its own peak RSS (VmHWM reset before it), on a GPU the device memory in
     use before loading / after loading / at its peak (``vram_*_mib``, whole GPU, from
     :func:`gpu_memory_used_mib`), KV cache bytes at the end and the share of the memory-bandwidth

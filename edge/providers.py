@@ -61,14 +61,52 @@ def probe_model_bytes(opset: int = 17, ir_version: int = 8) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------- probe
+@contextlib.contextmanager
+def _stderr_to(buf: list[str]):
+    """Send file descriptor 2 (where ONNX Runtime's C++ logger writes) to a temporary file for the
+    duration; its text is appended to ``buf``. Leaves stderr alone where fd 2 cannot be duplicated."""
+    import os
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            buf.append(tmp.read().decode("utf-8", "replace"))
+
+
+def _reason_from_log(text: str) -> str:
+    """The most telling line of ONNX Runtime's log about a failed CUDA provider (missing library...)."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in text.splitlines() if ln.strip()]
+    for key in ("cannot open shared object", "Failed to load library", "Require cuDNN", "CUDA failure", "Failed"):
+        for ln in lines:
+            if key in ln:
+                return re.sub(r"^[:\s]*\d+\s*:\s*FAIL\s*:\s*", "", ln.split("] ")[-1])[:300]
+    return lines[-1][-300:] if lines else ""
+
+
 def _probe_cuda() -> tuple[bool, str]:
     """Run the probe graph on the CUDA provider. Returns (works, reason when it does not)."""
     import numpy as np
     import onnxruntime as ort
 
     captured = io.StringIO()
+    log: list[str] = []
     try:
-        with contextlib.redirect_stdout(captured), warnings.catch_warnings():
+        with contextlib.redirect_stdout(captured), warnings.catch_warnings(), _stderr_to(log):
             warnings.simplefilter("ignore")
             if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* pip packages, if any
                 try:
@@ -78,15 +116,16 @@ def _probe_cuda() -> tuple[bool, str]:
             so = ort.SessionOptions()
             so.log_severity_level = 4
             sess = ort.InferenceSession(probe_model_bytes(), so, providers=[(CUDA, CUDA_OPTIONS), CPU])
-            if sess.get_providers()[0] != CUDA:
-                detail = captured.getvalue().strip().splitlines()
-                return False, ("the CUDA provider could not be created (driver, CUDA 12/13 or cuDNN 9 libraries "
-                               "missing or mismatched)" + (f": {detail[-1][:200]}" if detail else ""))
-            y = sess.run(None, {"x": np.array([1.5], dtype=np.float32)})[0]
-            if y.shape != (1,) or float(y[0]) != 3.0:
-                return False, f"the CUDA provider computed 1.5 + 1.5 = {y.ravel()[:1]}"
+            ok = sess.get_providers()[0] == CUDA
+            y = sess.run(None, {"x": np.array([1.5], dtype=np.float32)})[0] if ok else None
     except Exception as e:  # noqa: BLE001 - any failure means: do not use CUDA
         return False, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    if not ok:
+        detail = _reason_from_log("".join(log)) or captured.getvalue().strip()[-200:]
+        return False, ("the CUDA provider could not be created: the driver, CUDA or cuDNN libraries that this "
+                       f"onnxruntime-gpu needs are missing or mismatched ({detail or 'no detail logged'})")
+    if y.shape != (1,) or float(y[0]) != 3.0:
+        return False, f"the CUDA provider computed 1.5 + 1.5 = {y.ravel()[:1]}"
     return True, ""
 
 

@@ -18,7 +18,7 @@ from edge.profile import GraphStepper
 from edge.runtime import OnnxCausalLM
 from export import export_onnx
 from golden import GOLDEN, run_cases
-from tiny import tiny_model
+from tiny import massive_activation_model, tiny_model
 
 #: ops of our graphs that ONNX Runtime 1.31's CUDA provider implements for tensor(bfloat16)
 #: (docs/OperatorKernels.md; Constant is folded, not run). Neg, Tile, Where, Pow, Sqrt, ReduceMean have no
@@ -121,38 +121,16 @@ def test_bf16_graph_uses_only_ops_the_cuda_provider_runs_in_bfloat16(half_export
         man.empty_cache(1)
 
 
-def _massive_activation_model():
-    """A tiny Qwen2 whose weights are bf16 values and whose residual stream reaches ~9e4 in one
-    channel after two layers (beyond fp16's 65504), as massive activations do in bf16-trained Qwen2
-    models: the embedding puts 3e4 in channel 0 and each layer's MLP adds another 3e4 there."""
-    lm = tiny_model("qwen2", P=2, tie=False, max_position_embeddings=1024)
-    lm.model.init_parscale()
-    m, c, j = lm.model, 0, 0
-    with torch.no_grad():
-        m.model.embed_tokens.weight[:, c] = 3.0e4
-        for layer in m.model.layers:
-            layer.post_attention_layernorm.weight[c] = 1.0
-            mlp = layer.mlp
-            for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
-                w[j].zero_()
-                w[j, c] = 1.0
-            mlp.down_proj.weight[c].zero_()
-            mlp.down_proj.weight[c, j] = 3.0e4 / 48  # silu(~6.9) * 6.9 ~ 48: adds ~3e4 per layer
-        for p in m.parameters():
-            p.copy_(p.to(torch.bfloat16).float())  # bf16-trained weights
-    return lm
-
-
 def test_fp16_export_of_a_bf16_model_with_massive_activations_has_no_nan_on_512_tokens(tmp_path):
     ids = np.random.default_rng(0).integers(0, 97, (1, 512))
     t = torch.from_numpy(ids)
     with torch.no_grad():
-        naive = _massive_activation_model().model.half()  # everything in fp16, as a plain .half() does
+        naive = massive_activation_model().model.half()  # everything in fp16, as a plain .half() does
         naive_logits, _ = naive(t, torch.ones_like(t), torch.arange(512)[None])
     assert not torch.isfinite(naive_logits).all()  # the overflow this export must avoid is real
 
-    fp32 = export_onnx(_massive_activation_model(), tmp_path / "fp32")
-    fp16 = export_onnx(_massive_activation_model(), tmp_path / "fp16", precision="fp16")
+    fp32 = export_onnx(massive_activation_model(), tmp_path / "fp32")
+    fp16 = export_onnx(massive_activation_model(), tmp_path / "fp16", precision="fp16")
     mask, pos = np.ones((1, 512), np.int64), np.arange(512)[None]
     out = {}
     for name, folder in (("fp32", fp32), ("fp16", fp16)):
@@ -224,3 +202,35 @@ def test_unknown_export_precision_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown export precision 'fp8'; use fp32, fp16, bf16"):
         export_onnx(tiny_model(), tmp_path / "x", precision="fp8")
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_exports_fp16_compares_and_profiles_it_on_the_cpu(tmp_path, capsys):
+    from edge.cli import EXPORT_PRECISIONS, FLOAT_PRECISIONS, main
+    from quant.onnx_quant import PRECISIONS
+    from tiny_gguf import write_tiny_gguf
+
+    assert EXPORT_PRECISIONS == FLOAT_PRECISIONS + PRECISIONS
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf, "qwen2")
+    f32, f16 = tmp_path / "fp32", tmp_path / "fp16"
+    assert main(["-q", "export", str(gguf), "-o", str(f32)]) == 0
+    assert main(["-q", "export", str(gguf), "-o", str(f16), "--precision", "fp16"]) == 0
+    assert "fp16" in capsys.readouterr().out and Manifest.read(f16).cache_dtype == "float16"
+    text = tmp_path / "t.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 20)
+    js = tmp_path / "cmp.json"
+    assert main(["-q", "compare", str(f32), str(f16), "--text", str(text), "--max-positions", "64", "--device", "cpu",
+                 "--json", str(js)]) == 0
+    import json
+
+    r = json.loads(js.read_text())
+    assert r["candidate_precision"] == "fp16" and r["positions"] == 64 and r["top1_agreement"] >= 0.95
+    prof = tmp_path / "prof"
+    assert main(["-q", "--threads", "1", "profile", str(f16), "--device", "cpu", "--batch", "1", "--prompt-len", "4",
+                 "--gen-len", "2", "--repeat", "1", "--warmup", "0", "-o", str(prof)]) == 0
+    (row,) = json.loads((prof / "profile.json").read_text())["rows"]
+    assert row["precision"] == "fp16" and row["cache_dtype"] == "float16" and row["provider"] == "CPUExecutionProvider"
+    capsys.readouterr()
+    assert main(["export", str(gguf), "-o", str(tmp_path / "x"), "--precision", "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown precision 'fp8'; use one of fp32, fp16, bf16, int4") and "Traceback" not in err

@@ -69,7 +69,15 @@ def test_listed_but_broken_cuda_falls_back_to_cpu_with_one_warning(monkeypatch, 
 
 
 def test_cuda_requested_without_cuda_warns_once(monkeypatch):
+    from importlib import metadata
+
+    def version(name):
+        if name != "onnxruntime":
+            raise metadata.PackageNotFoundError(name)
+        return "1.0"
+
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    monkeypatch.setattr(metadata, "version", version)  # a plain CPU install
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         assert select("cuda") == [CPU] and select("cuda") == [CPU]
