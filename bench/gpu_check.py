@@ -377,7 +377,12 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
         ref_all = np.concatenate(ref)
         g = {"cpu_fp32_vs_authors_max_abs": max(ref_errs.values())}
         for p in precisions:
-            got, errs, provider = _golden_logits(folders[p], name, device)
+            try:
+                got, errs, provider = _golden_logits(folders[p], name, device)
+            except Exception as e:  # noqa: BLE001 - e.g. an op without a kernel for this dtype: recorded
+                g[p] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+                res["checks"][f"{name} {p} runs on {device}"] = {"value": g[p]["error"][:200], "limit": None, "ok": False}
+                continue
             got_all = np.concatenate(got)
             diff = float(np.abs(got_all - ref_all).max())
             agree = float((got_all.argmax(-1) == ref_all.argmax(-1)).mean())
@@ -394,7 +399,7 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
             else:
                 agree_bf16.append((agree, len(got_all)))
         res["golden"][name] = g
-    pooled = lambda xs: sum(a * n for a, n in xs) / sum(n for _, n in xs)  # noqa: E731
+    pooled = lambda xs: sum(a * n for a, n in xs) / sum(n for _, n in xs) if xs else 0.0  # noqa: E731
     res["checks"]["fp32 on device: max |logit - CPU fp32|"] = {"value": worst32, "limit": 1e-3, "ok": worst32 <= 1e-3}
     res["checks"]["fp16 on device: top-1 agreement with CPU fp32"] = {"value": pooled(agree16), "limit": 0.99,
                                                                       "ok": pooled(agree16) >= 0.99}
@@ -406,22 +411,29 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
 
     ids = np.random.default_rng(0).integers(0, 97, (1, 512))
     for p in precisions[1:]:
-        folder = export_onnx(massive_activation_model(), work / f"massive-{p}", overwrite=True, precision=p)
-        rt = OnnxCausalLM(folder, device=device, threads=1)
-        on_gpu = rt.session.get_providers()[0] == "CUDAExecutionProvider"
-        st = GraphStepper(rt, io_binding=on_gpu or p == "bf16", device_type="cuda" if on_gpu else "cpu")
-        logits, cache = st.step(ids, np.ones((1, 512), np.int64), np.arange(512)[None], st.empty(1))
-        step, cache = st.step(logits[:, -1].argmax(-1)[:, None], np.ones((1, 513), np.int64), np.array([[512]]), cache)
-        ok = bool(np.isfinite(logits).all() and np.isfinite(step).all())
-        if isinstance(cache[0], np.ndarray):
-            ok = ok and all(np.isfinite(c.astype(np.float32)).all() for c in cache)
-        res["checks"][f"{p}: bf16-weighted Qwen2 with massive activations, 512 tokens, no NaN/Inf"] = {
-            "value": ok, "limit": True, "ok": ok}
+        name = f"{p}: bf16-weighted Qwen2 with massive activations, 512 tokens, no NaN/Inf"
+        try:
+            folder = export_onnx(massive_activation_model(), work / f"massive-{p}", overwrite=True, precision=p)
+            rt = OnnxCausalLM(folder, device=device, threads=1)
+            on_gpu = rt.session.get_providers()[0] == "CUDAExecutionProvider"
+            st = GraphStepper(rt, io_binding=on_gpu or p == "bf16", device_type="cuda" if on_gpu else "cpu")
+            logits, cache = st.step(ids, np.ones((1, 512), np.int64), np.arange(512)[None], st.empty(1))
+            step, cache = st.step(logits[:, -1].argmax(-1)[:, None], np.ones((1, 513), np.int64), np.array([[512]]),
+                                  cache)
+            ok = bool(np.isfinite(logits).all() and np.isfinite(step).all())
+            if isinstance(cache[0], np.ndarray):
+                ok = ok and all(np.isfinite(c.astype(np.float32)).all() for c in cache)
+            res["checks"][name] = {"value": ok, "limit": True, "ok": ok}
+        except Exception as e:  # noqa: BLE001 - recorded as a failed check
+            res["checks"][name] = {"value": f"{type(e).__name__}: {str(e)[:200]}", "limit": True, "ok": False}
     if real_model:
-        res["real_model"] = _real_model(real_model, device)
-        r = res["real_model"]
-        res["checks"][f"{real_model} fp16 on device: top-1 agreement with CPU fp32 ({r['positions']} positions)"] = {
-            "value": r["top1_agreement"], "limit": 0.99, "ok": r["top1_agreement"] >= 0.99}
+        try:
+            res["real_model"] = r = _real_model(real_model, device)
+            res["checks"][f"{real_model} fp16 on device: top-1 agreement with CPU fp32 ({r['positions']} positions)"] = {
+                "value": r["top1_agreement"], "limit": 0.99, "ok": r["top1_agreement"] >= 0.99}
+        except Exception as e:  # noqa: BLE001 - e.g. the model is not in the cache of an offline machine
+            res["checks"][f"{real_model} fp16 on device"] = {"value": f"{type(e).__name__}: {str(e)[:300]}",
+                                                              "limit": 0.99, "ok": False}
     res["ok"] = all(c["ok"] for c in res["checks"].values())
     return res
 
@@ -550,6 +562,8 @@ def cmd_run(a) -> int:
                 summary["skipped"].append(f"{j['name']}: export failed: {type(e).__name__}: {str(e)[:300]}")
     except cf.TimeoutError:
         summary["skipped"] += [f"{futures[f]['name']}: export not finished in time" for f in futures if not f.done()]
+        for proc in list(getattr(pool, "_processes", {}).values()):  # stop them: they would skew the timings
+            proc.terminate()
     pool.shutdown(wait=False, cancel_futures=True)
     step("exports", t_exports, built=len(built), of=len(jobs),
          seconds_each={k: round(v["export_s"] + v["quantize_s"], 1) for k, v in built.items()})

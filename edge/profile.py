@@ -48,13 +48,19 @@ def folder_bytes(folder: str | os.PathLike) -> int:
 
 
 # ----------------------------------------------------------------------------------- GPU memory
+_nvml_ready = False
+
+
 def gpu_memory_used_mib(index: int = 0) -> float | None:
     """Memory in use on GPU ``index`` (all processes), MiB, from NVML (nvidia-ml-py) or
     ``nvidia-smi --query-gpu=memory.used``; None where neither answers (no NVIDIA GPU)."""
+    global _nvml_ready
     try:
         import pynvml
 
-        pynvml.nvmlInit()
+        if not _nvml_ready:
+            pynvml.nvmlInit()
+            _nvml_ready = True
         return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used / 2**20
     except Exception:  # noqa: BLE001 - not installed, no driver: try nvidia-smi
         pass

@@ -119,7 +119,9 @@ def _probe_cuda() -> tuple[bool, str]:
             ok = sess.get_providers()[0] == CUDA
             y = sess.run(None, {"x": np.array([1.5], dtype=np.float32)})[0] if ok else None
     except Exception as e:  # noqa: BLE001 - any failure means: do not use CUDA
-        return False, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        logged = _reason_from_log("".join(log))
+        return False, f"{type(e).__name__}: {first}" + (f" ({logged})" if logged else "")
     if not ok:
         detail = _reason_from_log("".join(log)) or captured.getvalue().strip()[-200:]
         return False, ("the CUDA provider could not be created: the driver, CUDA or cuDNN libraries that this "

@@ -127,3 +127,28 @@ def test_interpolated_dense_cost_between_p1_and_the_larger_anchor():
 def test_paper_ratios_cli_reports_a_missing_file(tmp_path, capsys):
     assert paper_ratios.main([str(tmp_path / "profile.json")]) == 2
     assert capsys.readouterr().err.startswith("error: no such file")
+
+
+def _fake_nvidia_smi(bin_dir: Path, body: str) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    f = bin_dir / "nvidia-smi"
+    f.write_text("#!/bin/sh\n" + body + "\n")
+    f.chmod(0o755)
+
+
+def test_gpu_memory_and_description_come_from_nvidia_smi(tmp_path, monkeypatch):
+    import edge.profile as prof
+    from edge.device import gpu_description
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # NVML absent: nvidia-smi is asked
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    _fake_nvidia_smi(tmp_path / "bin", 'case "$1" in --query-gpu=memory.used) echo 1234;; '
+                                       '*) echo "NVIDIA H200, 143771, 580.159.04, 9.0";; esac')
+    assert prof.gpu_memory_used_mib() == 1234.0
+    s = prof.PeakSampler(interval_s=0.001).start()
+    assert s.stop() == 1234.0
+    assert gpu_description() == [{"name": "NVIDIA H200", "memory_mib": 143771.0, "driver": "580.159.04",
+                                  "compute_capability": "9.0"}]
+    _fake_nvidia_smi(tmp_path / "bin", "echo 'NVIDIA-SMI has failed' >&2; exit 9")
+    assert prof.gpu_memory_used_mib() is None and gpu_description() is None
+    assert prof.PeakSampler().start().stop() is None
