@@ -54,7 +54,7 @@ def _is_export_folder(spec: str) -> bool:
     return (Path(spec) / MANIFEST_FILE).exists()
 
 
-def _cache_key(spec: str, parallel: int) -> str:
+def _cache_key(spec: str, parallel: int, precision: str = "fp32") -> str:
     from .hub import resolve_model
 
     kind, ref = resolve_model(spec)
@@ -65,7 +65,7 @@ def _cache_key(spec: str, parallel: int) -> str:
         st = p.stat()
         digest = hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
         base = f"{p.stem or p.name}-{digest}"
-    return f"{base}-p{parallel}-fp32" if parallel else f"{base}-fp32"
+    return f"{base}-p{parallel}-{precision}" if parallel else f"{base}-{precision}"
 
 
 def load_for_export(spec: str, parallel: int | None, threads: int | None, progress: bool = True, seed: int = 0):
@@ -85,8 +85,10 @@ def load_for_export(spec: str, parallel: int | None, threads: int | None, progre
     return lm
 
 
-def ensure_export(spec: str, parallel: int | None = None, threads: int | None = None, progress: bool = True) -> Path:
-    """An export folder for ``spec``: itself when it is one, else a cached export (made once)."""
+def ensure_export(spec: str, parallel: int | None = None, threads: int | None = None, progress: bool = True,
+                  precision: str = "fp32") -> Path:
+    """An export folder for ``spec``: itself when it is one, else a cached export (made once) in
+    ``precision`` fp32, fp16 or bf16."""
     if parallel is not None and parallel < 1:
         raise CLIError(f"--parallel must be >= 1, got {parallel}")
     if _is_export_folder(spec):
@@ -97,7 +99,7 @@ def ensure_export(spec: str, parallel: int | None = None, threads: int | None = 
         return Path(spec)
     from .hub import default_cache_dir
 
-    out = Path(default_cache_dir()) / "onnx" / _cache_key(spec, parallel or (1 if spec in _named() else None))
+    out = Path(default_cache_dir()) / "onnx" / _cache_key(spec, parallel or (1 if spec in _named() else None), precision)
     if (out / MANIFEST_FILE).exists():
         from .manifest import FORMAT_VERSION
 
@@ -107,9 +109,9 @@ def ensure_export(spec: str, parallel: int | None = None, threads: int | None = 
     lm = load_for_export(spec, parallel, threads, progress)
     from export import export_model
 
-    _log(f"exporting {spec} (P={lm.model.config.parscale_n}) to {out} ...")
+    _log(f"exporting {spec} (P={lm.model.config.parscale_n}, {precision}) to {out} ...")
     t0 = time.perf_counter()
-    export_model(lm, out, overwrite=True)
+    export_model(lm, out, overwrite=True, precision=precision)
     _log(f"exported in {time.perf_counter() - t0:.1f} s")
     return out
 
@@ -144,9 +146,16 @@ def _log(msg: str) -> None:
 
 
 # -------------------------------------------------------------------------------------- commands
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
+#: ``export --precision``: the float exports, then quant.onnx_quant.PRECISIONS (quantized after an fp32 export)
+EXPORT_PRECISIONS = FLOAT_PRECISIONS + ("int4", "int8", "int8-dynamic")
+
+
 def cmd_export(a) -> None:
+    if a.precision not in EXPORT_PRECISIONS:
+        raise CLIError(f"unknown precision {a.precision!r}; use one of {', '.join(EXPORT_PRECISIONS)}")
     _check_output(a.output, a.overwrite)  # before the (slow) load and export
-    if a.precision != "fp32":
+    if a.precision not in FLOAT_PRECISIONS:
         _quant_config(a).validate()
     parallels = _ints(a.parallel, "parallel") if a.parallel else [None]
     also = []
@@ -163,7 +172,7 @@ def cmd_export(a) -> None:
         lm = load_for_export(a.model, parallels[0], a.threads, progress=not a.quiet)
     from export import export_model
 
-    if a.precision != "fp32":
+    if a.precision not in FLOAT_PRECISIONS:
         from .atomic import staging_folder
 
         with staging_folder(a.output) as staging:  # removed on exit, or by the next run if killed
@@ -171,12 +180,15 @@ def cmd_export(a) -> None:
             del lm
             _run_quantize(fp32, Path(a.output), a)
         return
-    out = export_model(lm, a.output, overwrite=a.overwrite, graph=a.graph, also=also)
+    out = export_model(lm, a.output, overwrite=a.overwrite, graph=a.graph, also=also, precision=a.precision)
     man = Manifest.read(out)
     from .atomic import folder_size_mib
 
     size = folder_size_mib(out)
-    print(f"exported {a.model} -> {out}  (P={man.parscale_n}, {man.num_layers} layers, {size:.1f} MiB)")
+    print(f"exported {a.model} -> {out}  (P={man.parscale_n}, {man.num_layers} layers, {man.precision}, "
+          f"{size:.1f} MiB)")
+    if man.precision == "bf16":
+        _log("note: a bf16 export runs on ONNX Runtime's CUDA provider (the CPU provider has no bfloat16 MatMul)")
 
 
 def cmd_convert(a) -> None:
@@ -346,6 +358,12 @@ def cmd_device_info(a) -> None:
     print(f"memory     {info['memory_gib']} GiB")
     print(f"bandwidth  {bw['read_gbps']} GB/s read, {bw['copy_gbps']} GB/s copy (one thread, {bw['array_mib']} MiB array)")
     print(f"runtime    onnxruntime {info['onnxruntime']}; providers {', '.join(info['providers'])}")
+    from .providers import cuda_status
+
+    works, why = cuda_status()
+    print(f"CUDA       {'works (CUDAExecutionProvider probe session ran)' if works else 'not used: ' + why}")
+    for g in info.get("gpu") or []:
+        print(f"GPU        {g['name']} ({g['memory_mib']} MiB, driver {g['driver']}, compute {g['compute_capability']})")
     la = info["loadavg"]
     print(f"load avg   {' '.join(f'{x:.2f}' for x in la) if la else 'n/a'} (1/5/15 min)")
     print(f"           bandwidth measured {bw.get('measured_at', '?')} (cached; --refresh measures again)")
@@ -365,9 +383,9 @@ def cmd_profile(a) -> None:
     parallels, batches = _ints(a.parallel, "parallel"), _ints(a.batch, "batch")
     prompt_lens = _ints(a.prompt_len, "prompt-len")
     precisions = [p.strip() for p in a.precision.split(",")]
-    bad = [p for p in precisions if p not in ("fp32", "int8", "int4")]
+    bad = [p for p in precisions if p not in ("fp32", "fp16", "bf16", "int8", "int4")]
     if bad:
-        raise CLIError(f"unknown precision {bad[0]!r} in --precision; use fp32, int8, int4")
+        raise CLIError(f"unknown precision {bad[0]!r} in --precision; use fp32, fp16, bf16, int8, int4")
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     info = device_info()
@@ -380,9 +398,12 @@ def cmd_profile(a) -> None:
                 jobs.append((model, "parscale", P, Path(model), {"parallel": P}))
             continue
         for P in parallels:
-            fp32 = ensure_export(model, P, a.threads, progress=not a.quiet)
             for prec in precisions:
-                jobs.append((model, "parscale", P, quantized_folder(fp32, prec, a.threads), {}))
+                if prec in FLOAT_PRECISIONS:
+                    folder = ensure_export(model, P, a.threads, progress=not a.quiet, precision=prec)
+                else:
+                    folder = quantized_folder(ensure_export(model, P, a.threads, progress=not a.quiet), prec, a.threads)
+                jobs.append((model, "parscale", P, folder, {}))
         if a.versus_dense:
             from .scaling_law import PAPER
 
@@ -390,19 +411,26 @@ def cmd_profile(a) -> None:
             for P in parallels:
                 if P == 1:
                     continue
-                twin, desc = dense_twin_export(model, P, law, a.threads)
+                twins: dict[str, tuple] = {}  # one export per float precision; int4/int8 quantize the fp32 one
                 for prec in precisions:
-                    jobs.append((model, "dense", P, quantized_folder(twin, prec, a.threads),
+                    base_prec = prec if prec in FLOAT_PRECISIONS else "fp32"
+                    if base_prec not in twins:
+                        twins[base_prec] = dense_twin_export(model, P, law, a.threads, precision=base_prec)
+                    twin, desc = twins[base_prec]
+                    jobs.append((model, "dense", P, twin if prec in FLOAT_PRECISIONS else
+                                 quantized_folder(twin, prec, a.threads),
                                  {"dense_layers": desc["layers"], "dense_params": desc["twin_non_embedding_params"],
                                   "target_params": desc["target_params"]}))
     rows = []
     for model, kind, P, folder, extra in tqdm(jobs, desc="profiling", disable=a.quiet):
         for r in profile_folder(folder, batches, prompt_lens, a.gen_len, a.threads, a.repeat, a.warmup,
-                                info["bandwidth"]["read_gbps"], parallel=extra.pop("parallel", None)):
+                                info["bandwidth"]["read_gbps"], device=a.device,
+                                parallel=extra.pop("parallel", None)):
             rows.append({"model": model, "kind": kind, **r, "P": P, "folder": str(folder), **extra})
-    summary = versus_dense_summary(rows) if a.versus_dense else []
+    on_gpu = any(r.get("vram_peak_mib") is not None for r in rows)
+    summary = versus_dense_summary(rows, memory="vram" if on_gpu else "rss") if a.versus_dense else []
     settings = {k: getattr(a, k) for k in ("models", "parallel", "batch", "precision", "prompt_len", "gen_len",
-                                           "threads", "repeat", "warmup", "versus_dense", "law")}
+                                           "threads", "repeat", "warmup", "versus_dense", "law", "device")}
     result = {"machine": info, "settings": settings, "rows": rows, "versus_dense": summary,
               "note": "dense twins have random weights: cost does not depend on weight values" if a.versus_dense else None}
     _write_json(str(out / "profile.json"), result)
@@ -537,7 +565,8 @@ def cmd_chat(a) -> None:
     history: list[dict] = []
     if a.system:
         history.append({"role": "system", "content": a.system})
-    _log(f"chatting with {a.model} (P={rt.P}, {rt.providers[0]}); /reset clears history, /exit or Ctrl-D quits")
+    _log(f"chatting with {a.model} (P={rt.P}, {rt.session.get_providers()[0]}); /reset clears history, "
+         "/exit or Ctrl-D quits")
     while True:
         try:
             line = input(">>> ")
@@ -646,7 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the PyTorch model, for checking) or auto (default: fused where it can run)")
     p.set_defaults(func=cmd_export)
 
-    p.add_argument("--precision", default="fp32", help="fp32 (default), int4, int8 or int8-dynamic")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 (default), fp16 or bf16 (GPU: float32 kept for norms, residual, softmax, aggregator; "
+                        "bf16 runs on CUDA only), int4, int8 or int8-dynamic")
     _add_quant_args(p)
 
     p = sub.add_parser("quantize", help="quantize an fp32 export folder (int4 / int8, weight-only)")
@@ -694,7 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", default=[DEFAULT_MODEL], help=f"models or export folders (default {DEFAULT_MODEL})")
     p.add_argument("--parallel", "-P", default="1,2,4,8", help="comma-separated P values")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
-    p.add_argument("--precision", default="fp32", help="comma-separated: fp32,int8,int4")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,bf16,int8,int4")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the models run (auto: CUDA when it works, else CPU); GPU runs report GPU memory")
     p.add_argument("--prompt-len", default="64", help="comma-separated prompt lengths")
     p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)

@@ -41,6 +41,32 @@ def memory_gib() -> float | None:
         return None
 
 
+def gpu_description() -> list[dict] | None:
+    """NVIDIA GPUs from ``nvidia-smi`` (name, memory MiB, driver, compute capability); None when
+    there is no nvidia-smi or it fails."""
+    import subprocess
+
+    fields = ["name", "memory.total", "driver_version", "compute_cap"]
+    try:
+        r = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0 or not r.stdout.strip():
+        return None
+    gpus = []
+    for line in r.stdout.strip().splitlines():
+        vals = [v.strip() for v in line.split(",")]
+        if len(vals) == len(fields):
+            g = dict(zip(("name", "memory_mib", "driver", "compute_capability"), vals))
+            try:
+                g["memory_mib"] = float(g["memory_mib"])
+            except ValueError:
+                pass
+            gpus.append(g)
+    return gpus or None
+
+
 def measure_bandwidth(size_mib: int = 256, repeat: int = 5) -> dict:
     """Single-thread memory bandwidth, GB/s (1e9 bytes/s), best of ``repeat``.
 
@@ -75,7 +101,7 @@ def device_info(cache_dir: str | os.PathLike | None = None, refresh: bool = Fals
     cpu = cpu_description()
     info = {"cpu": cpu, "memory_gib": memory_gib(), "platform": platform.platform(),
             "python": platform.python_version(), "onnxruntime": ort.__version__,
-            "providers": ort.get_available_providers()}
+            "providers": ort.get_available_providers(), "gpu": gpu_description()}
     path = Path(cache_dir or default_cache_dir()) / "device-info.json"
     cached = None
     if path.exists() and not refresh:

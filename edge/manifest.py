@@ -8,8 +8,11 @@ An export folder holds::
     tokenizer.json, tokenizer_config.json (chat template), generation_config.json
 
 Graph inputs: ``input_ids`` int64 [B, S]; ``attention_mask`` int64 [B, past+S] (1 = real token);
-``position_ids`` int64 [B, S]; ``past_key_values.{i}.key`` / ``.value`` float [P*B, kv_heads, past, head_dim].
-Graph outputs: ``logits`` float [B, S, vocab]; ``present.{i}.key`` / ``.value`` [P*B, kv_heads, past+S, head_dim].
+``position_ids`` int64 [B, S]; ``past_key_values.{i}.key`` / ``.value`` [P*B, kv_heads, past, head_dim].
+Graph outputs: ``logits`` float32 [B, S, vocab]; ``present.{i}.key`` / ``.value`` [P*B, kv_heads, past+S, head_dim].
+The cache tensors (inputs and outputs) have the dtype ``Manifest.cache_dtype`` names: float32 for
+fp32 and quantized exports, float16 for ``precision`` fp16, bfloat16 for bf16; ``logits`` is
+float32 for every precision.
 Rows of the cache are stream-major (row p*B + b); the ParScale prefix lives inside the graph.
 """
 from __future__ import annotations
@@ -25,6 +28,8 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2  # 2: fused graphs (GroupQueryAttention, ParScale parts as inputs)
+#: export precision -> dtype of the KV cache inputs/outputs (ONNX / numpy name); logits are always float32.
+CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -71,7 +76,22 @@ class Manifest:
     #: fused graphs: P -> ParScale part file (relative path; None for P = 1, the plain backbone).
     parallel_options: dict[str, str | None] | None = None
     rope_theta: float | None = None
+    cache_dtype: str = "float32"  # past_key_values.* / present.* element type: float32, float16 or bfloat16
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def empty_cache(self, batch: int) -> list:
+        """An empty KV cache for ``batch`` user rows as numpy arrays, for a plain ``session.run``:
+        2*num_layers arrays [P*batch, kv_heads, 0, head_dim] of dtype ``cache_dtype``.
+
+        Raises ManifestError for a bfloat16 cache: numpy has no bfloat16, so such an export runs
+        through IO binding with ONNX Runtime OrtValues (see edge.profile.GraphStepper)."""
+        import numpy as np
+
+        if self.cache_dtype not in ("float32", "float16"):
+            raise ManifestError(f"this export keeps its KV cache in {self.cache_dtype}, which numpy cannot hold; "
+                                "run it with IO binding (OrtValues), e.g. on CUDA")
+        z = np.zeros((self.parscale_n * batch, self.num_key_value_heads, 0, self.head_dim), dtype=self.cache_dtype)
+        return [z] * (2 * self.num_layers)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"

@@ -31,21 +31,30 @@ from .config import ParScaleConfig
 KVCache = tuple[torch.Tensor, ...]
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, as in Qwen2/Llama.
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in ``dtype``, without a graph node when it already is (a traced no-op .to() exports a Cast)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
-    x: [..., H] of any float dtype -> same shape in the weight's dtype (a half-precision model keeps
-    its residual stream in float32 and gets half-precision activations out of every norm)."""
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as in Qwen2/Llama. x: [..., H] -> same shape.
+
+    The output has the weight's dtype (a half-precision model keeps its residual stream in float32
+    and gets half-precision activations out of every norm), or ``out_dtype`` when set (mixed
+    precision, see :meth:`ParScaleForCausalLM.to_mixed_precision`: a float32 norm feeding
+    half-precision matmuls)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.out_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.out_dtype or self.weight.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(self.weight.dtype)
+        return _cast(self.weight * x.to(self.weight.dtype), dtype)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,10 +72,25 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tup
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [N, heads, S, hd] by the tables of :func:`rope_cos_sin`."""
+    """Rotate x [N, heads, S, hd] by the tables of :func:`rope_cos_sin`; same shape and dtype as x.
+
+    Computed in float32 also for half-precision x (ONNX Runtime's CUDA provider has no bfloat16 Neg)."""
+    dtype = x.dtype
+    if dtype != torch.float32:  # (a no-op .float() would still add a Cast to the fp32 graph)
+        x = x.float()
     h = x.shape[-1] // 2
     rotated = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return (x * cos + rotated * sin).to(dtype)
+
+
+def repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """Each KV head serves ``rep`` query heads: [N, kv, T, hd] -> [N, kv*rep, T, hd] (repeat_interleave
+    on dim 1). bfloat16 uses expand + reshape, which exports as Expand: ONNX Runtime's CUDA provider
+    has no bfloat16 Tile (the fp32/fp16 graphs keep the shorter Tile form)."""
+    if x.dtype != torch.bfloat16:
+        return x.repeat_interleave(rep, dim=1)
+    N, kv, T, hd = x.shape
+    return x[:, :, None].expand(N, kv, rep, T, hd).reshape(N, kv * rep, T, hd)
 
 
 class Attention(nn.Module):
@@ -107,8 +131,7 @@ class Attention(nn.Module):
             values = torch.cat([pv, values], dim=2)
         rep = self.n_heads // self.n_kv
         if rep > 1:
-            keys = keys.repeat_interleave(rep, dim=1)
-            values = values.repeat_interleave(rep, dim=1)
+            keys, values = repeat_kv(keys, rep), repeat_kv(values, rep)
         scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(self.hd) + mask
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = torch.matmul(probs, values).transpose(1, 2).reshape(N, S, self.n_heads * self.hd)
@@ -137,17 +160,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
-        """x: residual stream [P*B, S, H] (float32 also in a half-precision model: residual adds of
-        large activations overflow fp16). Attention and MLP run in the weights' dtype."""
         a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
-        x = x + _as(a, x)
-        x = x + _as(self.mlp(self.post_attention_layernorm(x)), x)
+        x = x + _cast(a, x.dtype)  # residual adds in the residual stream's dtype (float32 when mixed)
+        x = x + _cast(self.mlp(self.post_attention_layernorm(x)), x.dtype)
         return x, k, v
-
-
-def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` in ``like``'s dtype; no op (and no Cast node in a traced fp32 graph) when they agree."""
-    return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
 class Backbone(nn.Module):
@@ -179,6 +195,8 @@ class ParScaleForCausalLM(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         else:
             self.register_buffer("lm_head_zero_bias", torch.zeros(cfg.vocab_size), persistent=False)
+        # None: the residual stream has the weights' dtype. float32 after to_mixed_precision().
+        self.residual_dtype: torch.dtype | None = None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -217,11 +235,13 @@ class ParScaleForCausalLM(nn.Module):
         B, S = input_ids.shape
         L = cfg.num_hidden_layers
         x = self.model.embed_tokens(input_ids)  # [B, S, H]: one lookup for all streams
-        kv_dtype = x.dtype  # the cache holds keys/values in the weights' dtype
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # Half-precision weights: the residual stream, the norms' statistics, the attention mask
-            # and softmax, and the aggregator stay float32 (Qwen2-family models carry activations
-            # beyond fp16's 65504 in a few channels); matmuls run in the weights' dtype.
+        kv_dtype = x.dtype  # the cache has the weights' dtype, also when the residual stream is float32
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
+        elif x.dtype in (torch.float16, torch.bfloat16):
+            # Plain half-precision weights: the residual stream, the norms' statistics, the attention
+            # mask and softmax, and the aggregator stay float32 (Qwen2-family models carry
+            # activations beyond fp16's 65504 in a few channels); matmuls run in the weights' dtype.
             x = x.float()
 
         # ParScale: replicate. Stream-major copies: row p*B + b.
@@ -260,7 +280,8 @@ class ParScaleForCausalLM(nn.Module):
             H = cfg.hidden_size
             hs = x.view(P, B, S, H)
             feats = hs.permute(1, 2, 3, 0).reshape(B, S, H * P)
-            w = torch.softmax(self.model.aggregate_layer(feats).float(), dim=-1)  # [B, S, P]
+            agg = self.model.aggregate_layer
+            w = torch.softmax(agg(_cast(feats, agg[0].weight.dtype)).float(), dim=-1)  # [B, S, P]
             eps = cfg.parscale_attn_smooth
             w = w * (1.0 - eps) + eps / P
             x = (hs.float() * w.permute(2, 0, 1)[..., None]).sum(0).to(x.dtype)  # [B, S, H]
@@ -269,8 +290,40 @@ class ParScaleForCausalLM(nn.Module):
         # Tied: a 2-D input and a (zero) bias make the ONNX exporter emit Gemm(transB=1) on the
         # embedding itself, instead of a transposed copy of it (FINDINGS.md: stored twice otherwise).
         bias = self.lm_head_zero_bias if cfg.tie_word_embeddings else None
-        logits = F.linear(x.reshape(-1, cfg.hidden_size), self.lm_head_weight, bias).view(B, S, -1)
+        head = self.lm_head_weight
+        logits = F.linear(_cast(x.reshape(-1, cfg.hidden_size), head.dtype), head, bias).view(B, S, -1)
+        if self.residual_dtype is not None:
+            logits = logits.float()  # mixed precision: float32 logits (the ONNX graph's output dtype)
         return logits, tuple(present), w
+
+    # -------------------------------------------------------------------------------- precision
+    def to_mixed_precision(self, dtype: torch.dtype) -> "ParScaleForCausalLM":
+        """Half-precision weights with float32 kept where range or accuracy needs it (in place).
+
+        For fp16/bf16 exports (``export_onnx(precision=...)``): embedding, projections, ``lm_head``
+        and the ParScale prefixes become ``dtype``, so do the KV cache tensors. Kept in float32:
+        the residual stream and its adds (a bf16-trained Qwen2 model's residual can exceed fp16's
+        65504), every RMSNorm (its weight too; it casts its output to ``dtype`` for the next
+        matmul), the attention scores from the mask add through the softmax, the final norm, the
+        ParScale aggregator (weights, softmax and weighted sum) and the returned logits.
+
+        Args:
+            dtype: ``torch.float16`` or ``torch.bfloat16``.
+        Raises:
+            ValueError: another dtype.
+        """
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"mixed precision is float16 or bfloat16, got {dtype}")
+        self.to(dtype)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.float()
+                m.out_dtype = dtype
+        self.model.norm.out_dtype = torch.float32  # the aggregator (or the head's input cast) follows
+        if self.config.parscale_n > 1:
+            self.model.aggregate_layer.float()
+        self.residual_dtype = torch.float32
+        return self
 
     # ------------------------------------------------------------------------------- ParScale init
     @torch.no_grad()

@@ -18,8 +18,11 @@ def plot_profile(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
     plt = _plt()
     rows = [r for r in rows if r.get("kind", "parscale") == "parscale"]
     paths = []
+    gpu = bool(rows) and all(r.get("vram_peak_mib") is not None for r in rows)
+    memory = ("vram_peak_mib", "peak GPU memory in use while decoding (MiB)") if gpu else \
+        ("peak_rss_mib", "peak RSS while decoding (MiB)")
     for metric, label, fname in (("decode_ms_p50", "decode ms per step (p50)", "profile_decode.png"),
-                                 ("peak_rss_mib", "peak RSS while decoding (MiB)", "profile_memory.png"),
+                                 (*memory, "profile_memory.png"),
                                  ("ttft_ms", "time to first token (ms)", "profile_ttft.png")):
         fig, ax = plt.subplots(figsize=(6.5, 4))
         groups = sorted({(r["model"], r["precision"], r["batch"], r["prompt_len"]) for r in rows})

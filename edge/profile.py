@@ -51,13 +51,150 @@ def folder_bytes(folder: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.startswith("model.onnx"))
 
 
+# ----------------------------------------------------------------------------------- GPU memory
+_nvml_ready = False
+
+
+def gpu_memory_used_mib(index: int = 0) -> float | None:
+    """Memory in use on GPU ``index`` (all processes), MiB, from NVML (nvidia-ml-py) or
+    ``nvidia-smi --query-gpu=memory.used``; None where neither answers (no NVIDIA GPU)."""
+    global _nvml_ready
+    try:
+        import pynvml
+
+        if not _nvml_ready:
+            pynvml.nvmlInit()
+            _nvml_ready = True
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used / 2**20
+    except Exception:  # noqa: BLE001 - not installed, no driver: try nvidia-smi
+        pass
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", str(index)],
+                           capture_output=True, text=True, timeout=10)
+        return float(r.stdout.strip().splitlines()[0]) if r.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+class PeakSampler:
+    """Samples :func:`gpu_memory_used_mib` in a background thread; ``peak`` is the largest value
+    seen between ``start()`` and ``stop()`` (MiB; None without a GPU). ``interval_s`` between samples."""
+
+    def __init__(self, interval_s: float = 0.01):
+        import threading
+
+        self.interval_s, self.peak = interval_s, None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            v = gpu_memory_used_mib()
+            if v is None:
+                return
+            self.peak = v if self.peak is None else max(self.peak, v)
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> "PeakSampler":
+        import threading
+
+        self.peak = gpu_memory_used_mib()
+        if self.peak is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        v = gpu_memory_used_mib()
+        if v is not None:
+            self.peak = v if self.peak is None else max(self.peak, v)
+        return self.peak
+
+
+# ------------------------------------------------------------------------------------ one step
+class GraphStepper:
+    """Calls an export's graph once per prefill/decode step, the way the profiler times it.
+
+    ``io_binding=False``: plain ``session.run`` with numpy arrays (what ``OnnxCausalLM.forward``
+    does; the cache goes to the host and back every step). ``io_binding=True``: the cache stays
+    where the session runs (OrtValues on ``device_type``, ``cuda`` or ``cpu``); only input ids,
+    mask, positions go in and the logits come back to the host. IO binding is also the only way
+    to run a bfloat16 cache (numpy has no bfloat16).
+
+    ``step(ids, mask, pos, cache)`` with int64 ids/pos [B, S], mask [B, past+S] and ``cache`` from
+    :meth:`empty` or a previous step returns (logits float32 [B, S, vocab], cache). Raises
+    ManifestError for a bfloat16 cache without IO binding.
+    """
+
+    def __init__(self, rt, io_binding: bool = False, device_type: str = "cpu"):
+        from .manifest import past_names, present_names
+
+        self.rt, self.io_binding, self.device_type = rt, io_binding, device_type
+        m = rt.manifest
+        self._past, self._present = past_names(m.num_layers), present_names(m.num_layers)
+
+    def empty(self, batch: int) -> list:
+        m = self.rt.manifest
+        if not self.io_binding:
+            return m.empty_cache(batch)
+        import onnxruntime as ort
+
+        shape = (m.parscale_n * batch, m.num_key_value_heads, 0, m.head_dim)
+        # empty (0 tokens), so it may live on the host: nothing is copied to the device
+        if m.cache_dtype == "bfloat16":
+            v = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros(shape, np.uint16), 16)  # 16: BFLOAT16
+        else:
+            v = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, m.cache_dtype))
+        return [v] * (2 * m.num_layers)
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: list) -> tuple[np.ndarray, list]:
+        if not self.io_binding:
+            return self.rt.forward(ids, mask, pos, cache)
+        b = self.rt.session.io_binding()
+        for name, arr in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
+            b.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=np.int64))
+        for name, v in zip(self._past, cache):
+            b.bind_ortvalue_input(name, v)
+        b.bind_output("logits", "cpu")
+        for name in self._present:
+            b.bind_output(name, self.device_type, 0)
+        self.rt.session.run_with_iobinding(b)
+        out = b.get_outputs()
+        return out[0].numpy(), list(out[1:])
+
+    @staticmethod
+    def cache_bytes(cache: list) -> int:
+        """Bytes held by a cache from :meth:`step` (numpy arrays or OrtValues)."""
+        total = 0
+        for c in cache:
+            if isinstance(c, np.ndarray):
+                total += c.nbytes
+            else:
+                item = 2 if c.data_type() in ("tensor(float16)", "tensor(bfloat16)") else 4
+                total += int(np.prod(c.shape())) * item
+        return total
+
+
 def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_len: int, threads: int | None,
-                   repeat: int, warmup: int, bandwidth_gbps: float | None, parallel: int | None = None) -> dict:
+                   repeat: int, warmup: int, bandwidth_gbps: float | None, parallel: int | None = None,
+                   device: str = "cpu", io_binding: bool | None = None) -> dict:
     """Run inside a worker process: load ``folder`` and time every (batch, prompt_len).
 
     Returns ``{"load": {...}, "runs": [{...}, ...]}``; each run has prefill/decode timings, its own
     peak RSS (VmHWM reset before it), KV cache bytes at the end and the share of the
-    memory-bandwidth limit reached by decode."""
+    memory-bandwidth limit reached by decode. ``parallel``: the P to run a fused folder that offers
+    several. Reference graphs on another ``device`` than cpu, with ``io_binding`` or a
+    half-precision cache go to :func:`measure_folder_bound` (GPU memory, device-resident cache);
+    fused graphs always keep their cache bound (IO binding)."""
+    from .manifest import Manifest
+
+    man = Manifest.read(folder)
+    if man.graph == "reference" and (device != "cpu" or io_binding or man.cache_dtype != "float32"):
+        return measure_folder_bound(folder, batches, prompt_lens, gen_len, threads, repeat, warmup, bandwidth_gbps,
+                                    device, io_binding)
     rss_before = _proc_status_mib("VmRSS")
     import onnxruntime  # noqa: F401 - imported before the session so that the load increase is the session's own
 
@@ -65,7 +202,7 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
 
     rss_imported = _proc_status_mib("VmRSS")
     t0 = time.perf_counter()
-    rt = OnnxCausalLM(folder, device="cpu", threads=threads, parallel=parallel)
+    rt = OnnxCausalLM(folder, device=device, threads=threads, parallel=parallel)
     load_ms = (time.perf_counter() - t0) * 1e3
     peak_load = _proc_status_mib("VmHWM")
     file_mib = folder_bytes(folder) / 2**20
@@ -121,16 +258,97 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
     return {"load": load, "runs": runs}
 
 
+def measure_folder_bound(folder: str, batches: list[int], prompt_lens: list[int], gen_len: int,
+                         threads: int | None, repeat: int, warmup: int, bandwidth_gbps: float | None,
+                         device: str = "cpu", io_binding: bool | None = None) -> dict:
+    """:func:`measure_folder` for reference graphs on a GPU or with a half-precision cache: each
+    step through a :class:`GraphStepper`, so the cache can stay on the device and be fp16/bf16.
+
+    ``io_binding`` None: on for CUDA and for bfloat16 caches, off on the CPU. Returns ``{"load": {...}, "runs": [{...}, ...]}``; each run has
+    prefill/decode timings, its own peak RSS (VmHWM reset before it), on a GPU the device memory in
+    use before loading / after loading / at its peak (``vram_*_mib``, whole GPU, from
+    :func:`gpu_memory_used_mib`), KV cache bytes at the end and the share of the memory-bandwidth
+    limit reached by decode. Raises RuntimeError when ``device`` is cuda but the session runs on the CPU."""
+    from .providers import CUDA
+    from .runtime import OnnxCausalLM
+
+    rss_before = _proc_status_mib("VmRSS")
+    vram_before = gpu_memory_used_mib() if device != "cpu" else None
+    t0 = time.perf_counter()
+    rt = OnnxCausalLM(folder, device=device, threads=threads)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    provider = rt.session.get_providers()[0]
+    if device == "cuda" and provider != CUDA:
+        raise RuntimeError(f"--device cuda was asked for, but the session runs on {provider}")
+    on_gpu = provider == CUDA
+    if io_binding is None:
+        io_binding = on_gpu or rt.manifest.cache_dtype == "bfloat16"
+    stepper = GraphStepper(rt, io_binding, "cuda" if on_gpu else "cpu")
+    load = {"load_ms": load_ms, "rss_before_mib": rss_before, "peak_rss_load_mib": _proc_status_mib("VmHWM"),
+            "file_mib": folder_bytes(folder) / 2**20, "P": rt.P, "precision": rt.manifest.precision,
+            "cache_dtype": rt.manifest.cache_dtype, "provider": provider, "io_binding": io_binding,
+            "vram_before_mib": vram_before, "vram_loaded_mib": gpu_memory_used_mib() if on_gpu else None}
+    man = rt.manifest
+    rng = np.random.default_rng(0)
+    runs = []
+    weight_bytes = folder_bytes(folder)
+    for B in batches:
+        for S in prompt_lens:
+            ids = rng.integers(0, man.vocab_size, (B, S)).astype(np.int64)
+            pos = np.arange(S, dtype=np.int64)[None].repeat(B, 0)
+
+            def one() -> tuple[float, list[float], int]:
+                t = time.perf_counter()
+                logits, past = stepper.step(ids, np.ones((B, S), np.int64), pos, stepper.empty(B))
+                pre = (time.perf_counter() - t) * 1e3
+                nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+                steps = []
+                for i in range(gen_len):
+                    T = S + i + 1
+                    t = time.perf_counter()
+                    logits, past = stepper.step(nxt, np.ones((B, T), np.int64), np.full((B, 1), T - 1, np.int64), past)
+                    steps.append((time.perf_counter() - t) * 1e3)
+                    nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+                return pre, steps, stepper.cache_bytes(past)
+
+            for _ in range(warmup):
+                one()
+            if "steady_rss_mib" not in load:  # after the first warm-up: weights paged in, arenas sized
+                load["steady_rss_mib"] = _proc_status_mib("VmRSS")
+            pres, steps, kv = [], [], 0
+            _reset_peak_rss()  # so the peak below belongs to this batch size and prompt length
+            sampler = PeakSampler().start() if on_gpu else None
+            for _ in range(repeat):
+                p, s, kv = one()
+                pres.append(p)
+                steps += s
+            d50, d90 = float(np.percentile(steps, 50)), float(np.percentile(steps, 90))
+            kv_mid = kv * (S + gen_len / 2) / (S + gen_len)
+            run = {"batch": B, "prompt_len": S, "gen_len": gen_len, "repeat": repeat,
+                   "ttft_ms": float(np.median(pres)), "prefill_tokens_per_s": B * S / float(np.median(pres)) * 1e3,
+                   "decode_ms_p50": d50, "decode_ms_p90": d90, "decode_tokens_per_s": 1e3 * B / d50,
+                   "kv_cache_mib": kv / 2**20, "latency_ms": float(np.median(pres)) + gen_len * d50,
+                   "peak_rss_mib": _proc_status_mib("VmHWM"),
+                   "vram_peak_mib": sampler.stop() if sampler else None}
+            if bandwidth_gbps and not on_gpu:  # the host's bandwidth says nothing about a GPU
+                run["bandwidth_share"] = (weight_bytes + kv_mid) / (d50 / 1e3) / (bandwidth_gbps * 1e9)
+            runs.append(run)
+    load.setdefault("steady_rss_mib", _proc_status_mib("VmRSS"))
+    return {"load": load, "runs": runs}
+
+
 def profile_folder(folder: str | os.PathLike, batches: list[int], prompt_lens: list[int], gen_len: int,
                    threads: int | None = None, repeat: int = 3, warmup: int = 1,
-                   bandwidth_gbps: float | None = None, timeout_s: float = 3600,
-                   parallel: int | None = None) -> list[dict]:
-    """Measure one export folder in a fresh process; one flat row per (batch, prompt_len).
-    ``parallel``: the P to run a fused folder that offers several (default: its own).
+                   bandwidth_gbps: float | None = None, timeout_s: float = 3600, device: str = "cpu",
+                   io_binding: bool | None = None, parallel: int | None = None) -> list[dict]:
+    """Measure one export folder in a fresh process on ``device`` (auto, cpu, cuda); one flat row
+    per (batch, prompt_len) (see :func:`measure_folder`). ``parallel``: the P to run a fused folder
+    that offers several (default: its own).
 
     Raises RuntimeError with the worker's stderr tail if it fails."""
     args = dict(folder=str(folder), batches=batches, prompt_lens=prompt_lens, gen_len=gen_len, threads=threads,
-                repeat=repeat, warmup=warmup, bandwidth_gbps=bandwidth_gbps, parallel=parallel)
+                repeat=repeat, warmup=warmup, bandwidth_gbps=bandwidth_gbps, device=device, io_binding=io_binding,
+                parallel=parallel)
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -150,19 +368,25 @@ if __name__ == "__main__":
 
 
 # ------------------------------------------------------------------------------------ orchestration
-def quantized_folder(fp32: Path, precision: str, threads: int | None = None) -> Path:
-    """The ``precision`` variant of an fp32 export for cost measurements, made once next to it.
+def quantized_folder(src: Path, precision: str, threads: int | None = None) -> Path:
+    """The ``precision`` variant of an fp32 (or fp16) export for cost measurements, made once next to it.
 
     Every model gets the same structure, so ParScale and its dense twins are compared like for
     like: round-to-nearest, block 32, accuracy_level 4 on every node, no GGUF block reuse (its
-    exact-offset correction adds nodes) and no quality checks (cost does not depend on values)."""
-    if precision == "fp32":
-        return fp32
+    exact-offset correction adds nodes) and no quality checks (cost does not depend on values).
+    From an fp16 export the result computes in fp16 (the GPU int4 path); its folder name says so."""
+    from .manifest import Manifest
+
+    src = Path(src)
+    src_precision = Manifest.read(src).precision
+    if precision == src_precision:
+        return src
     from quant.onnx_quant import QuantConfig, quantize_folder
 
-    out = fp32.with_name(fp32.name.replace("-fp32", "") + f"-{precision}-cost")
+    tag = "" if src_precision == "fp32" else f"-{src_precision}act"
+    out = src.with_name(src.name.replace(f"-{src_precision}", "") + f"-{precision}{tag}-cost")
     if not (out / "manifest.json").exists():
-        quantize_folder(fp32, out, QuantConfig(precision=precision, gguf_blocks=False, accuracy_level=4),
+        quantize_folder(src, out, QuantConfig(precision=precision, gguf_blocks=False, accuracy_level=4),
                         overwrite=True, threads=threads, check_positions=0, compare_positions=0)
     return out
 
@@ -186,15 +410,13 @@ def dense_twin_config(cfg, target_params: float):
     return dataclasses.replace(cfg.with_parallel(1), num_hidden_layers=int(layers), extra=dict(cfg.extra))
 
 
-def dense_twin_export(spec: str, P: int, law, threads: int | None = None) -> tuple[Path, dict]:
+def dense_twin_export(spec: str, P: int, law, threads: int | None = None,
+                      precision: str = "fp32") -> tuple[Path, dict]:
     """Export (cached) a random-weight dense model of the family of ``spec`` with the non-embedding
-    size the scaling law ``law`` equates with ``spec`` at P streams. Returns (folder, description)."""
-    import torch
-
+    size the scaling law ``law`` equates with ``spec`` at P streams, in ``precision`` fp32, fp16 or
+    bf16. Returns (folder, description)."""
     from .cli import load_for_export
     from .hub import default_cache_dir
-    from .loading import LoadedModel
-    from .model import ParScaleForCausalLM
 
     base = load_for_export(spec, None, threads, progress=False)
     cfg = base.model.config
@@ -204,24 +426,39 @@ def dense_twin_export(spec: str, P: int, law, threads: int | None = None) -> tup
     info = {"base_non_embedding_params": N, "P": P, "target_params": target, "layers": twin.num_hidden_layers,
             "twin_non_embedding_params": non_embedding_params(twin), "weights": "random (cost does not depend on values)"}
     key = Path(spec).name if Path(spec).exists() else spec
-    out = Path(default_cache_dir()) / "onnx" / f"{key}-dense-twin-L{twin.num_hidden_layers}-fp32"
+    out = Path(default_cache_dir()) / "onnx" / f"{key}-dense-twin-L{twin.num_hidden_layers}-{precision}"
     from .manifest import FORMAT_VERSION, Manifest
 
     if not (out / "manifest.json").exists() or Manifest.read(out).format_version != FORMAT_VERSION:
-        from export import export_model
+        from export import export_model, export_onnx
 
-        torch.manual_seed(0)
-        model = ParScaleForCausalLM(twin)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, 0.02)
-        lm = LoadedModel(model.eval(), base.tokenizer, f"random dense twin of {spec} ({twin.num_hidden_layers} layers)",
-                         "0" * 64, {}, {"dense_twin": info})
-        export_model(lm, out, overwrite=True)
+        lm = random_model(twin, f"random dense twin of {spec} ({twin.num_hidden_layers} layers)", {"dense_twin": info})
+        lm.tokenizer = base.tokenizer
+        if precision == "fp32":
+            export_model(lm, out, overwrite=True)
+        else:
+            export_onnx(lm, out, overwrite=True, precision=precision)
     return out, info
+
+
+def random_model(cfg, source: str, notes: dict | None = None, seed: int = 0):
+    """A :class:`edge.loading.LoadedModel` of architecture ``cfg`` with random weights, for cost
+    measurements (time and memory do not depend on weight values): every tensor N(0, 0.02), norm
+    weights 1, ParScale prefixes and aggregator included. No tokenizer. Needs torch."""
+    import torch
+
+    from .loading import LoadedModel
+    from .model import ParScaleForCausalLM
+
+    torch.manual_seed(seed)
+    model = ParScaleForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return LoadedModel(model.eval(), None, source, "0" * 64, {}, dict(notes or {}))
 
 
 def _ratio(dense: float, parscale: float) -> float | None:
@@ -230,12 +467,23 @@ def _ratio(dense: float, parscale: float) -> float | None:
     return dense / parscale if dense > 0 and parscale > 0 else None
 
 
-def versus_dense_summary(rows: list[dict]) -> list[dict]:
+def memory_mib(row: dict, memory: str = "rss") -> float:
+    """Memory a profiled model used, MiB: ``rss`` = peak RSS while decoding minus RSS before
+    loading; ``vram`` = peak GPU memory in use minus GPU memory in use before loading.
+    Raises ValueError for another kind, KeyError/TypeError when the row lacks it."""
+    if memory == "rss":
+        return row["peak_rss_mib"] - row["rss_before_mib"]
+    if memory == "vram":
+        return row["vram_peak_mib"] - row["vram_before_mib"]
+    raise ValueError(f"memory is rss or vram, got {memory!r}")
+
+
+def versus_dense_summary(rows: list[dict], memory: str = "rss") -> list[dict]:
     """The paper's comparison (Sec. 4, Fig. 4): increase over P=1 of memory and latency for P
     streams and for the dense model of equal predicted loss, and their ratios, per batch/precision.
 
-    memory = peak RSS while decoding minus RSS before loading (MiB); latency = TTFT + gen_len
-    decode steps (ms), prompt length = the first one profiled."""
+    memory: see :func:`memory_mib` (``rss`` on a CPU, ``vram`` on a GPU), MiB; latency = TTFT +
+    gen_len decode steps (ms), prompt length = the first one profiled."""
     out = []
     keys = {(r["precision"], r["batch"], r["prompt_len"]) for r in rows}
     for prec, B, S in sorted(keys):
@@ -244,7 +492,7 @@ def versus_dense_summary(rows: list[dict]) -> list[dict]:
         if not base:
             continue
         b = base[0]
-        mem = lambda r: r["peak_rss_mib"] - r["rss_before_mib"]  # noqa: E731
+        mem = lambda r: memory_mib(r, memory)  # noqa: E731
         for p in sorted({r["P"] for r in sel if r["kind"] == "parscale" and r["P"] > 1}):
             ps = next(r for r in sel if r["kind"] == "parscale" and r["P"] == p)
             dn = next((r for r in sel if r["kind"] == "dense" and r["P"] == p), None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,23 +27,17 @@ class RuntimeInputError(ValueError):
     """Inputs that the graph cannot run on (wrong shapes, batch sizes, lengths)."""
 
 
-def select_providers(device: str = "auto") -> list[str]:
-    """ONNX Runtime execution providers for ``device`` in ``auto|cpu|cuda``.
+def select_providers(device: str = "auto") -> list:
+    """ONNX Runtime execution providers for ``device`` in ``auto|cpu|cuda`` (see :mod:`edge.providers`).
 
-    ``auto`` takes CUDA when onnxruntime-gpu reports it, else CPU; ``cuda`` without CUDA falls back
-    to CPU with a warning. Raises ValueError for another device name.
+    ``auto`` takes CUDA only when onnxruntime-gpu lists it *and* a probe session runs on it; a
+    CUDA entry comes with its options, ``("CUDAExecutionProvider", {...})``. Otherwise CPU, with
+    one warning per process when CUDA was requested or listed but does not work. Raises
+    ValueError for another device name.
     """
-    import onnxruntime as ort
+    from .providers import select
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
-    have = ort.get_available_providers()
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in have:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "cuda":
-        warnings.warn("CUDA was requested but this onnxruntime has no CUDAExecutionProvider "
-                      "(install onnxruntime-gpu in place of onnxruntime); running on CPU", stacklevel=2)
-    return ["CPUExecutionProvider"]
+    return select(device)
 
 
 @dataclass
@@ -204,7 +197,8 @@ class OnnxCausalLM:
         self._outputs = ["logits", *self._present_names]
         self._tokenizer = None
         self._ort = ort
-        self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        # the provider the session really uses (a CUDA entry of select_providers is a (name, options) tuple)
+        self._device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._parts: dict[int, dict] = {}
         if self.fused:
             self.parallel_options = sorted(int(k) for k in (m.parallel_options or {"1": None}))
@@ -263,11 +257,10 @@ class OnnxCausalLM:
 
     # ----------------------------------------------------------------------------- one graph call
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        """Reference graphs: an empty cache for ``batch`` user rows, 2*L arrays float32
-        [P*batch, kv_heads, 0, head_dim]."""
-        m = self.manifest
-        z = np.zeros((self.P * batch, m.num_key_value_heads, 0, m.head_dim), dtype=np.float32)
-        return [z] * (2 * self.L)
+        """Reference graphs: an empty cache for ``batch`` user rows, 2*L arrays
+        [P*batch, kv_heads, 0, head_dim] of the manifest's ``cache_dtype`` (float32 or float16).
+        Raises ManifestError for a bfloat16 cache (numpy has none: see edge.profile.GraphStepper)."""
+        return self.manifest.empty_cache(batch)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -14,14 +14,21 @@ from .onnx_export import ExportError, export_onnx
 GRAPHS = ("auto", "fused", "reference")
 
 
-def export_model(lm, out_dir: str | os.PathLike, overwrite: bool = False, graph: str = "auto", also=()) -> Path:
+def export_model(lm, out_dir: str | os.PathLike, overwrite: bool = False, graph: str = "auto", also=(),
+                 precision: str = "fp32") -> Path:
     """Export ``lm`` to ``out_dir`` as the ``graph`` kind: ``fused``, ``reference``, or ``auto``
     (fused when :func:`export.onnx_builder.fused_unsupported` has no objection, else reference
     with a warning naming the reason). ``also``: models over the same backbone with other P (fused
-    only: their ParScale parts join the folder).
+    only: their ParScale parts join the folder). ``precision`` fp16/bf16 (the GPU path) exists for
+    the reference graph only: ``auto`` picks it there.
 
     Raises ValueError for another graph name, or ``fused`` on a config it cannot express; see
     :func:`export.onnx_builder.export_fused` and :func:`export.onnx_export.export_onnx` for the rest."""
+    if precision != "fp32":
+        if graph == "fused" or also:
+            raise ValueError(f"{precision} exports exist for the reference graph only; use --graph reference "
+                             "(or auto)")
+        return export_onnx(lm, out_dir, overwrite=overwrite, precision=precision)
     if graph in ("auto", "fused"):
         from .onnx_builder import export_fused, fused_unsupported
 

@@ -361,7 +361,7 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
                                   "parscale_n_tokens": str(m.model.config.parscale_n_tokens),
                                   "num_layers": str(cfg.num_hidden_layers), "source": m.source})
             options[q] = rel
-        _write_sidecars(lm, tmp, OPSET, graph=GRAPH_KIND,
+        _write_sidecars(lm, tmp, OPSET, "fp32", graph=GRAPH_KIND,
                         parallel_options={str(k): v for k, v in options.items()})
         man = json.loads((tmp / "manifest.json").read_text())
         assert man["graph"] == GRAPH_KIND

@@ -18,9 +18,12 @@ import torch
 
 from edge.atomic import atomic_folder
 from edge.loading import LoadedModel
-from edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, past_names, present_names
+from edge.manifest import CACHE_DTYPES, DATA_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, past_names, present_names
 
 OPSET = 17
+#: export precisions (``--precision``) -> torch dtype of the weights and the KV cache. fp16/bf16 keep
+#: float32 where range or accuracy needs it (ParScaleForCausalLM.to_mixed_precision).
+FLOAT_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Dummy sizes for tracing; deliberately unlike any config value so that a size accidentally baked
 # into the graph shows up in the dynamic-shape tests.
 _DUMMY_B, _DUMMY_S, _DUMMY_PAST = 3, 7, 5
@@ -42,18 +45,24 @@ class _Wrapper(torch.nn.Module):
         return (logits, *present)
 
 
-def _dummy_inputs(cfg, P: int):
+def _dummy_inputs(cfg, P: int, kv_dtype: torch.dtype = torch.float32):
     B, S, past = _DUMMY_B, _DUMMY_S, _DUMMY_PAST
     ids = torch.randint(0, cfg.vocab_size, (B, S))
     mask = torch.ones(B, past + S, dtype=torch.int64)
     pos = torch.arange(past, past + S).repeat(B, 1)
-    kv = [torch.zeros(P * B, cfg.num_key_value_heads, past, cfg.head_dim) for _ in range(2 * cfg.num_hidden_layers)]
+    kv = [torch.zeros(P * B, cfg.num_key_value_heads, past, cfg.head_dim, dtype=kv_dtype)
+          for _ in range(2 * cfg.num_hidden_layers)]
     return (ids, mask, pos, *kv)
 
 
 def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = False,
-                opset: int = OPSET, check: bool = True) -> Path:
-    """Export ``lm`` (fp32) to ``out_dir`` (see :mod:`edge.manifest` for the files and tensor names).
+                opset: int = OPSET, check: bool = True, precision: str = "fp32") -> Path:
+    """Export ``lm`` to ``out_dir`` (see :mod:`edge.manifest` for the files and tensor names).
+
+    ``precision`` fp32 (default), fp16 or bf16. fp16/bf16 cast ``lm.model`` in place with
+    :meth:`~edge.model.ParScaleForCausalLM.to_mixed_precision`: half-precision weights and KV cache
+    inputs/outputs (``manifest.cache_dtype``), float32 residual stream, norms, softmax, aggregator
+    and ``logits``. fp32 also casts ``lm.model`` to float32 in place.
 
     The graph is traced with the TorchScript exporter (the dynamo exporter took minutes per model
     here, FINDINGS.md), re-saved with all weights in ``model.onnx.data`` (relative location), checked
@@ -61,10 +70,17 @@ def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = F
 
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        ValueError: an unknown ``precision``.
         ExportError: tracing or checking failed (the temporary folder is removed).
     """
+    if precision not in FLOAT_PRECISIONS:
+        raise ValueError(f"unknown export precision {precision!r}; use {', '.join(FLOAT_PRECISIONS)} "
+                         "(int4/int8: `parscale quantize` an fp32 export)")
     out = Path(out_dir)
+    dtype = FLOAT_PRECISIONS[precision]
     model = lm.model.float().eval()
+    if dtype != torch.float32:
+        model.to_mixed_precision(dtype)
     cfg = model.config
     P, L = cfg.parscale_n, cfg.num_hidden_layers
     with atomic_folder(out, overwrite) as tmp:
@@ -83,7 +99,7 @@ def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = F
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings about python ints are expected here
             try:
-                torch.onnx.export(_Wrapper(model), _dummy_inputs(cfg, P), str(raw / MODEL_FILE),
+                torch.onnx.export(_Wrapper(model), _dummy_inputs(cfg, P, dtype), str(raw / MODEL_FILE),
                                   input_names=inputs, output_names=outputs, dynamic_axes=axes,
                                   opset_version=opset, dynamo=False, do_constant_folding=True)
             except Exception as e:  # noqa: BLE001 - re-raised with context
@@ -91,7 +107,8 @@ def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = F
         proto = onnx.load(str(raw / MODEL_FILE), load_external_data=True)
         shutil.rmtree(raw)
         meta = {"parscale_n": str(P), "parscale_n_tokens": str(cfg.parscale_n_tokens),
-                "num_layers": str(L), "producer": "parscale-edge"}
+                "num_layers": str(L), "producer": "parscale-edge", "precision": precision,
+                "cache_dtype": CACHE_DTYPES[precision]}
         del proto.metadata_props[:]
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
@@ -103,11 +120,11 @@ def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = F
                 onnx.checker.check_model(str(tmp / MODEL_FILE))  # path-based: works above 2 GB
             except onnx.checker.ValidationError as e:
                 raise ExportError(f"the exported graph fails the ONNX checker: {e}") from e
-        _write_sidecars(lm, tmp, opset)
+        _write_sidecars(lm, tmp, opset, precision)
     return out
 
 
-def _write_sidecars(lm: LoadedModel, folder: Path, opset: int, graph: str = "reference",
+def _write_sidecars(lm: LoadedModel, folder: Path, opset: int, precision: str = "fp32", graph: str = "reference",
                     parallel_options: dict[str, str | None] | None = None) -> None:
     """manifest.json, tokenizer files and generation_config.json next to the graph."""
     cfg = lm.model.config
@@ -117,7 +134,8 @@ def _write_sidecars(lm: LoadedModel, folder: Path, opset: int, graph: str = "ref
         parscale_n=cfg.parscale_n, parscale_n_tokens=cfg.parscale_n_tokens if cfg.parscale_n > 1 else 0,
         num_layers=cfg.num_hidden_layers, num_key_value_heads=cfg.num_key_value_heads,
         head_dim=cfg.head_dim, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
-        eos_token_ids=eos, precision="fp32", source=lm.source, source_sha256=lm.source_sha256,
+        eos_token_ids=eos, precision=precision, cache_dtype=CACHE_DTYPES[precision], source=lm.source,
+        source_sha256=lm.source_sha256,
         family=cfg.family, max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=cfg.tie_word_embeddings, opset=opset,
         graph=graph, parallel_options=parallel_options, rope_theta=cfg.rope_theta,

@@ -330,7 +330,11 @@ def _run_quantizer(model: onnx.ModelProto, cfg: QuantConfig, exclude: list[str],
 def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig, overwrite: bool = False,
                     calibration_text: str | None = None, check_positions: int = 2048,
                     compare_positions: int = 1024, text: str | None = None, threads: int | None = None) -> Path:
-    """Quantize the fp32 export in ``src`` into a new export folder ``out``.
+    """Quantize the fp32 (or fp16) export in ``src`` into a new export folder ``out``.
+
+    An fp16 source gives MatMulNBits with float16 activations and scales (the GPU int4/int8 path;
+    its KV cache stays float16, ``cache_dtype`` is copied); GGUF blocks are reused for fp32
+    sources only, and int8-dynamic needs fp32.
 
     With ``accuracy_level`` 4, :func:`choose_accuracy_levels` then measures top-1 agreement against
     the same weights at level 0 over ``check_positions`` positions and falls back to level 0 on
@@ -346,15 +350,19 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
     cfg.validate()
     src, out = Path(src), Path(out)
     man = Manifest.read(src)
-    if man.precision != "fp32" or man.quantization:
-        raise QuantizationError(f"{src} is already quantized (precision {man.precision}); quantize the fp32 export")
+    if man.precision not in ("fp32", "fp16") or man.quantization:
+        raise QuantizationError(f"{src} is already quantized or not float (precision {man.precision}); quantize the "
+                                "fp32 export (or an fp16 one, for int4/int8 with fp16 activations on a GPU)")
+    if man.precision == "fp16" and cfg.precision == "int8-dynamic":
+        raise QuantizationError("int8-dynamic needs an fp32 export; use --precision int4 or int8 on an fp16 export")
     if out.exists() and not overwrite:  # fail before the slow load
         raise FileExistsError(f"{out} exists; pass --overwrite or choose another folder")
     model = onnx.load(str(src / MODEL_FILE), load_external_data=True)
     untied = cfg.quantize_lm_head and cfg.precision != "int8-dynamic" and untie_lm_head(model)
     head = head_node_name(model, man.vocab_size)
     repacked: list[str] = []
-    if cfg.gguf_blocks and cfg.precision != "int8-dynamic":
+    # GGUF block reuse writes float32 scales and corrections: fp32 sources only
+    if cfg.gguf_blocks and cfg.precision != "int8-dynamic" and man.precision == "fp32":
         gguf_path = source_gguf(man)
         if gguf_path is not None:
             from .gguf_blocks import concat_repacked, hf_names_of_node, read_gguf_blocks
@@ -412,8 +420,9 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
                 shutil.copy2(f, tmp / f.name)
             elif f.is_dir():  # fused graphs: ParScale parts (prefixes, aggregator) stay float32
                 shutil.copytree(f, tmp / f.name)
+        source_precision = man.precision
         man.precision = cfg.precision
-        man.quantization = {**asdict(cfg), "lm_head_untied": bool(untied), "source_precision": "fp32",
+        man.quantization = {**asdict(cfg), "lm_head_untied": bool(untied), "source_precision": source_precision,
                             "gguf_repacked_nodes": len(repacked),
                             "quantized_nodes": sum(n.op_type in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear",
                                                                  "GatherBlockQuantized") for n in qmodel.graph.node),

@@ -10,6 +10,7 @@ import torch
 from edge.manifest import DATA_FILE, MODEL_FILE, Manifest
 from edge.runtime import OnnxCausalLM
 from export import export_onnx
+from conftest import golden_device
 from golden import GOLDEN, MODELS, run_cases
 
 
@@ -72,7 +73,7 @@ def test_folder_contract_and_relocation(exported, tmp_path):
     moved = shutil.copytree(src, tmp_path / "elsewhere" / "m")
     ids = np.array([[5, 6, 7]])
     a, _ = sess.forward(ids, np.ones((1, 3), np.int64), np.arange(3)[None])
-    b, _ = OnnxCausalLM(moved, device="cpu").forward(ids, np.ones((1, 3), np.int64), np.arange(3)[None])
+    b, _ = OnnxCausalLM(moved, device=golden_device()).forward(ids, np.ones((1, 3), np.int64), np.arange(3)[None])
     np.testing.assert_array_equal(a, b)
 
 

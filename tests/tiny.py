@@ -29,3 +29,25 @@ def tiny_model(family="qwen2", P=1, tie=True, seed=0, **kw) -> LoadedModel:
             else:
                 p.normal_(0.0, 0.3 if p.dim() == 1 or "embed" in name else 1.0 / p.shape[-1] ** 0.5)
     return LoadedModel(m.eval(), None, f"tiny-{family}-p{P}", "0" * 64, {})
+
+
+def massive_activation_model() -> LoadedModel:
+    """A tiny Qwen2 whose weights are bf16 values and whose residual stream reaches ~9e4 in one
+    channel after two layers (beyond fp16's 65504), as massive activations do in bf16-trained Qwen2
+    models: the embedding puts 3e4 in channel 0 and each layer's MLP adds another 3e4 there."""
+    lm = tiny_model("qwen2", P=2, tie=False, max_position_embeddings=1024)
+    lm.model.init_parscale()
+    m, c, j = lm.model, 0, 0
+    with torch.no_grad():
+        m.model.embed_tokens.weight[:, c] = 3.0e4
+        for layer in m.model.layers:
+            layer.post_attention_layernorm.weight[c] = 1.0
+            mlp = layer.mlp
+            for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
+                w[j].zero_()
+                w[j, c] = 1.0
+            mlp.down_proj.weight[c].zero_()
+            mlp.down_proj.weight[c, j] = 3.0e4 / 48  # silu(~6.9) * 6.9 ~ 48: adds ~3e4 per layer
+        for p in m.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # bf16-trained weights
+    return lm

@@ -1,0 +1,700 @@
+"""GPU check: CUDA accuracy, then the profiler on Qwen2.5-Coder shapes, then the paper's ratios.
+
+Run through ``bench/gpu_check.sh`` (it installs the carried wheels first). Subcommands:
+
+``download``  (a machine with internet) fill ``bench/wheels/`` with the linux x86_64 wheels of
+              onnxruntime-gpu and this project's dependencies for one Python version (torch is not
+              fetched: the GPU machine must have it); ``--split-mib N`` also cuts them into
+              ``carry-NN/`` folders of at most N MiB for transports with a size limit.
+``install``   (the GPU machine, offline) install from those wheels into an overlay folder that
+              shadows the machine's own onnxruntime (CPU) without touching it; prints the folder.
+``run``       the check. Steps, each recorded in ``summary.json``:
+
+  1. environment: GPU (nvidia-smi), onnxruntime version and providers, the CUDA probe;
+  2. golden/export tests with the sessions on CUDA (``PARSCALE_TEST_DEVICE=cuda pytest tests/test_export.py``);
+  3. accuracy (``accuracy.json``): the authors' golden models exported fp32/fp16/bf16 and run on the
+     device against CPU fp32: fp32 max |logit diff| <= 1e-3, fp16 top-1 agreement >= 99%; bf16
+     reported; a bf16-weighted tiny Qwen2 with massive activations gives no NaN/Inf on 512 tokens
+     in fp16 and bf16; optionally a real model (``--real-model``) over 1024 positions of code;
+  4. profile (``profile.json``, ``profile.csv``, PNGs): random-weight models with the exact shapes
+     of qwen2.5-coder-0.5b at P=1,2,4,8, its scaling-law dense twins at P=2,4,8 and
+     qwen2.5-coder-1.5b dense, each fp16 and int4 (MatMulNBits from the fp16 export: fp16
+     activations), batch 1 and 8: TTFT, decode ms/token, GPU memory (nvidia-smi), KV cache;
+     exports run in parallel processes, profiles one at a time in fresh processes;
+  5. the paper's ratios (``paper_ratios.md``) against the paper's 22x / 6x (bench/paper_ratios.py).
+
+  A deadline (default 420 s) keeps the whole check under 8 minutes: what does not fit is listed
+  as skipped (profiles are ordered so that P=1, P=8 and the 1.5b anchor come first).
+  ``--dry-run`` runs the same steps on the CPU with tiny models and tiny sizes (bf16 is skipped:
+  the CPU provider has no bfloat16 MatMul) and writes to ``bench/results/gpu_check_dryrun/``.
+
+Weights are random for the profile (time and memory do not depend on values; the GPU machine has
+no model files). Units: ms, MiB, tokens/s.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for _p in (str(ROOT), str(ROOT / "tests")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+ORT_GPU = "onnxruntime-gpu==1.31.1"  # checked: a CUDA 13.0 / cuDNN 9 build (capi/build_and_package_info.py)
+WHEELS = ROOT / "bench" / "wheels"
+SITE = Path("/tmp/parscale-gpu-site")
+
+#: architectures of the named models as this project loads them from their GGUF files (untied heads)
+QWEN = dict(vocab_size=151936, num_key_value_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
+            max_position_embeddings=32768, tie_word_embeddings=False, attention_bias=True, family="qwen2",
+            parscale_n_tokens=48, parscale_attn_smooth=0.1)
+ARCHS = {
+    "qwen2.5-coder-0.5b": dict(QWEN, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                               num_attention_heads=14, head_dim=64),
+    "qwen2.5-coder-1.5b": dict(QWEN, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                               num_attention_heads=12, head_dim=128),
+    # dry run: same family and ratios of sizes, a few MB
+    "tiny-0.5b": dict(QWEN, vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                      num_attention_heads=4, head_dim=16, max_position_embeddings=256, parscale_n_tokens=8),
+    "tiny-1.5b": dict(QWEN, vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=6,
+                      num_attention_heads=6, head_dim=16, max_position_embeddings=256, parscale_n_tokens=8),
+}
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one check measures."""
+
+    device: str
+    model: str  # ParScale model at every P in ``parallel``
+    anchor: str  # larger dense model of the same family (interpolation anchor for the ratios)
+    parallel: tuple[int, ...] = (1, 2, 4, 8)
+    twins: tuple[int, ...] = (2, 4, 8)  # P values whose scaling-law dense twin is measured
+    precisions: tuple[str, ...] = ("fp16", "int4")
+    batches: tuple[int, ...] = (1, 8)
+    prompt_len: int = 64
+    gen_len: int = 32
+    repeat: int = 2
+    warmup: int = 1
+    workers: int = 8
+    threads: int | None = None
+    deadline_s: float = 420.0
+
+
+PLANS = {
+    "gpu": Plan(device="cuda", model="qwen2.5-coder-0.5b", anchor="qwen2.5-coder-1.5b"),
+    "dry": Plan(device="cpu", model="tiny-0.5b", anchor="tiny-1.5b", batches=(1, 2), prompt_len=16, gen_len=8,
+                repeat=1, workers=2, threads=1, deadline_s=900.0),
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+# ------------------------------------------------------------------------------------ download
+def _requirements(ort_gpu: str, cuda_libs: bool) -> list[str]:
+    """pyproject's runtime + export (without torch) + quant + profile dependencies and pytest, with
+    onnxruntime replaced by ``ort_gpu`` (``[cuda,cudnn]`` adds NVIDIA's CUDA 13 / cuDNN 9 wheels)."""
+    import tomllib
+
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = proj["optional-dependencies"]
+    reqs = list(proj["dependencies"]) + extras["export"] + extras["quant"] + extras["profile"] + ["pytest>=8"]
+    out = []
+    for r in reqs:
+        name = r.split("[")[0].split("=")[0].split(">")[0].split("<")[0].split("~")[0].strip().lower()
+        if name in ("torch", "onnxruntime") or r.startswith("parscale-edge"):
+            continue
+        if r not in out:
+            out.append(r)
+    gpu = ort_gpu.replace("onnxruntime-gpu", "onnxruntime-gpu[cuda,cudnn]") if cuda_libs else ort_gpu
+    return [gpu, *out, "nvidia-ml-py"]
+
+
+def cmd_download(a) -> int:
+    wheels = Path(a.wheels)
+    wheels.mkdir(parents=True, exist_ok=True)
+    reqs = a.packages or _requirements(a.onnxruntime_gpu, a.with_cuda_libs)
+    plats = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", a.python_version,
+           "--implementation", "cp", "-d", str(wheels), *[x for p in plats for x in ("--platform", p)],
+           *(["--no-deps"] if a.no_deps else []), *reqs]
+    _log("pip download " + " ".join(reqs))
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        return _fail("pip download failed (see above); it needs PyPI and the Python version's wheels")
+    files = sorted(wheels.glob("*.whl"))
+    total = sum(f.stat().st_size for f in files) / 2**20
+    _log(f"{len(files)} wheels, {total:.0f} MiB in {wheels} (git ignores it)")
+    if a.split_mib:
+        parts = split_for_carry(wheels, a.split_mib)
+        _log(f"split into {len(parts)} folders of <= {a.split_mib} MiB: " + ", ".join(p.name for p in parts))
+    return 0
+
+
+def split_for_carry(wheels: Path, limit_mib: int) -> list[Path]:
+    """Pack the wheels of ``wheels`` into ``carry-NN/`` folders of at most ``limit_mib`` MiB,
+    cutting larger files into ``NAME.partNN`` pieces; ``carry.json`` lists every file's sha256.
+    ``install`` puts the pieces back together (from one folder or several)."""
+    limit = limit_mib * 2**20 - 2**16  # 64 KiB left for carry.json
+    for old in wheels.glob("carry-*"):
+        shutil.rmtree(old)
+    files = sorted(wheels.glob("*.whl"), key=lambda f: -f.stat().st_size)
+    index = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    folders: list[Path] = []
+    used: list[int] = []
+
+    def place(name: str, data: bytes) -> None:
+        for i, u in enumerate(used):
+            if u + len(data) <= limit:
+                break
+        else:
+            folders.append(wheels / f"carry-{len(folders):02d}")
+            folders[-1].mkdir()
+            used.append(0)
+            i = len(folders) - 1
+        (folders[i] / name).write_bytes(data)
+        used[i] += len(data)
+
+    for f in files:
+        data = f.read_bytes()
+        if len(data) <= limit:
+            place(f.name, data)
+        else:
+            for k in range(0, len(data), limit):
+                place(f"{f.name}.part{k // limit:02d}", data[k:k + limit])
+    pieces = {f.name: -(-f.stat().st_size // limit) for f in files if f.stat().st_size > limit}
+    (folders[0] / "carry.json").write_text(json.dumps({"sha256": index, "pieces": pieces}, indent=2) + "\n")
+    return folders
+
+
+# ------------------------------------------------------------------------------------- install
+def collect_wheels(dirs: list[Path], work: Path) -> list[Path]:
+    """Whole wheels from ``dirs`` (and their ``carry-*`` subfolders), ``.partNN`` pieces joined in
+    order into ``work``, checked against any ``carry.json``. Raises ValueError for a wheel with
+    missing pieces or a wrong sha256."""
+    found: dict[str, Path] = {}
+    pieces: dict[str, dict[int, Path]] = {}
+    sums: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for d in dirs:
+        for sub in [d, *sorted(d.glob("carry-*"))]:
+            for f in sub.glob("*"):
+                if f.name == "carry.json":
+                    index = json.loads(f.read_text())
+                    sums.update(index["sha256"])
+                    counts.update(index["pieces"])
+                elif f.name.endswith(".whl"):
+                    found[f.name] = f
+                elif ".whl.part" in f.name:
+                    name, k = f.name.rsplit(".part", 1)
+                    pieces.setdefault(name, {})[int(k)] = f
+    work.mkdir(parents=True, exist_ok=True)
+    for name, parts in pieces.items():
+        if name in found:
+            continue
+        n = counts.get(name, max(parts) + 1)
+        if sorted(parts) != list(range(n)):
+            raise ValueError(f"{name}: {len(parts)} of its {n} pieces are here; carry every carry-NN folder")
+        out = work / name
+        with open(out, "wb") as w:
+            for k in sorted(parts):
+                w.write(parts[k].read_bytes())
+        found[name] = out
+    for name, f in found.items():
+        if name in sums and hashlib.sha256(f.read_bytes()).hexdigest() != sums[name]:
+            raise ValueError(f"{name}: sha256 differs from carry.json; the copy is damaged, download again")
+    return sorted(found.values())
+
+
+def _top_level(wheel: Path) -> set[str]:
+    with zipfile.ZipFile(wheel) as z:
+        names = {n.split("/")[0] for n in z.namelist()}
+    return {n.removesuffix(".py") for n in names
+            if not n.endswith((".dist-info", ".data")) and not n.startswith("_") and not n.endswith((".pth", ".libs"))}
+
+
+def cmd_install(a) -> int:
+    import importlib.util
+
+    dirs = [Path(d) for d in a.wheels]
+    missing = [d for d in dirs if not d.is_dir()]
+    hint = "fill it beforehand on a machine with internet: bench/gpu_check.sh --download --python-version 3.12"
+    if missing:
+        return _fail(f"no wheel folder {missing[0]}; {hint}")
+    try:
+        wheels = collect_wheels(dirs, Path(a.target).with_name(Path(a.target).name + "-wheels"))
+    except ValueError as e:
+        return _fail(str(e))
+    gpu = [w for w in wheels if w.name.startswith("onnxruntime_gpu-")]
+    if not gpu:
+        return _fail(f"no onnxruntime_gpu wheel in {', '.join(map(str, dirs))}; {hint}")
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    if not any(tag in w.name for w in gpu):
+        return _fail(f"the onnxruntime-gpu wheel is for {gpu[0].name.split('-')[2]}, this Python is {tag}; download "
+                     f"again with --python-version {sys.version_info.major}.{sys.version_info.minor}")
+    need = [w for w in wheels if w in gpu or not all(importlib.util.find_spec(m) for m in _top_level(w) or {"_"})]
+    need = [w for w in need if not w.name.startswith("onnxruntime-") or w in gpu]
+    target = Path(a.target)
+    target.mkdir(parents=True, exist_ok=True)
+    _log(f"installing {len(need)} of {len(wheels)} wheels into {target}: " + ", ".join(w.name.split("-")[0] for w in need))
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--upgrade", "--target", str(target), *map(str, need)])
+    if r.returncode != 0:
+        return _fail("pip install from the carried wheels failed (see above)")
+    env = dict(os.environ, PYTHONPATH=f"{target}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    probe = subprocess.run([sys.executable, "-c", "import onnxruntime as o; print(o.__file__); print(o.get_available_providers())"],
+                           capture_output=True, text=True, env=env)
+    if probe.returncode != 0 or str(target) not in probe.stdout or "CUDAExecutionProvider" not in probe.stdout:
+        return _fail(f"onnxruntime-gpu did not take over: {probe.stdout.strip()} {probe.stderr.strip()[-300:]}")
+    print(target)
+    return 0
+
+
+# --------------------------------------------------------------------------------- model building
+def arch_config(name: str, P: int = 1, layers: int | None = None):
+    """The :class:`edge.config.ParScaleConfig` of ``ARCHS[name]`` with P streams (or ``layers``)."""
+    from edge.config import ParScaleConfig
+
+    d = dict(ARCHS[name], parscale_n=P)
+    if layers:
+        d["num_hidden_layers"] = layers
+    return ParScaleConfig(**d)
+
+
+def _export_job(job: dict) -> dict:
+    """In a worker process: random-weight export of one model in fp16, then int4 from it."""
+    import torch
+
+    torch.set_num_threads(job["torch_threads"])
+    from edge.profile import quantized_folder, random_model
+    from export import export_onnx
+
+    t0 = time.perf_counter()
+    cfg = arch_config(job["arch"], job["streams"], job.get("layers"))
+    out = {"fp16": Path(job["dir"]) / f"{job['name']}-fp16"}
+    if not (out["fp16"] / "manifest.json").exists():
+        export_onnx(random_model(cfg, f"random weights, {job['name']}"), out["fp16"], overwrite=True, precision="fp16")
+    t1 = time.perf_counter()
+    if "int4" in job["precisions"]:
+        out["int4"] = quantized_folder(out["fp16"], "int4", threads=job["torch_threads"])
+    return {"name": job["name"], "folders": {k: str(v) for k, v in out.items()}, "export_s": t1 - t0,
+            "quantize_s": time.perf_counter() - t1}
+
+
+def profile_jobs(plan: Plan, work: Path) -> list[dict]:
+    """The models of ``plan``, most important first (P=1, P=8, the anchor, ...), each with its
+    row labels: kind (parscale / dense twin / dense_anchor), P, non-embedding parameters."""
+    from edge.profile import dense_twin_config, non_embedding_params
+    from edge.scaling_law import PAPER
+
+    law = PAPER["stack-v2-python"]
+    base = arch_config(plan.model)
+    N = non_embedding_params(base)
+    jobs = []
+    for P in plan.parallel:
+        jobs.append(dict(name=f"{plan.model}-p{P}", arch=plan.model, P=P, streams=P, kind="parscale",
+                         model=plan.model, non_embedding_params=N))
+    anchor = arch_config(plan.anchor)
+    jobs.append(dict(name=f"{plan.anchor}-dense", arch=plan.anchor, P=1, streams=1, kind="dense_anchor",
+                     model=plan.anchor, non_embedding_params=non_embedding_params(anchor)))
+    for P in plan.twins:
+        twin = dense_twin_config(base, law.equivalent_dense_params(N, P))
+        jobs.append(dict(name=f"{plan.model}-twin-p{P}-L{twin.num_hidden_layers}", arch=plan.model, P=P, streams=1,
+                         kind="dense",
+                         layers=twin.num_hidden_layers, model=plan.model, non_embedding_params=non_embedding_params(twin),
+                         dense_layers=twin.num_hidden_layers, target_params=law.equivalent_dense_params(N, P)))
+    order = {("parscale", 1): 0, ("parscale", max(plan.parallel)): 1, ("dense_anchor", 1): 2,
+             ("dense", max(plan.twins, default=0)): 3}
+    jobs.sort(key=lambda j: (order.get((j["kind"], j["P"]), 4), j["P"]))
+    for j in jobs:
+        j.update(dir=str(work), precisions=list(plan.precisions), family=ARCHS[j["arch"]]["family"])
+    return jobs
+
+
+# ------------------------------------------------------------------------------------- accuracy
+def _golden_logits(folder: Path, name: str, device: str) -> tuple[list, dict, str]:
+    """Run every golden case of ``name`` on ``device``; (logits at compared positions, errors vs the
+    authors' logits, provider)."""
+    import numpy as np
+
+    from edge.profile import GraphStepper
+    from edge.runtime import OnnxCausalLM
+    from golden import GOLDEN, run_cases
+
+    rt = OnnxCausalLM(folder, device=device, threads=1)
+    provider = rt.session.get_providers()[0]
+    on_gpu = provider == "CUDAExecutionProvider"
+    st = GraphStepper(rt, io_binding=on_gpu or rt.manifest.cache_dtype == "bfloat16",
+                      device_type="cuda" if on_gpu else "cpu")
+    seen = []
+
+    def fwd(ids, mask, pos, past):
+        logits, present = st.step(ids, mask, pos, past if past is not None else st.empty(ids.shape[0]))
+        seen.append(np.asarray(logits)[mask[:, -ids.shape[1]:].astype(bool)])
+        return logits, present
+
+    errs = run_cases(GOLDEN / name, fwd)
+    return seen, errs, provider
+
+
+def accuracy(device: str, work: Path, real_model: str | None) -> dict:
+    """Step 3 (see module docstring). Returns a JSON-able dict with ``checks``: name -> {value, limit, ok}."""
+    import numpy as np
+
+    from edge.loading import load_hf_folder
+    from edge.runtime import OnnxCausalLM
+    from export import export_onnx
+    from golden import MODELS, GOLDEN
+    from tiny import massive_activation_model
+
+    precisions = ["fp32", "fp16"] + (["bf16"] if device == "cuda" else [])
+    res: dict = {"device": device, "golden": {}, "checks": {}, "skipped": []}
+    if device != "cuda":
+        res["skipped"].append("bf16: the CPU provider has no bfloat16 MatMul (CUDA only)")
+    worst32, agree16, agree_bf16 = 0.0, [], []
+    for name in MODELS:
+        folders = {p: export_onnx(load_hf_folder(GOLDEN / name), work / "golden" / f"{name}-{p}", overwrite=True,
+                                  precision=p) for p in precisions}
+        ref, ref_errs, _ = _golden_logits(folders["fp32"], name, "cpu")
+        ref_all = np.concatenate(ref)
+        g = {"cpu_fp32_vs_authors_max_abs": max(ref_errs.values())}
+        for p in precisions:
+            try:
+                got, errs, provider = _golden_logits(folders[p], name, device)
+            except Exception as e:  # noqa: BLE001 - e.g. an op without a kernel for this dtype: recorded
+                g[p] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+                res["checks"][f"{name} {p} runs on {device}"] = {"value": g[p]["error"][:200], "limit": None, "ok": False}
+                continue
+            got_all = np.concatenate(got)
+            diff = float(np.abs(got_all - ref_all).max())
+            agree = float((got_all.argmax(-1) == ref_all.argmax(-1)).mean())
+            g[p] = {"provider": provider, "max_abs_vs_cpu_fp32": diff, "top1_vs_cpu_fp32": agree,
+                    "max_abs_vs_authors": max(errs.values()), "positions": int(len(got_all)),
+                    "finite": bool(np.isfinite(got_all).all())}
+            if device == "cuda" and provider != "CUDAExecutionProvider":
+                res["checks"][f"{name} {p} runs on CUDA"] = {"value": provider, "limit": "CUDAExecutionProvider",
+                                                              "ok": False}
+            if p == "fp32":
+                worst32 = max(worst32, diff)
+            elif p == "fp16":
+                agree16.append((agree, len(got_all)))
+            else:
+                agree_bf16.append((agree, len(got_all)))
+        res["golden"][name] = g
+    pooled = lambda xs: sum(a * n for a, n in xs) / sum(n for _, n in xs) if xs else 0.0  # noqa: E731
+    res["checks"]["fp32 on device: max |logit - CPU fp32|"] = {"value": worst32, "limit": 1e-3, "ok": worst32 <= 1e-3}
+    res["checks"]["fp16 on device: top-1 agreement with CPU fp32"] = {"value": pooled(agree16), "limit": 0.99,
+                                                                      "ok": pooled(agree16) >= 0.99}
+    if agree_bf16:
+        res["checks"]["bf16 on device: top-1 agreement with CPU fp32 (reported)"] = {
+            "value": pooled(agree_bf16), "limit": None, "ok": True}
+    # massive activations: no NaN/Inf on a 512-token prompt
+    from edge.profile import GraphStepper
+
+    ids = np.random.default_rng(0).integers(0, 97, (1, 512))
+    for p in precisions[1:]:
+        name = f"{p}: bf16-weighted Qwen2 with massive activations, 512 tokens, no NaN/Inf"
+        try:
+            folder = export_onnx(massive_activation_model(), work / f"massive-{p}", overwrite=True, precision=p)
+            rt = OnnxCausalLM(folder, device=device, threads=1)
+            on_gpu = rt.session.get_providers()[0] == "CUDAExecutionProvider"
+            st = GraphStepper(rt, io_binding=on_gpu or p == "bf16", device_type="cuda" if on_gpu else "cpu")
+            logits, cache = st.step(ids, np.ones((1, 512), np.int64), np.arange(512)[None], st.empty(1))
+            step, cache = st.step(logits[:, -1].argmax(-1)[:, None], np.ones((1, 513), np.int64), np.array([[512]]),
+                                  cache)
+            ok = bool(np.isfinite(logits).all() and np.isfinite(step).all())
+            if isinstance(cache[0], np.ndarray):
+                ok = ok and all(np.isfinite(c.astype(np.float32)).all() for c in cache)
+            res["checks"][name] = {"value": ok, "limit": True, "ok": ok}
+        except Exception as e:  # noqa: BLE001 - recorded as a failed check
+            res["checks"][name] = {"value": f"{type(e).__name__}: {str(e)[:200]}", "limit": True, "ok": False}
+    if real_model:
+        try:
+            res["real_model"] = r = _real_model(real_model, device)
+            res["checks"][f"{real_model} fp16 on device: top-1 agreement with CPU fp32 ({r['positions']} positions)"] = {
+                "value": r["top1_agreement"], "limit": 0.99, "ok": r["top1_agreement"] >= 0.99}
+        except Exception as e:  # noqa: BLE001 - e.g. the model is not in the cache of an offline machine
+            res["checks"][f"{real_model} fp16 on device"] = {"value": f"{type(e).__name__}: {str(e)[:300]}",
+                                                              "limit": 0.99, "ok": False}
+    res["ok"] = all(c["ok"] for c in res["checks"].values())
+    return res
+
+
+def _real_model(spec: str, device: str, positions: int = 1024) -> dict:
+    """fp16 on ``device`` against fp32 on the CPU over held-out stdlib code (edge.evaluate.compare)."""
+    from edge.cli import ensure_export
+    from edge.evaluate import compare, onnx_logits_fn, stdlib_text
+    from edge.runtime import OnnxCausalLM
+
+    ref = OnnxCausalLM(ensure_export(spec, 1, None, progress=False), device="cpu")
+    cand = OnnxCausalLM(ensure_export(spec, 1, None, progress=False, precision="fp16"), device=device)
+    tokens = ref.tokenizer.encode(stdlib_text())
+    r = compare(onnx_logits_fn(ref), onnx_logits_fn(cand), tokens, window=512, max_positions=positions)
+    return {"model": spec, "provider": cand.session.get_providers()[0], **r}
+
+
+def cmd_accuracy(a) -> int:
+    res = accuracy(a.device, Path(a.work), a.real_model)
+    from edge.atomic import write_json
+
+    write_json(a.out, res)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ run
+def _environment(device: str) -> dict:
+    import onnxruntime as ort
+
+    from edge.device import device_info
+    from edge.providers import cuda_status
+
+    info = device_info()
+    works, why = cuda_status()
+    env = {"machine": info, "onnxruntime_file": ort.__file__, "cuda_works": works, "cuda_reason": why,
+           "python": sys.version.split()[0], "device": device}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+    except ImportError:
+        env["torch"] = None
+    try:
+        env["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip() or None
+    except OSError:
+        env["commit"] = None
+    return env
+
+
+def cmd_run(a) -> int:
+    from edge.atomic import write_json
+
+    t_start = time.perf_counter()
+    plan = PLANS["dry" if a.dry_run else "gpu"]
+    if a.deadline_s:
+        plan.deadline_s = a.deadline_s
+    if a.workers:
+        plan.workers = a.workers
+    if a.parallel:
+        plan.parallel = tuple(int(x) for x in a.parallel.split(","))
+        plan.twins = tuple(p for p in plan.twins if p in plan.parallel)
+    if a.precisions:
+        plan.precisions = tuple(a.precisions.split(","))
+        if set(plan.precisions) - {"fp16", "int4"}:
+            return _fail(f"--precisions takes fp16 and/or int4, got {a.precisions!r}")
+    out = Path(a.output or ROOT / "bench" / "results" / ("gpu_check_dryrun" if a.dry_run else "gpu_check"))
+    work = Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    left = lambda: plan.deadline_s - (time.perf_counter() - t_start)  # noqa: E731
+    summary: dict = {"plan": dataclasses.asdict(plan), "steps": {}, "skipped": []}
+
+    def step(name: str, t0: float, **kw) -> None:
+        summary["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), **kw}
+        _log(f"{name}: {summary['steps'][name]}")
+
+    # 1. environment
+    t0 = time.perf_counter()
+    env = _environment(plan.device)
+    summary["environment"] = env
+    if plan.device == "cuda" and not env["cuda_works"]:
+        write_json(out / "summary.json", summary)
+        return _fail(f"CUDA does not work here: {env['cuda_reason']}")
+    step("environment", t0, cuda_works=env["cuda_works"], onnxruntime=env["machine"]["onnxruntime"])
+
+    # start the exports now: they only need CPUs, and the accuracy steps need the GPU
+    jobs = profile_jobs(plan, work / "models")
+    pool = cf.ProcessPoolExecutor(max_workers=plan.workers, mp_context=__import__("multiprocessing").get_context("spawn"))
+    torch_threads = max(1, (os.cpu_count() or 2) // max(1, plan.workers))
+    futures = {pool.submit(_export_job, dict(j, torch_threads=torch_threads)): j for j in jobs}
+    t_exports = time.perf_counter()
+
+    # 2. golden/export tests with the sessions on the device
+    t0 = time.perf_counter()
+    if a.skip_pytest:
+        step("pytest", t0, status="skipped (--skip-pytest)")
+    else:
+        env_t = dict(os.environ, PARSCALE_TEST_DEVICE=plan.device)
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_export.py"],
+                           cwd=ROOT, env=env_t, capture_output=True, text=True, timeout=max(30, left()))
+        (out / "pytest.log").write_text(r.stdout[-20000:] + r.stderr[-5000:])
+        step("pytest", t0, ok=r.returncode == 0, last_line=(r.stdout.strip().splitlines() or [""])[-1])
+
+    # 3. accuracy (own process: the main process never holds a GPU context, so GPU memory is clean)
+    t0 = time.perf_counter()
+    cmd = [sys.executable, str(Path(__file__)), "accuracy", "--device", plan.device, "--work", str(work / "accuracy"),
+           "--out", str(out / "accuracy.json")] + (["--real-model", a.real_model] if a.real_model else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, left()))
+    if r.returncode == 0:
+        acc = json.loads((out / "accuracy.json").read_text())
+        step("accuracy", t0, ok=acc["ok"], checks={k: v["value"] for k, v in acc["checks"].items()})
+    else:
+        acc = {"ok": False, "error": r.stderr.strip()[-2000:]}
+        step("accuracy", t0, ok=False, error=acc["error"][-500:])
+
+    # 4. profile: wait for exports (until 60% of the budget), then profile in priority order
+    t0 = time.perf_counter()
+    built: dict[str, dict] = {}
+    try:
+        for fut in cf.as_completed(futures, timeout=max(1.0, 0.6 * plan.deadline_s - (time.perf_counter() - t_start))):
+            j = futures[fut]
+            try:
+                built[j["name"]] = fut.result()
+            except Exception as e:  # noqa: BLE001 - recorded, the rest goes on
+                summary["skipped"].append(f"{j['name']}: export failed: {type(e).__name__}: {str(e)[:300]}")
+    except cf.TimeoutError:
+        summary["skipped"] += [f"{futures[f]['name']}: export not finished in time" for f in futures if not f.done()]
+        for proc in list(getattr(pool, "_processes", {}).values()):  # stop them: they would skew the timings
+            proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    step("exports", t_exports, built=len(built), of=len(jobs),
+         seconds_each={k: round(v["export_s"] + v["quantize_s"], 1) for k, v in built.items()})
+
+    from edge.profile import profile_folder
+
+    rows = []
+    for j in jobs:
+        if j["name"] not in built:
+            continue
+        for prec in plan.precisions:
+            folder = built[j["name"]]["folders"].get(prec)
+            if folder is None:
+                continue
+            if left() < 20:
+                summary["skipped"].append(f"{j['name']} {prec}: profile skipped (deadline)")
+                continue
+            try:
+                got = profile_folder(folder, list(plan.batches), [plan.prompt_len], plan.gen_len, plan.threads,
+                                     plan.repeat, plan.warmup, None, timeout_s=max(10.0, left() - 5),
+                                     device=plan.device)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                summary["skipped"].append(f"{j['name']} {prec}: profile failed: {str(e)[-300:]}")
+                continue
+            for r_ in got:
+                rows.append({"model": j["model"], "kind": j["kind"], **r_, "P": j["P"], "folder": folder,
+                             "family": j["family"], "non_embedding_params": j["non_embedding_params"],
+                             "weights": "random", **{k: j[k] for k in ("dense_layers", "target_params") if k in j}})
+    step("profile", t0, rows=len(rows))
+    result = {"machine": env["machine"], "settings": {**dataclasses.asdict(plan), "law": "stack-v2-python"},
+              "rows": rows, "note": "random weights with the architectures named: cost does not depend on weight values"}
+    write_json(out / "profile.json", result)
+    _write_csv(out / "profile.csv", rows)
+    t0 = time.perf_counter()
+    sys.path.insert(0, str(ROOT / "bench"))
+    from paper_ratios import write_report
+
+    gpu = (env["machine"].get("gpu") or [{}])[0].get("name")
+    title = f"{plan.model} on {gpu or env['machine']['cpu']['model']} ({plan.device}{', DRY RUN: tiny models' if a.dry_run else ''})"
+    ratios = write_report(out / "profile.json", out, title=title)
+    try:
+        from edge.plots import plot_profile, plot_versus_dense
+
+        plot_profile([r for r in rows if r["kind"] != "dense_anchor"], out, title)
+        twin_rows = [r for r in ratios["rows"] if r["method"] == "twin"]
+        if twin_rows:
+            plot_versus_dense(twin_rows, out, title)
+    except ImportError:
+        summary["skipped"].append("plots: matplotlib is not installed")
+    step("report", t0, ratio_rows=len(ratios["rows"]))
+
+    summary["accuracy_ok"] = acc.get("ok", False)
+    summary["pytest_ok"] = summary["steps"]["pytest"].get("ok", True)
+    summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    summary["ok"] = summary["accuracy_ok"] and summary["pytest_ok"] and bool(rows)
+    write_json(out / "summary.json", summary)
+    _print_summary(summary, acc, rows, out)
+    if not a.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if summary["ok"] else 1
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def _print_summary(summary: dict, acc: dict, rows: list[dict], out: Path) -> None:
+    print(f"GPU check ({summary['plan']['device']}) in {summary['total_seconds']} s: "
+          f"{'PASS' if summary['ok'] else 'FAIL'}")
+    for k, v in acc.get("checks", {}).items():
+        print(f"  {'ok  ' if v['ok'] else 'FAIL'} {k}: {v['value']}" + (f" (limit {v['limit']})" if v["limit"] else ""))
+    print("| model | kind | P | precision | batch | TTFT ms | decode ms/token p50 | GPU MiB (+ over before load) | KV MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        vram = (f"{r['vram_peak_mib'] - r['vram_before_mib']:.0f}" if r.get("vram_peak_mib") is not None
+                else f"RSS {r['peak_rss_mib'] - r['rss_before_mib']:.0f}")
+        print(f"| {r['model']} | {r['kind']} | {r['P']} | {r['precision']} | {r['batch']} | {r['ttft_ms']:.1f} | "
+              f"{r['decode_ms_p50']:.2f} | {vram} | {r['kv_cache_mib']:.1f} |")
+    for s in summary["skipped"]:
+        print(f"  skipped: {s}")
+    print(f"results: {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("download", help="fill bench/wheels (needs internet)")
+    p.add_argument("--wheels", default=str(WHEELS))
+    p.add_argument("--python-version", default=f"{sys.version_info.major}.{sys.version_info.minor}",
+                   help="of the GPU machine's python3 (default: this one's)")
+    p.add_argument("--onnxruntime-gpu", default=ORT_GPU, help=f"requirement (default {ORT_GPU})")
+    p.add_argument("--with-cuda-libs", action="store_true",
+                   help="also NVIDIA's CUDA/cuDNN wheels (GBs; for a machine without CUDA 13 libraries)")
+    p.add_argument("--split-mib", type=int, default=0, help="also cut into carry-NN folders of at most N MiB")
+    p.add_argument("--packages", nargs="+", default=None,
+                   help="only these requirements (e.g. the ones the GPU machine lacks: onnxruntime-gpu==1.31.1 gguf)")
+    p.add_argument("--no-deps", action="store_true", help="not their dependencies either")
+    p.set_defaults(func=cmd_download)
+    p = sub.add_parser("install", help="install the carried wheels into an overlay folder (offline)")
+    p.add_argument("--wheels", nargs="+", default=[str(WHEELS)])
+    p.add_argument("--target", default=str(SITE))
+    p.set_defaults(func=cmd_install)
+    p = sub.add_parser("accuracy", help="(step 3 alone) golden/massive-activation checks on a device")
+    p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--real-model", default=None)
+    p.set_defaults(func=cmd_accuracy)
+    p = sub.add_parser("run", help="the whole check")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny models and sizes")
+    p.add_argument("-o", "--output", default=None)
+    p.add_argument("--work", default="/tmp/parscale-gpu-check-work", help="exports (deleted at the end)")
+    p.add_argument("--keep-work", action="store_true")
+    p.add_argument("--deadline-s", type=float, default=None, help="budget for all steps (GPU default 420)")
+    p.add_argument("--workers", type=int, default=None, help="parallel export processes")
+    p.add_argument("--skip-pytest", action="store_true")
+    p.add_argument("--parallel", default=None, help="P values (default 1,2,4,8; twins follow)")
+    p.add_argument("--precisions", default=None, help="fp16,int4 (default both)")
+    p.add_argument("--real-model", default=None, help="also compare fp16 with fp32 on this model (named or .gguf; "
+                   "must be in PARSCALE_EDGE_CACHE or a local file: the GPU machine has no internet)")
+    p.set_defaults(func=cmd_run)
+    a = ap.parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
