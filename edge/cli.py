@@ -12,6 +12,7 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .manifest import MANIFEST_FILE, Manifest
@@ -54,7 +55,8 @@ def _is_export_folder(spec: str) -> bool:
     return (Path(spec) / MANIFEST_FILE).exists()
 
 
-def _cache_key(spec: str, parallel: int, precision: str = "fp32") -> str:
+def _cache_key(spec: str, parallel: int | Sequence[int] | None, precision: str = "fp32") -> str:
+    """Cache folder name: ``<model>-p<P>-<precision>``; several P (one backbone): ``<model>-p1-2-4-fp32``."""
     from .hub import resolve_model
 
     kind, ref = resolve_model(spec)
@@ -65,6 +67,8 @@ def _cache_key(spec: str, parallel: int, precision: str = "fp32") -> str:
         st = p.stat()
         digest = hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
         base = f"{p.stem or p.name}-{digest}"
+    if isinstance(parallel, Sequence):
+        parallel = "-".join(str(P) for P in sorted(set(parallel)))
     return f"{base}-p{parallel}-{precision}" if parallel else f"{base}-{precision}"
 
 
@@ -85,33 +89,59 @@ def load_for_export(spec: str, parallel: int | None, threads: int | None, progre
     return lm
 
 
-def ensure_export(spec: str, parallel: int | None = None, threads: int | None = None, progress: bool = True,
-                  precision: str = "fp32") -> Path:
-    """An export folder for ``spec``: itself when it is one, else a cached export (made once) in
-    ``precision`` fp32, fp16 or bf16."""
-    if parallel is not None and parallel < 1:
-        raise CLIError(f"--parallel must be >= 1, got {parallel}")
+def load_several(spec: str, parallels: Sequence[int], threads: int | None, progress: bool = True):
+    """(first model, the others): the dense ``spec`` as P = ``parallels[0]`` and its conversions to
+    the other P, all over one backbone (``export_model(first, out, also=others)`` writes one folder
+    that serves every P). Raises CLIError when ``spec`` is not dense (P=1)."""
+    from .loading import convert_to_parscale
+
+    dense = load_for_export(spec, None, threads, progress=progress)
+    if dense.model.config.parscale_n != 1:
+        raise CLIError(f"several --parallel values need a dense (P=1) model; {spec} has "
+                       f"P={dense.model.config.parscale_n}")
+    models = [dense if P == 1 else convert_to_parscale(dense, P) for P in parallels]
+    return models[0], models[1:]
+
+
+def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, threads: int | None = None,
+                  progress: bool = True, precision: str = "fp32") -> Path:
+    """An export folder for ``spec``: itself when it is one (it must offer every P asked for), else
+    a cached export (made once) in ``precision`` fp32, fp16 or bf16. Several P: one fused backbone
+    with a ParScale part file per P > 1 (cached as ``<model>-p1-2-4-fp32``)."""
+    several = sorted(set(parallel)) if isinstance(parallel, Sequence) else None
+    if several is not None and len(several) == 1:
+        parallel, several = several[0], None
+    for P in several or [parallel]:
+        if P is not None and P < 1:
+            raise CLIError(f"--parallel must be >= 1, got {P}")
     if _is_export_folder(spec):
         man = Manifest.read(spec)
         offered = sorted(int(k) for k in (man.parallel_options or {str(man.parscale_n): None}))
-        if parallel and parallel not in offered:
-            raise CLIError(f"{spec} offers P in {offered}, not {parallel}; re-export with --parallel {parallel}")
+        missing = [P for P in several or [parallel] if P and P not in offered]
+        if missing:
+            raise CLIError(f"{spec} offers P in {offered}, not {', '.join(map(str, missing))}; re-export with "
+                           f"--parallel {','.join(map(str, several or [parallel]))}")
         return Path(spec)
     from .hub import default_cache_dir
 
-    out = Path(default_cache_dir()) / "onnx" / _cache_key(spec, parallel or (1 if spec in _named() else None), precision)
+    out = Path(default_cache_dir()) / "onnx" / _cache_key(spec, several or parallel or (1 if spec in _named() else None),
+                                                          precision)
     if (out / MANIFEST_FILE).exists():
         from .manifest import FORMAT_VERSION
 
         if Manifest.read(out).format_version == FORMAT_VERSION:
             return out
         _log(f"cached export {out} was made by another parscale-edge version; exporting again")
-    lm = load_for_export(spec, parallel, threads, progress)
+    if several:
+        lm, also = load_several(spec, several, threads, progress)
+    else:
+        lm, also = load_for_export(spec, parallel, threads, progress), []
     from export import export_model
 
-    _log(f"exporting {spec} (P={lm.model.config.parscale_n}, {precision}) to {out} ...")
+    Ps = ", ".join(str(m.model.config.parscale_n) for m in [lm, *also])
+    _log(f"exporting {spec} (P={Ps}, {precision}) to {out} ...")
     t0 = time.perf_counter()
-    export_model(lm, out, overwrite=True, precision=precision)
+    export_model(lm, out, overwrite=True, also=also, precision=precision)
     _log(f"exported in {time.perf_counter() - t0:.1f} s")
     return out
 
@@ -160,14 +190,7 @@ def cmd_export(a) -> None:
     parallels = _ints(a.parallel, "parallel") if a.parallel else [None]
     also = []
     if len(parallels) > 1:  # one backbone, ParScale parts for every P (dynamic parallel scaling)
-        from .loading import convert_to_parscale
-
-        dense = load_for_export(a.model, None, a.threads, progress=not a.quiet)
-        if dense.model.config.parscale_n != 1:
-            raise CLIError(f"several --parallel values need a dense (P=1) model; {a.model} has "
-                           f"P={dense.model.config.parscale_n}")
-        models = [dense if P == 1 else convert_to_parscale(dense, P) for P in parallels]
-        lm, also = models[0], models[1:]
+        lm, also = load_several(a.model, parallels, a.threads, progress=not a.quiet)
     else:
         lm = load_for_export(a.model, parallels[0], a.threads, progress=not a.quiet)
     from export import export_model
@@ -598,8 +621,8 @@ def cmd_demo(a) -> None:
     if a.precision not in PRECISIONS:
         raise CLIError(f"unknown precision {a.precision!r}; use {', '.join(PRECISIONS)}")
     for name in ("left_parallel", "right_parallel"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+        if getattr(a, name) is not None:
+            setattr(a, name, _ints(getattr(a, name), name.replace("_", "-")))
     if a.concurrency < 1 or a.max_new_tokens < 1:
         raise CLIError(f"--concurrency and --max-new-tokens must be >= 1, got {a.concurrency} and {a.max_new_tokens}")
     if a.port is not None and not 0 < a.port < 65536:
@@ -768,10 +791,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="web demo: a ParScale model and a larger dense model answer side by side (gradio)")
     p.add_argument("--left", default=DEFAULTS.left, help=f"the ParScale side (default {DEFAULTS.left})")
-    p.add_argument("--left-parallel", type=int, default=None,
-                   help=f"P streams of the left model (default {DEFAULTS.left_parallel}; an export folder keeps its own)")
+    p.add_argument("--left-parallel", default=None, metavar="P[,P...]",
+                   help="P the left model offers, one backbone for all (the first is selected at start; default "
+                        f"{','.join(map(str, DEFAULTS.left_parallel))}; an export folder: every P it offers)")
     p.add_argument("--right", default=DEFAULTS.right, help=f"the dense side (default {DEFAULTS.right})")
-    p.add_argument("--right-parallel", type=int, default=None, help="P of the right model (default 1)")
+    p.add_argument("--right-parallel", default=None, metavar="P[,P...]",
+                   help=f"P of the right model (default {','.join(map(str, DEFAULTS.right_parallel))})")
     p.add_argument("--precision", default=DEFAULTS.precision,
                    help=f"fp32, int8 or int4 for models the demo exports (default {DEFAULTS.precision}; "
                         "export folders run as they are)")

@@ -66,6 +66,31 @@ def test_export_folder_with_other_p_is_refused(tiny, capsys):
     assert "offers P in [1], not 4" in capsys.readouterr().err
 
 
+def test_ensure_export_caches_one_backbone_for_several_p(tiny, tmp_path, monkeypatch):
+    """ensure_export(spec, [P...]) writes one fused folder offering every P (what `export -P 1,2,4`
+    writes), reuses it, and an export folder must offer every P asked for."""
+    from edge.cli import CLIError, ensure_export
+    from edge.runtime import OnnxCausalLM, SamplingConfig
+
+    gguf_path, root = tiny
+    monkeypatch.setenv("PARSCALE_EDGE_CACHE", str(tmp_path / "cache"))
+    out = ensure_export(str(gguf_path), [4, 1, 2], threads=1, progress=False)
+    assert out.name.startswith("tiny-") and out.name.endswith("-p1-2-4-fp32")
+    rt = OnnxCausalLM(out, device="cpu", threads=1)
+    assert rt.manifest.graph == "fused" and rt.parallel_options == [1, 2, 4]
+    assert main(["-q", "export", str(gguf_path), "-o", str(root / "shared"), "-P", "1,2,4"]) == 0
+    ref = OnnxCausalLM(root / "shared", device="cpu", threads=1)
+    for P in (1, 2, 4):  # the same conversions as the export command's
+        assert rt.generate([[5, 6, 7]], SamplingConfig(max_new_tokens=6), [], parallel=P) == \
+            ref.generate([[5, 6, 7]], SamplingConfig(max_new_tokens=6), [], parallel=P)
+    mtime = (out / "model.onnx").stat().st_mtime_ns
+    assert ensure_export(str(gguf_path), (1, 2, 4), progress=False) == out and \
+        (out / "model.onnx").stat().st_mtime_ns == mtime  # cached: not exported again
+    assert ensure_export(str(out), [2, 4]) == out
+    with pytest.raises(CLIError, match=r"offers P in \[1, 2, 4\], not 3, 8; re-export with --parallel 2,3,8"):
+        ensure_export(str(out), [2, 3, 8])
+
+
 def test_output_that_is_a_file_is_refused_before_loading(tmp_path, capsys):
     f = tmp_path / "afile"
     f.write_text("x")
