@@ -10,6 +10,10 @@ Design (issue #6):
   stop costs at most the one decode step already running.
 - The queue's concurrency is explicit (``concurrency``: that many answers decode at once, more
   wait in the queue); each browser session's history lives in its own ``gr.State``.
+- P per answer: a model whose fused export offers several P over one backbone gets a P control;
+  the P selected when a message is sent goes with that request (``generate_tokens(parallel=P)``),
+  so sessions with different P decode side by side on one ONNX Runtime session. The numbers under
+  a pane show the P of the answer they measure.
 - Bad input never raises: an empty message gets a note under the input; a conversation longer
   than a model's context, or a model that did not load, gets a note in that model's pane and the
   other pane answers as usual.
@@ -47,11 +51,18 @@ def pane_message(role: str, text: str) -> dict:
     return {"role": role, "content": {"type": "text", "text": text}}
 
 
+def _list(xs) -> str:
+    return ", ".join(map(str, xs))
+
+
 def header_md(lm: LoadedModel) -> str:
-    """The line above a pane: which model, P, precision (or that it did not load)."""
+    """The line above a pane: which model, P (or the P it offers), precision (or that it did not load)."""
     if not lm.ok:
         return f"### {lm.label}: {lm.spec}\nnot loaded"
-    kind = f"ParScale, P={lm.P} streams" if lm.P > 1 else "dense (P=1)"
+    if len(lm.parallel_options) > 1:
+        kind = f"ParScale, one backbone for P = {_list(lm.parallel_options)} streams (pick P below)"
+    else:
+        kind = f"ParScale, P={lm.P} streams" if lm.P > 1 else "dense (P=1)"
     return f"### {lm.label}: {lm.spec}\n{kind} · {lm.precision} · `{lm.folder.name}`"
 
 
@@ -59,20 +70,25 @@ def _mib(x: float) -> str:
     return f"{x:.0f}" if abs(x) >= 10 else f"{x:.1f}"
 
 
-def stats_md(lm: LoadedModel, st: AnswerStats | None) -> str:
-    """The numbers under a pane: TTFT (ms), decode tokens/s, tokens generated, resident memory
-    (MiB, how measured), file size (MiB), P, precision. ``st`` None: before the first answer."""
+def stats_md(lm: LoadedModel, st: AnswerStats | None, P: int | None = None) -> str:
+    """The numbers under a pane: TTFT (ms), decode tokens/s, tokens generated, KV cache of the
+    answer (MiB), then P, precision, resident memory (MiB, how measured), file size (MiB). P is the
+    one the answer ``st`` used; before the first answer (``st`` None) the selected ``P`` (default
+    the model's start P). A model offering several P adds what its ParScale parts cost."""
     if not lm.ok:
         return f"{NOTE}not loaded: {lm.error}"
-    fixed = (f"P **{lm.P}** · {lm.precision} · resident **{_mib(lm.resident_mib)}** MiB · file "
+    P = st.P if st is not None else (P if P is not None else lm.P)
+    fixed = (f"P **{P}** · {lm.precision} · resident **{_mib(lm.resident_mib)}** MiB · file "
              f"**{_mib(lm.file_mib)}** MiB")
+    if len(lm.parallel_options) > 1:
+        fixed += (f"  \none backbone serves P = {_list(lm.parallel_options)}; the ParScale parts of all of them "
+                  f"(prefixes, aggregators) are **{_mib(lm.parts_mib)}** MiB of that")
     if st is None:
         live = "TTFT – · tok/s – · tokens –"
     else:
         ttft = f"**{st.ttft_ms:.0f}** ms" if st.ttft_ms is not None else "–"
         tps = f"**{st.tokens_per_s:.1f}**" if st.tokens_per_s is not None else "–"
-        kv = lm.kv_mib(st.prompt_tokens + st.tokens)
-        live = f"TTFT {ttft} · {tps} tok/s · **{st.tokens}** tokens · KV cache {_mib(kv)} MiB"
+        live = f"TTFT {ttft} · {tps} tok/s · **{st.tokens}** tokens · KV cache {_mib(st.kv_bytes / 2**20)} MiB"
     return f"{live}  \n{fixed}  \n<small>resident = {lm.resident_how}; timings count this model's own steps</small>"
 
 
@@ -87,16 +103,20 @@ def _sampling(max_new_tokens, temperature, top_p, seed):
 
 def make_respond(models: dict[str, LoadedModel]):
     """The submit handler over ``models`` (``{"left": ..., "right": ...}``): a generator yielding
-    (textbox, left pane, right pane, left numbers, right numbers, status, session state)."""
+    (textbox, left pane, right pane, left numbers, right numbers, status, session state).
+    ``left_P`` / ``right_P``: the P each model answers with (None: its start P); a P a model does
+    not offer gets a note in its pane."""
 
-    def respond(message: str, max_new_tokens: int, temperature: float, top_p: float, seed, session: dict | None):
+    def respond(message: str, max_new_tokens: int, temperature: float, top_p: float, seed, left_P, right_P,
+                session: dict | None):
         session = session if session else new_session()
         hist, disp = session["history"], session["display"]
         stats: dict[str, AnswerStats | None] = {s: None for s in SIDES}
+        chosen = {s: (int(P) if P not in (None, "") else None) for s, P in (("left", left_P), ("right", right_P))}
 
         def out(box, status=""):
-            return (box, disp["left"], disp["right"], stats_md(models["left"], stats["left"]),
-                    stats_md(models["right"], stats["right"]), status, session)
+            return (box, disp["left"], disp["right"], stats_md(models["left"], stats["left"], chosen["left"]),
+                    stats_md(models["right"], stats["right"], chosen["right"]), status, session)
 
         if not message or not message.strip():
             yield out(message or "", f"{NOTE}Empty message: type a question first.")
@@ -114,8 +134,10 @@ def make_respond(models: dict[str, LoadedModel]):
                 disp[s].append(pane_message("assistant", f"{NOTE}This model did not load: {lm.error}"))
             else:
                 try:
-                    answer = Answer(lm.runtime, hist[s] + [{"role": "user", "content": message}], sampling)
-                except ValueError as e:  # PromptTooLong, or a chat template that rejects the messages
+                    P = chosen[s] if chosen[s] is not None else lm.P
+                    answer = Answer(lm.runtime, hist[s] + [{"role": "user", "content": message}], sampling, P,
+                                    lm.prefix.get(P, 0))
+                except ValueError as e:  # PromptTooLong, a P not offered, a chat template that rejects the messages
                     disp[s].append(pane_message("assistant", f"{NOTE}Not sent to this model: {str(e).rstrip('.')}."))
                 else:
                     hist[s] += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
@@ -158,8 +180,8 @@ def profile_view(folder: Path | None) -> tuple[list[str], str]:
         return [], "Profiling needs both models loaded."
     if not (folder / "profile.json").exists():
         return [], ("No profile of this pair yet. **Profile this pair** runs the profiler (`edge.profile`: each model "
-                    "in its own process, batch 1, 32-token prompt, 32 new tokens) and plots decode time, "
-                    "memory and TTFT against P.")
+                    "at each P it offers in its own process, batch 1, 32-token prompt, 32 new tokens) and plots decode "
+                    "time, memory and TTFT against P.")
     rows = json.loads((folder / "profile.json").read_text())["rows"]
     lines = ["| model | P | precision | TTFT ms | decode ms/step p50 | decode tok/s | peak RSS MiB | file MiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -171,8 +193,8 @@ def profile_view(folder: Path | None) -> tuple[list[str], str]:
 
 
 def run_profile(models: dict[str, LoadedModel], threads: int | None, gen_len: int = 32) -> Path:
-    """Profile both loaded folders (fresh worker process each, batch 1, prompt 32, ``gen_len`` new
-    tokens, 2 repeats) and write ``profile.json`` + the profiler's PNGs into :func:`profile_dir`
+    """Profile both loaded folders at every P they offer (fresh worker process each, batch 1, prompt
+    32, ``gen_len`` new tokens, 2 repeats) and write ``profile.json`` + the profiler's PNGs into :func:`profile_dir`
     (atomically). Raises RuntimeError when a worker fails."""
     from edge.atomic import atomic_folder, write_json
     from edge.plots import plot_profile
@@ -182,8 +204,9 @@ def run_profile(models: dict[str, LoadedModel], threads: int | None, gen_len: in
     rows = []
     for s in SIDES:
         lm = models[s]
-        for r in profile_folder(lm.folder, [1], [32], gen_len, threads=threads, repeat=2, warmup=1):
-            rows.append({"model": f"{s}: {lm.spec}", "kind": "parscale", **r, "folder": str(lm.folder)})
+        for P in lm.parallel_options:  # a folder offering several P: one line across them
+            for r in profile_folder(lm.folder, [1], [32], gen_len, threads=threads, repeat=2, warmup=1, parallel=P):
+                rows.append({"model": f"{s}: {lm.spec}", "kind": "parscale", **r, "folder": str(lm.folder)})
     with atomic_folder(out, overwrite=True) as tmp:
         write_json(tmp / "profile.json", {"rows": rows, "settings": {"batch": 1, "prompt_len": 32, "gen_len": gen_len,
                                                                      "repeat": 2, "warmup": 1, "threads": threads}})
@@ -202,8 +225,8 @@ def build_app(left: LoadedModel, right: LoadedModel, *, concurrency: int = 2, ma
 
     ``concurrency``: answers decoded at once across all sessions (the queue's limit for the chat
     event; more requests wait). ``max_new_tokens``: the slider's initial value. ``threads``: ONNX
-    Runtime threads of the profile button's worker processes. API names: ``/chat`` (streams),
-    ``/clear``, ``/profile``."""
+    Runtime threads of the profile button's worker processes. API names: ``/chat`` (streams;
+    message, max new tokens, temperature, top-p, seed, left P, right P), ``/clear``, ``/profile``."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     models = {"left": left, "right": right}
@@ -212,11 +235,21 @@ def build_app(left: LoadedModel, right: LoadedModel, *, concurrency: int = 2, ma
                     "One message goes to both models; each answer streams in its own pane. The two models take "
                     "turns on the CPU (each gets half), so the numbers under a pane count that model's own work.")
         state = gr.State(new_session())
-        panes, numbers = {}, {}
+        panes, numbers, P_of = {}, {}, {}
         with gr.Row(equal_height=True):
             for s, lm in models.items():
                 with gr.Column():
                     gr.Markdown(header_md(lm), elem_id=f"header-{s}")
+                    # P control: shown where the model offers several P over one backbone; each answer
+                    # uses the P selected when it is sent (per session: two sessions may differ). Hidden
+                    # with one P, so the API keeps its parameters; a model that did not load has none.
+                    if lm.ok:
+                        P_of[s] = gr.Radio(lm.parallel_options, value=lm.P, label="P (parallel streams)",
+                                           info=("one backbone for every P; the numbers under the pane show the P "
+                                                 "of the answer they measure"),
+                                           visible=len(lm.parallel_options) > 1, elem_id=f"P-{s}")
+                    else:
+                        P_of[s] = gr.State(None)
                     panes[s] = gr.Chatbot(label=f"{s}: {lm.spec}", show_label=False, height=420, elem_id=f"chat-{s}",
                                           placeholder=None if lm.ok else f"{NOTE}This model did not load: {lm.error}",
                                           buttons=["copy"])
@@ -241,30 +274,31 @@ def build_app(left: LoadedModel, right: LoadedModel, *, concurrency: int = 2, ma
             gallery = gr.Gallery(value=pngs, columns=3, height=300, label="decode ms/step, memory, TTFT against P",
                                  elem_id="profile-plots")
             ptable = gr.Markdown(table, elem_id="profile-table")
-            pbtn = gr.Button("Profile this pair (about a minute)", interactive=pdir is not None, elem_id="profile")
+            pbtn = gr.Button("Profile this pair (a minute or two)", interactive=pdir is not None, elem_id="profile")
 
         respond = make_respond(models)
-        io = dict(inputs=[msg, max_new, temperature, top_p, seed, state],
+        io = dict(inputs=[msg, max_new, temperature, top_p, seed, P_of["left"], P_of["right"], state],
                   outputs=[msg, panes["left"], panes["right"], numbers["left"], numbers["right"], status, state],
                   concurrency_limit=concurrency, concurrency_id="decode", show_progress="hidden")
         # one event for Enter and Send, so a session never runs two answers at once (trigger_mode "once")
         ev = gr.on([msg.submit, send.click], respond, api_name="chat", trigger_mode="once", **io)
         stop.click(None, None, None, cancels=[ev], api_visibility="private")
 
-        def clear_chat():
-            return ([], [], stats_md(left, None), stats_md(right, None), "", new_session())
+        def clear_chat(left_P=None, right_P=None):
+            return ([], [], stats_md(left, None, left_P), stats_md(right, None, right_P), "", new_session())
 
         def clear_side(side: str):
-            def fn(session: dict | None):  # a pane's own trash button: forget that side's conversation only
+            def fn(P, session: dict | None):  # a pane's own trash button: forget that side's conversation only
                 session = session if session else new_session()
                 session["history"][side], session["display"][side] = [], []
-                return stats_md(models[side], None), session
+                return stats_md(models[side], None, P), session
             return fn
 
         for s in SIDES:
-            panes[s].clear(clear_side(s), [state], [numbers[s], state], api_visibility="private")
+            panes[s].clear(clear_side(s), [P_of[s], state], [numbers[s], state], api_visibility="private")
 
-        clear.click(clear_chat, None, [panes["left"], panes["right"], numbers["left"], numbers["right"], status, state],
+        clear.click(clear_chat, [P_of["left"], P_of["right"]],
+                    [panes["left"], panes["right"], numbers["left"], numbers["right"], status, state],
                     cancels=[ev], api_name="clear")
 
         def profile_pair():

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 PRECISIONS = ("fp32", "int8", "int4")
@@ -19,13 +20,18 @@ PRECISIONS = ("fp32", "int8", "int4")
 
 @dataclass(frozen=True)
 class DemoDefaults:
-    """The default pair. ``left_parallel`` streams are a conversion of the dense checkpoint (untrained
-    streams) until a trained ParScale adapter lands; change the left model here and nowhere else."""
+    """The default pair; change the left model here and nowhere else (e.g. to a trained ParScale
+    adapter once one lands: until then the left streams are conversions of the dense checkpoint,
+    untrained).
+
+    ``left_parallel``: the P the left model offers, all over one backbone (one fused export folder,
+    a small ParScale part file per P > 1; a P control in the demo picks one per answer). The first
+    listed is the one selected at start. ``right_parallel``: the same for the right model."""
 
     left: str = "smollm2-135m"
-    left_parallel: int = 2
+    left_parallel: tuple[int, ...] = (2, 1, 4)
     right: str = "qwen2.5-coder-0.5b"
-    right_parallel: int = 1
+    right_parallel: tuple[int, ...] = (1,)
     precision: str = "int4"
 
 
@@ -39,28 +45,36 @@ def _rss_mib() -> float | None:
     return _proc_status_mib("VmRSS")
 
 
-def prepare_model(spec: str, parallel: int | None, precision: str, threads: int | None = None,
+def prepare_model(spec: str, parallel: int | Sequence[int] | None, precision: str, threads: int | None = None,
                   progress: bool = True, log=print) -> Path:
     """The export folder to run for ``spec``: ``spec`` itself when it is an export folder (used as
-    it is, whatever ``precision`` says), else the cached fp32 export with ``parallel`` streams,
-    quantized once to ``precision`` into ``<cache>/onnx/<name>-<precision>`` (default
-    :class:`quant.onnx_quant.QuantConfig`, its accuracy-level check on, the fp32 comparison skipped).
+    it is, whatever ``precision`` says; it must offer every P in ``parallel``), else the cached fp32
+    export (several P: one fused backbone with a ParScale part file per P > 1), quantized once to
+    ``precision`` into ``<cache>/onnx/<name>-<precision>`` (default
+    :class:`quant.onnx_quant.QuantConfig`, its accuracy-level check on, the fp32 comparison skipped;
+    the part files stay float32). A current quantized folder is used without touching the fp32 one.
 
     Raises CLIError / UnsupportedModelError / ManifestError / QuantizationError for a model that
     cannot be found, converted or quantized (one-line messages)."""
-    from edge.cli import CLIError, _is_export_folder, _import_quant_stack, ensure_export
-    from edge.manifest import MANIFEST_FILE, Manifest
+    from edge.cli import CLIError, _cache_key, _is_export_folder, _import_quant_stack, _named, ensure_export
+    from edge.hub import default_cache_dir
+    from edge.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
 
     if precision not in PRECISIONS:
         raise CLIError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     if _is_export_folder(spec):
-        return ensure_export(spec, parallel)  # checks P against the folder's manifest
+        return ensure_export(spec, parallel)  # checks every P against the folder's manifest
+    if precision != "fp32":
+        key = _cache_key(spec, parallel or (1 if spec in _named() else None))
+        out = Path(default_cache_dir()) / "onnx" / (key.removesuffix("-fp32") + f"-{precision}")
+        if (out / MANIFEST_FILE).exists():
+            man = Manifest.read(out)
+            if man.precision == precision and man.format_version == FORMAT_VERSION:
+                return out
     fp32 = ensure_export(spec, parallel, threads, progress=progress)
     if precision == "fp32":
         return fp32
     out = fp32.with_name(fp32.name.removesuffix("-fp32") + f"-{precision}")
-    if (out / MANIFEST_FILE).exists() and Manifest.read(out).precision == precision:
-        return out
     _import_quant_stack()
     from quant.onnx_quant import QuantConfig, quantize_folder
 
@@ -72,15 +86,35 @@ def prepare_model(spec: str, parallel: int | None, precision: str, threads: int 
     return out
 
 
+def prefix_slots(folder: Path, P: int) -> int:
+    """KV cache slots the ParScale prefix of ``P`` takes per stream in a fused export folder: the
+    ``parscale_n_tokens`` recorded in ``parscale/p{P}.safetensors`` (read from its header only);
+    0 for P = 1 and for reference graphs (their prefix lives inside the graph, not in the cache)."""
+    from edge.manifest import Manifest
+
+    man = Manifest.read(folder)
+    rel = (man.parallel_options or {}).get(str(P)) if man.graph == "fused" else None
+    if not rel:
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / rel), "np") as f:
+        return int((f.metadata() or {}).get("parscale_n_tokens", man.parscale_n_tokens))
+
+
 @dataclass
 class LoadedModel:
     """One pane's model, or why it is missing.
 
     ``runtime`` is an :class:`edge.runtime.OnnxCausalLM` or None when loading failed (``error`` then
-    says why, in one line). ``resident_mib``: growth of this process's RSS over creating the ONNX
-    Runtime session, a one-token warm-up and loading the tokenizer (MiB; onnxruntime and tokenizers
-    are imported before, so their libraries are not counted); ``resident_how`` says how it was
-    measured; ``file_mib``: model.onnx + its data file (MiB)."""
+    says why, in one line). ``parallel_options``: the P this pane offers (one backbone; a fused folder
+    can serve several, each answer picks one); ``P``: the one selected at start. ``resident_mib``:
+    growth of this process's RSS over creating the ONNX Runtime session, a one-token warm-up at every
+    offered P (which loads each P's ParScale parts) and loading the tokenizer (MiB; onnxruntime and
+    tokenizers are imported before, so their libraries are not counted); ``resident_how`` says how
+    it was measured; ``file_mib``: the whole folder (graph, weights, part files; MiB);
+    ``parts_mib``: the ParScale part files of the offered P (prefixes and aggregators, float32, MiB);
+    ``prefix``: KV cache slots the prefix takes per stream, by P."""
 
     label: str
     spec: str
@@ -90,7 +124,10 @@ class LoadedModel:
     resident_mib: float | None = None
     resident_how: str = ""
     file_mib: float | None = None
+    parts_mib: float = 0.0
     load_s: float | None = None
+    parallel_options: list[int] = field(default_factory=list)
+    prefix: dict[int, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -98,48 +135,52 @@ class LoadedModel:
 
     @property
     def P(self) -> int | None:
+        """The P selected at start (the runtime's default)."""
         return self.runtime.P if self.runtime is not None else None
 
     @property
     def precision(self) -> str | None:
         return self.runtime.manifest.precision if self.runtime is not None else None
 
-    def kv_mib(self, tokens: int) -> float:
-        """KV cache of one answer of ``tokens`` positions, MiB: 2 (k, v) * layers * P * kv_heads *
-        head_dim * tokens * 4 bytes (float32)."""
-        m = self.runtime.manifest
-        return 2 * m.num_layers * m.parscale_n * m.num_key_value_heads * m.head_dim * tokens * 4 / 2**20
 
-
-def load_model(label: str, spec: str, parallel: int | None, precision: str, threads: int | None = None,
-               device: str = "cpu", progress: bool = True, log=print) -> LoadedModel:
+def load_model(label: str, spec: str, parallel: int | Sequence[int] | None, precision: str,
+               threads: int | None = None, device: str = "cpu", progress: bool = True, log=print) -> LoadedModel:
     """Export if needed, load into ONNX Runtime and measure what it costs to keep resident.
 
-    Never raises for a model that cannot be prepared or loaded: the returned model has ``error``
-    set (one line), so the demo shows it in that model's pane and the other pane still works.
-    Load the models one after the other: the RSS growth is only attributable to one model at a time."""
+    ``parallel``: the P to offer (a sequence: several over one backbone, the first selected at
+    start); None: every P of an export folder, starting at its default. Never raises for a model
+    that cannot be prepared or loaded: the returned model has ``error`` set (one line), so the demo
+    shows it in that model's pane and the other pane still works. Load the models one after the
+    other: the RSS growth is only attributable to one model at a time."""
     import numpy as np
 
     from edge.profile import folder_bytes
     from edge.runtime import OnnxCausalLM
 
     lm = LoadedModel(label=label, spec=spec)
+    asked = [int(parallel)] if isinstance(parallel, (int, np.integer)) else list(dict.fromkeys(parallel or []))
     try:
-        folder = prepare_model(spec, parallel, precision, threads, progress, log)
+        folder = Path(prepare_model(spec, asked or None, precision, threads, progress, log))
         import onnxruntime  # noqa: F401 - libraries loaded before measuring: their pages are not the model's
         import tokenizers  # noqa: F401
 
         before = _rss_mib()
         t0 = time.perf_counter()
-        rt = OnnxCausalLM(folder, device=device, threads=threads)
-        rt.score(np.ones((1, 1), np.int64))  # warm-up: weights paged in, arenas sized
+        rt = OnnxCausalLM(folder, device=device, threads=threads, parallel=asked[0] if asked else None)
+        options = sorted(asked) if asked else list(rt.parallel_options)
+        for P in options:  # warm-up: weights paged in, arenas sized, every offered P's parts loaded
+            rt.score(np.ones((1, 1), np.int64), parallel=P)
         rt.tokenizer  # noqa: B018 - loaded now: it is part of what the model keeps resident
         lm.load_s = time.perf_counter() - t0
         after = _rss_mib()
-        lm.runtime, lm.folder = rt, Path(folder)
+        lm.runtime, lm.folder, lm.parallel_options = rt, folder, options
+        lm.prefix = {P: prefix_slots(folder, P) for P in options}
         lm.file_mib = folder_bytes(folder) / 2**20
+        parts = rt.manifest.parallel_options or {}
+        lm.parts_mib = sum((folder / parts[str(P)]).stat().st_size for P in options if parts.get(str(P))) / 2**20
         if before is not None and after is not None:
-            lm.resident_mib, lm.resident_how = after - before, "RSS growth over loading it (session, one-token warm-up, tokenizer)"
+            lm.resident_mib, lm.resident_how = after - before, ("RSS growth over loading it (session, one-token warm-up "
+                                                                "at each P, tokenizer)")
         else:
             lm.resident_mib, lm.resident_how = lm.file_mib, "weight file size (RSS not readable here)"
     except KeyboardInterrupt:
@@ -169,12 +210,13 @@ def start_onnxruntime() -> bool:
     return True
 
 
-def load_pair(left: str, left_parallel: int | None, right: str, right_parallel: int | None, precision: str,
-              threads: int | None = None, device: str = "cpu", progress: bool = True,
-              log=print) -> tuple[LoadedModel, LoadedModel]:
+def load_pair(left: str, left_parallel: int | Sequence[int] | None, right: str,
+              right_parallel: int | Sequence[int] | None, precision: str, threads: int | None = None,
+              device: str = "cpu", progress: bool = True, log=print) -> tuple[LoadedModel, LoadedModel]:
     """Prepare (export, quantize: cached after the first start) and load the two models one after
-    the other, logging each stage as ``[k/2] ...``. ``*_parallel`` None: :data:`DEFAULTS` for a
-    model the demo exports (left P=2, right P=1), the folder's own P for an export folder."""
+    the other, logging each stage as ``[k/2] ...``. ``*_parallel``: the P each side offers (first
+    selected at start); None: :data:`DEFAULTS` for a model the demo exports (left P 2, 1, 4 over one
+    backbone, right P 1), every P of an export folder."""
     from edge.cli import _is_export_folder
 
     out = []
@@ -186,14 +228,17 @@ def load_pair(left: str, left_parallel: int | None, right: str, right_parallel: 
         if _is_export_folder(spec):
             log(f"[{k}/2] {label}: loading {spec} ...")
         else:
-            log(f"[{k}/2] {label}: {spec}, P={P}, {precision} (exported and quantized into the cache on the first "
+            Ps = ", ".join(map(str, [P] if isinstance(P, int) else sorted(P)))
+            log(f"[{k}/2] {label}: {spec}, P={Ps}, {precision} (exported and quantized into the cache on the first "
                 "start, minutes; later starts reuse it) ...")
         lm = load_model(label, spec, P, precision, threads, device, progress, log)
         if lm.ok and k == 1 and not started:
             lm.resident_how += " (includes ONNX Runtime's one-time start-up, about 10 MiB)"
         if lm.ok:
-            log(f"[{k}/2] {label}: loaded {lm.folder} in {lm.load_s:.1f} s: P={lm.P}, {lm.precision}, "
-                f"resident {lm.resident_mib:.0f} MiB, file {lm.file_mib:.0f} MiB")
+            parts = f" (ParScale parts {lm.parts_mib:.1f} MiB)" if lm.parts_mib else ""
+            log(f"[{k}/2] {label}: loaded {lm.folder} in {lm.load_s:.1f} s: P={lm.P} of "
+                f"{', '.join(map(str, lm.parallel_options))}, {lm.precision}, resident {lm.resident_mib:.0f} MiB, "
+                f"file {lm.file_mib:.0f} MiB{parts}")
         else:
             log(f"[{k}/2] {label}: failed: {lm.error}")
         out.append(lm)

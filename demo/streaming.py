@@ -26,11 +26,13 @@ class PromptTooLong(ValueError):
 class AnswerStats:
     """What a pane shows under its answer. ms, tokens/s, tokens (eos included when produced)."""
 
+    P: int = 1
     prompt_tokens: int = 0
     tokens: int = 0
     ttft_ms: float | None = None
     decode_s: float = 0.0
     busy_s: float = 0.0
+    kv_bytes: int = 0
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -45,11 +47,20 @@ class Answer:
         runtime: an :class:`edge.runtime.OnnxCausalLM`.
         messages: ``[{"role": ..., "content": ...}, ...]``, the last one the user's new message.
         sampling: :class:`edge.runtime.SamplingConfig` (``max_new_tokens`` is capped by the context).
+        parallel: P streams for this answer (one of ``runtime.parallel_options``; None: the
+            runtime's default). Answers of one runtime may use different P at the same time.
+        prefix_slots: KV cache slots the ParScale prefix of that P takes per stream (fused graphs).
     Raises:
         PromptTooLong: the templated prompt leaves no room for one new token in the context.
+        edge.runtime.RuntimeInputError: a P the runtime has no ParScale parts for.
+
+    ``stats.kv_bytes``: the KV cache this answer holds (float32): fused graphs preallocate
+    2 * layers * P * kv_heads * head_dim * (prefix + prompt + max new tokens, capped by the
+    context) * 4 bytes at once; reference graphs grow it by one position per token.
     """
 
-    def __init__(self, runtime, messages: Sequence[dict], sampling):
+    def __init__(self, runtime, messages: Sequence[dict], sampling, parallel: int | None = None,
+                 prefix_slots: int = 0):
         from edge.tokenizer import StreamDecoder
 
         t0 = time.perf_counter()
@@ -59,14 +70,27 @@ class Answer:
         if len(ids) + 1 > ctx:
             raise PromptTooLong(f"the conversation is {len(ids)} tokens and this model's context is {ctx} tokens: "
                                 "shorten the message or clear the chat")
+        P = runtime.P if parallel is None else int(parallel)
+        if P not in runtime.parallel_options:
+            from edge.runtime import RuntimeInputError
+
+            raise RuntimeInputError(f"this model offers P in {runtime.parallel_options}, not P={P}")
         self.ids = ids
         self.eos = set(runtime.manifest.eos_token_ids)
-        self._steps: Iterator = runtime.generate_tokens([ids], sampling)
+        m = runtime.manifest
+        self._kv_per_slot = 2 * m.num_layers * P * m.num_key_value_heads * m.head_dim * 4
+        self._kv_fixed = prefix_slots + min(ctx, len(ids) + max(1, sampling.max_new_tokens)) if runtime.fused else None
+        self._steps: Iterator = runtime.generate_tokens([ids], sampling, parallel=P)
         self._decoder = StreamDecoder(tok)
         self.text = ""
         self.done = False
         self.error: str | None = None  # set when a decode step raised (the answer then ends)
-        self.stats = AnswerStats(prompt_tokens=len(ids), busy_s=time.perf_counter() - t0)
+        self.stats = AnswerStats(P=P, prompt_tokens=len(ids), busy_s=time.perf_counter() - t0)
+        self._update_kv()
+
+    def _update_kv(self) -> None:
+        slots = self._kv_fixed if self._kv_fixed is not None else self.stats.prompt_tokens + self.stats.tokens
+        self.stats.kv_bytes = self._kv_per_slot * slots
 
     def step(self) -> None:
         """Run one decode step (the first call: prefill) and append its text; ``done`` at the end or
@@ -82,6 +106,7 @@ class Answer:
             t = -1
         if t >= 0:
             self.stats.tokens += 1
+            self._update_kv()
         if t < 0 or t in self.eos:
             self.text += self._decoder.flush()
             self.close()
