@@ -60,7 +60,7 @@ def header_md(lm: LoadedModel) -> str:
     if not lm.ok:
         return f"### {lm.label}: {lm.spec}\nnot loaded"
     if len(lm.parallel_options) > 1:
-        kind = f"ParScale, one backbone for P = {_list(lm.parallel_options)} streams (pick P below)"
+        kind = f"ParScale, one backbone for P = {_list(lm.parallel_options)}"
     else:
         kind = f"ParScale, P={lm.P} streams" if lm.P > 1 else "dense (P=1)"
     return f"### {lm.label}: {lm.spec}\n{kind} · {lm.precision} · `{lm.folder.name}`"
@@ -239,17 +239,17 @@ def build_app(left: LoadedModel, right: LoadedModel, *, concurrency: int = 2, ma
         with gr.Row(equal_height=True):
             for s, lm in models.items():
                 with gr.Column():
-                    gr.Markdown(header_md(lm), elem_id=f"header-{s}")
-                    # P control: shown where the model offers several P over one backbone; each answer
-                    # uses the P selected when it is sent (per session: two sessions may differ). Hidden
-                    # with one P, so the API keeps its parameters; a model that did not load has none.
-                    if lm.ok:
-                        P_of[s] = gr.Radio(lm.parallel_options, value=lm.P, label="P (parallel streams)",
-                                           info=("one backbone for every P; the numbers under the pane show the P "
-                                                 "of the answer they measure"),
-                                           visible=len(lm.parallel_options) > 1, elem_id=f"P-{s}")
-                    else:
-                        P_of[s] = gr.State(None)
+                    with gr.Row(equal_height=True):
+                        gr.Markdown(header_md(lm), elem_id=f"header-{s}")
+                        # P control: shown where the model offers several P over one backbone; each answer
+                        # uses the P selected when it is sent (per session: two sessions may differ). Hidden
+                        # with one P, so the API keeps its parameters; a model that did not load has none.
+                        if lm.ok:
+                            P_of[s] = gr.Radio(lm.parallel_options, value=lm.P, label="P (streams)",
+                                               visible=len(lm.parallel_options) > 1, elem_id=f"P-{s}", scale=0,
+                                               min_width=220)
+                        else:
+                            P_of[s] = gr.State(None)
                     panes[s] = gr.Chatbot(label=f"{s}: {lm.spec}", show_label=False, height=420, elem_id=f"chat-{s}",
                                           placeholder=None if lm.ok else f"{NOTE}This model did not load: {lm.error}",
                                           buttons=["copy"])

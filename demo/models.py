@@ -112,7 +112,7 @@ class LoadedModel:
     growth of this process's RSS over creating the ONNX Runtime session, a one-token warm-up at every
     offered P (which loads each P's ParScale parts) and loading the tokenizer (MiB; onnxruntime and
     tokenizers are imported before, so their libraries are not counted); ``resident_how`` says how
-    it was measured; ``file_mib``: the whole folder (graph, weights, part files; MiB);
+    it was measured; ``file_mib``: graph + weights + the offered P's part files (MiB);
     ``parts_mib``: the ParScale part files of the offered P (prefixes and aggregators, float32, MiB);
     ``prefix``: KV cache slots the prefix takes per stream, by P."""
 
@@ -175,9 +175,9 @@ def load_model(label: str, spec: str, parallel: int | Sequence[int] | None, prec
         after = _rss_mib()
         lm.runtime, lm.folder, lm.parallel_options = rt, folder, options
         lm.prefix = {P: prefix_slots(folder, P) for P in options}
-        lm.file_mib = folder_bytes(folder) / 2**20
         parts = rt.manifest.parallel_options or {}
         lm.parts_mib = sum((folder / parts[str(P)]).stat().st_size for P in options if parts.get(str(P))) / 2**20
+        lm.file_mib = folder_bytes(folder) / 2**20 + lm.parts_mib
         if before is not None and after is not None:
             lm.resident_mib, lm.resident_how = after - before, ("RSS growth over loading it (session, one-token warm-up "
                                                                 "at each P, tokenizer)")

@@ -168,7 +168,8 @@ def test_p_control_offers_the_left_folders_p(served):
     parts = sorted(p.name for p in (lm.folder / "parscale").iterdir())
     assert parts == ["p2.safetensors", "p4.safetensors"] and lm.prefix == {1: 0, 2: 3, 4: 3}
     assert lm.parts_mib == pytest.approx(sum((lm.folder / "parscale" / f).stat().st_size for f in parts) / 2**20)
-    assert 0 < lm.parts_mib < 0.5 * lm.file_mib
+    backbone = sum((lm.folder / f).stat().st_size for f in ("model.onnx", "model.onnx.data")) / 2**20
+    assert lm.file_mib == pytest.approx(backbone + lm.parts_mib) and 0 < lm.parts_mib < 0.5 * lm.file_mib
     numbers = Client(served.url, verbose=False).predict(1, 1, api_name="/clear")[2]
     assert "tokens –" in numbers and "P **1** · fp32" in numbers  # before an answer: the selected P
     with pytest.raises(Exception, match=r"not in the list of choices: \[1, 2, 4\]"):
