@@ -47,6 +47,4 @@ def greedy(rt, prompt: list[int], n: int) -> list[int]:
 
 def full_logits(rt, ids: list[int]) -> np.ndarray:
     """float32 [S, vocab]: one prefill over ``ids``."""
-    a = np.array([ids], dtype=np.int64)
-    logits, _ = rt.forward(a, np.ones_like(a), np.arange(len(ids), dtype=np.int64)[None])
-    return logits[0]
+    return rt.score(np.array([ids], dtype=np.int64))[0]  # either graph kind
