@@ -145,6 +145,56 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     return ids, mask, pos
 
 
+def allocate_kv_cache(shape: tuple[int, int, int, int], num_layers: int, cache_dtype: str,
+                      prefix: Sequence[tuple[np.ndarray, np.ndarray]] = (), device: str = "cpu",
+                      device_memory: bool = False) -> tuple[list, list]:
+    """The 2*num_layers KV-cache tensors of one fused-graph request, zeros with the ParScale prefix.
+
+    Args:
+        shape: (P*B, kv_heads, capacity, head_dim); rows batch-major (b*P + p).
+        cache_dtype: ``manifest.cache_dtype`` (float32, float16, bfloat16).
+        prefix: per layer (keys, values), each [P, kv_heads, n, head_dim] in the host representation
+            of ``cache_dtype`` (:func:`cache_host_array`), written into the first n slots of every
+            row of stream p; empty for P = 1.
+        device: ONNX Runtime device name of the session (``cpu``, ``cuda``).
+        device_memory: False: numpy arrays on the host, wrapped (no copy) by the OrtValues bound to
+            the session (the CPU path). True: OrtValues allocated on ``device`` and filled from one
+            host staging array of one tensor's size, reused for every tensor and dropped at the end
+            (no host copy of the cache is kept; the CUDA path).
+    Returns:
+        (buffers, values): the cache as kept in :class:`DecodeState` (numpy arrays, or the
+        OrtValues themselves) and the OrtValues to bind, in past/present name order.
+    Raises:
+        ManifestError: an unknown ``cache_dtype``.
+    """
+    import onnxruntime as ort
+
+    onnx_type, host_dtype = cache_types(cache_dtype)
+    OV = ort.OrtValue
+    n = prefix[0][0].shape[2] if len(prefix) else 0
+    P = prefix[0][0].shape[0] if n else 1
+
+    def with_prefix(buf: np.ndarray, j: int) -> np.ndarray:
+        if n:  # ParScale: prefix, written once per request
+            buf.reshape(shape[0] // P, P, *shape[1:])[:, :, :, :n] = prefix[j // 2][j % 2][None]
+        return buf
+
+    if not device_memory:
+        buffers = [with_prefix(np.zeros(shape, dtype=host_dtype), j) for j in range(2 * num_layers)]
+        # both wrap the numpy memory, no copy (numpy has no bfloat16: its bits are uint16)
+        values = [OV.ortvalue_from_numpy_with_onnx_type(b, onnx_type) if host_dtype is np.uint16
+                  else OV.ortvalue_from_numpy(b) for b in buffers]
+        return buffers, values
+    host = np.zeros(shape, dtype=host_dtype)
+    values = []
+    for j in range(2 * num_layers):
+        v = OV.ortvalue_from_shape_and_type(list(shape), onnx_type, device, 0)
+        v.update_inplace(with_prefix(host, j))  # same size in bytes; uint16 bits for bfloat16
+        values.append(v)
+    del host
+    return values, values
+
+
 class DecodeState:
     """What one request holds between graph calls: the KV cache and the per-row lengths.
 
@@ -243,6 +293,12 @@ class OnnxCausalLM:
         self._ort = ort
         # the provider the session really uses (a CUDA entry of select_providers is a (name, options) tuple)
         self._device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if self.fused and self._device == "cuda" and m.cache_dtype == "float32":
+            import warnings
+
+            warnings.warn(f"{self.folder} is a float32 fused graph: ONNX Runtime's CUDA GroupQueryAttention runs in "
+                          "float16/bfloat16 only, so attention falls back to the CPU with the cache copied every step; "
+                          "export --precision fp16 (or bf16) for CUDA", stacklevel=2)
         self._parts: dict[int, dict] = {}
         if self.fused:
             self.parallel_options = sorted(int(k) for k in (m.parallel_options or {"1": None}))
@@ -377,27 +433,8 @@ class OnnxCausalLM:
                                     f"context ({m.max_position_embeddings} tokens, at most {MAX_PREFIX_SLOTS} prefix slots)")
         st = DecodeState(batch, P, n, n + capacity)
         shape = (P * batch, m.num_key_value_heads, n + capacity, m.head_dim)
-        onnx_type, host_dtype = cache_types(m.cache_dtype)
-        OV = self._ort.OrtValue
-
-        def with_prefix(buf: np.ndarray, i: int, kv: int) -> np.ndarray:
-            if n:  # ParScale: prefix, written once per request
-                buf.reshape(batch, P, *shape[1:])[:, :, :, :n] = parts["prefix"][i][kv][None]
-            return buf
-
-        if self._device == "cpu":
-            st.buffers = [with_prefix(np.zeros(shape, dtype=host_dtype), j // 2, j % 2) for j in range(2 * self.L)]
-            # both wrap the numpy memory, no copy (numpy has no bfloat16: its bits are uint16)
-            values = [OV.ortvalue_from_numpy_with_onnx_type(b, onnx_type) if host_dtype is np.uint16
-                      else OV.ortvalue_from_numpy(b) for b in st.buffers]
-        else:  # device memory only; one host staging array, reused for every tensor, then dropped
-            host = np.zeros(shape, dtype=host_dtype)
-            for j in range(2 * self.L):
-                v = OV.ortvalue_from_shape_and_type(shape, onnx_type, self._device, 0)
-                v.update_inplace(with_prefix(host, j // 2, j % 2))  # same size; uint16 bits for bfloat16
-                st.buffers.append(v)
-            del host
-            values = st.buffers
+        st.buffers, values = allocate_kv_cache(shape, self.L, m.cache_dtype, parts["prefix"], self._device,
+                                               device_memory=self._device != "cpu")
         io = self.session.io_binding()
         for past_name, present_name, v in zip(self._past_names, self._present_names, values):
             io.bind_ortvalue_input(past_name, v)
