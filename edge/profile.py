@@ -426,7 +426,8 @@ def dense_twin_export(spec: str, P: int, law, threads: int | None = None,
                       precision: str = "fp32") -> tuple[Path, dict]:
     """Export (cached) a random-weight dense model of the family of ``spec`` with the non-embedding
     size the scaling law ``law`` equates with ``spec`` at P streams, in ``precision`` fp32, fp16 or
-    bf16. Returns (folder, description)."""
+    bf16, as the graph ``export_model`` picks (fused where it can run, like the ParScale model it is
+    compared with). Returns (folder, description)."""
     from .cli import load_for_export
     from .hub import default_cache_dir
 
@@ -442,14 +443,11 @@ def dense_twin_export(spec: str, P: int, law, threads: int | None = None,
     from .manifest import FORMAT_VERSION, Manifest
 
     if not (out / "manifest.json").exists() or Manifest.read(out).format_version != FORMAT_VERSION:
-        from export import export_model, export_onnx
+        from export import export_model
 
         lm = random_model(twin, f"random dense twin of {spec} ({twin.num_hidden_layers} layers)", {"dense_twin": info})
         lm.tokenizer = base.tokenizer
-        if precision == "fp32":
-            export_model(lm, out, overwrite=True)
-        else:
-            export_onnx(lm, out, overwrite=True, precision=precision)
+        export_model(lm, out, overwrite=True, precision=precision)  # the graph ensure_export picks for the model
     return out, info
 
 
