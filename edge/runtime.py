@@ -21,6 +21,17 @@ from .validate import check_export_folder
 MAX_PREFIX_SLOTS = 128
 #: Graph inputs of the fused graph carrying the ParScale aggregator (export.onnx_builder).
 AGG_INPUTS = ("parscale.aggregate.w1", "parscale.aggregate.b1", "parscale.aggregate.w2", "parscale.aggregate.b2")
+#: Fused graphs pass GroupQueryAttention's ``query_seqlens`` (input 16, right-padded chunks of several
+#: rows), which ONNX Runtime has from 1.32 on (CPU and CUDA); older versions refuse the graph.
+FUSED_MIN_ORT = (1, 32)
+
+
+def ort_version(version: str) -> tuple[int, int]:
+    """(major, minor) of an ONNX Runtime version string ("1.32.0", "1.33.0.dev20260101")."""
+    major, minor = (version.split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 #: ``manifest.cache_dtype`` -> (ONNX element type number, numpy dtype holding its bits on the host).
 #: numpy has no bfloat16: a bfloat16 cache is held as its uint16 bit patterns (:func:`bfloat16_bits`).
 CACHE_TYPES = {"float32": (1, np.float32), "float16": (10, np.float16), "bfloat16": (16, np.uint16)}
@@ -253,7 +264,8 @@ class OnnxCausalLM:
         parallel: default P for fused graphs (one of :attr:`parallel_options`; default the manifest's).
     Raises:
         ManifestError: not an export folder, model.onnx / its data file / a ParScale part file missing,
-            or a bf16 export on another provider than CUDA (ONNX Runtime runs bfloat16 on CUDA only).
+            a bf16 export on another provider than CUDA (ONNX Runtime runs bfloat16 on CUDA only), or a
+            fused graph on an onnxruntime older than :data:`FUSED_MIN_ORT`.
     """
 
     def __init__(self, folder: str | os.PathLike, device: str = "auto", threads: int | None = None,
@@ -272,6 +284,10 @@ class OnnxCausalLM:
             so.inter_op_num_threads = 1
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.manifest.graph == "fused" and ort_version(ort.__version__) < FUSED_MIN_ORT:
+            raise ManifestError(f"{self.folder} is a fused graph, which needs onnxruntime >= "
+                                f"{'.'.join(map(str, FUSED_MIN_ORT))} (GroupQueryAttention's query_seqlens input); "
+                                f"this is onnxruntime {ort.__version__}: upgrade it, or export with --graph reference")
         self.providers = select_providers(device)
         first = self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]
         if self.manifest.cache_dtype == "bfloat16" and first != "CUDAExecutionProvider":

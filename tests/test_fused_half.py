@@ -293,3 +293,18 @@ def test_fused_export_metadata_names_precision_and_cache_dtype(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fused fp32 folder on the CPU: no CUDA warning
         OnnxCausalLM(export_model(tiny_model(seed=2), tmp_path / "f32", graph="fused"), device="cpu", threads=1)
+
+
+def test_fused_graph_on_an_older_onnxruntime_is_refused_with_the_version(tmp_path, monkeypatch):
+    """GroupQueryAttention's query_seqlens input is new in ONNX Runtime 1.32 (onnxruntime-gpu's newest
+    release is 1.31.1 as this is written); older versions reject the graph as invalid."""
+    import onnxruntime as ort
+
+    from edge.runtime import ort_version
+
+    assert ort_version("1.31.1") == (1, 31) and ort_version("1.33.0.dev20260101") == (1, 33) and ort_version("2") == (2, 0)
+    d = export_model(tiny_model(seed=2), tmp_path / "f", graph="fused", precision="fp16")
+    monkeypatch.setattr(ort, "__version__", "1.31.1")
+    with pytest.raises(ManifestError, match=r"fused graph, which needs onnxruntime >= 1.32 .GroupQueryAttention's "
+                                            r"query_seqlens input.; this is onnxruntime 1.31.1"):
+        OnnxCausalLM(d, device="cpu")

@@ -162,3 +162,15 @@ def test_gpu_memory_and_description_come_from_nvidia_smi(tmp_path, monkeypatch):
     _fake_nvidia_smi(tmp_path / "bin", "echo 'NVIDIA-SMI has failed' >&2; exit 9")
     assert prof.gpu_memory_used_mib() is None and gpu_description() is None
     assert prof.PeakSampler().start().stop() is None
+
+
+def test_fused_graph_needs_onnxruntime_1_32(monkeypatch):
+    """onnxruntime-gpu's newest release (1.31.1) cannot load the fused graph: the check says so and
+    profiles the reference graph (run on ORT 1.31.1 by hand: FAIL with that line, reference rows)."""
+    import onnxruntime as ort
+
+    assert gpu_check.fused_graph_runs()[0] is True  # the CPU test environment has >= 1.32
+    monkeypatch.setattr(ort, "__version__", "1.31.1")
+    ok, why = gpu_check.fused_graph_runs()
+    assert not ok and why == ("onnxruntime 1.31.1 cannot load the fused graph (GroupQueryAttention's query_seqlens "
+                              "input needs >= 1.32)")
