@@ -58,6 +58,7 @@ PARSCALE_DIR = "parscale"
 #: (the residual stream, norms, aggregator and logits are float32 in every precision)
 ELEM_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
+
 class _Graph:
     """Tiny helper collecting nodes and initializers with unique names."""
 
