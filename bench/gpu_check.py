@@ -12,21 +12,28 @@ Run through ``bench/gpu_check.sh`` (it installs the carried wheels first). Subco
 
   1. environment: GPU (nvidia-smi), onnxruntime version and providers, the CUDA probe;
   2. golden/export tests with the sessions on CUDA (``PARSCALE_TEST_DEVICE=cuda pytest tests/test_export.py``);
-  3. accuracy (``accuracy.json``): the authors' golden models exported fp32/fp16/bf16 and run on the
-     device against CPU fp32: fp32 max |logit diff| <= 1e-3, fp16 top-1 agreement >= 99%; bf16
-     reported; a bf16-weighted tiny Qwen2 with massive activations gives no NaN/Inf on 512 tokens
-     in fp16 and bf16; optionally a real model (``--real-model``) over 1024 positions of code;
+  3. accuracy (``accuracy.json``): the authors' golden models run on the device against CPU fp32:
+     the reference graph fp32 (max |logit diff| <= 1e-3), fp16 (top-1 agreement >= 99%) and bf16
+     (reported); the fused graph -- what runs on CUDA, whose GroupQueryAttention has fp16/bf16
+     kernels only there -- in fp16 (top-1 >= 99%, through the runtime's device-resident cache),
+     bf16 (reported) and int4 from fused fp16 (top-1 >= 98% against the same int4 on the CPU); ONNX
+     Runtime's profiler shows every compute op of fused fp16 and int4 on the device's provider; a
+     bf16-weighted tiny Qwen2 with massive activations gives no NaN/Inf on 512 tokens in both
+     graphs, fp16 and bf16; optionally a real model (``--real-model``, fused fp16) over 1024
+     positions of code;
   4. profile (``profile.json``, ``profile.csv``, PNGs): random-weight models with the exact shapes
      of qwen2.5-coder-0.5b at P=1,2,4,8, its scaling-law dense twins at P=2,4,8 and
      qwen2.5-coder-1.5b dense, each fp16 and int4 (MatMulNBits from the fp16 export: fp16
-     activations), batch 1 and 8: TTFT, decode ms/token, GPU memory (nvidia-smi), KV cache;
-     exports run in parallel processes, profiles one at a time in fresh processes;
+     activations), batch 1 and 8, as the fused graph (``--graph reference`` for the other one):
+     TTFT, decode ms/token, GPU memory (nvidia-smi), KV cache; exports run in parallel processes,
+     profiles one at a time in fresh processes;
   5. the paper's ratios (``paper_ratios.md``) against the paper's 22x / 6x (bench/paper_ratios.py).
 
   A deadline (default 420 s) keeps the whole check under 8 minutes: what does not fit is listed
   as skipped (profiles are ordered so that P=1, P=8 and the 1.5b anchor come first).
   ``--dry-run`` runs the same steps on the CPU with tiny models and tiny sizes (bf16 is skipped:
-  the CPU provider has no bfloat16 MatMul) and writes to ``bench/results/gpu_check_dryrun/``.
+  the CPU provider has no bfloat16 MatMul; fused fp16 and int4 run on the CPU provider) and writes
+  to ``bench/results/gpu_check_dryrun/``.
 
 Weights are random for the profile (time and memory do not depend on values; the GPU machine has
 no model files). Units: ms, MiB, tokens/s.
@@ -51,7 +58,11 @@ for _p in (str(ROOT), str(ROOT / "tests")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-ORT_GPU = "onnxruntime-gpu==1.31.1"  # checked: a CUDA 13.0 / cuDNN 9 build (capi/build_and_package_info.py)
+# checked: a CUDA 13.0 / cuDNN 9 build (capi/build_and_package_info.py). It is the newest onnxruntime-gpu
+# release as this is written, and too old for the fused graph (GroupQueryAttention's query_seqlens is
+# new in 1.32, edge.runtime.FUSED_MIN_ORT): the check then reports the fused checks as failed and
+# profiles the reference graph. Once 1.32 is out: --download --onnxruntime-gpu onnxruntime-gpu==1.32.x
+ORT_GPU = "onnxruntime-gpu==1.31.1"
 WHEELS = ROOT / "bench" / "wheels"
 SITE = Path("/tmp/parscale-gpu-site")
 
@@ -82,6 +93,7 @@ class Plan:
     parallel: tuple[int, ...] = (1, 2, 4, 8)
     twins: tuple[int, ...] = (2, 4, 8)  # P values whose scaling-law dense twin is measured
     precisions: tuple[str, ...] = ("fp16", "int4")
+    graph: str = "fused"  # the graph profiled: fused (GroupQueryAttention, the CUDA path) or reference
     batches: tuple[int, ...] = (1, 8)
     prompt_len: int = 64
     gen_len: int = 32
@@ -268,6 +280,18 @@ def cmd_install(a) -> int:
     return 0
 
 
+def fused_graph_runs() -> tuple[bool, str]:
+    """Whether this onnxruntime can run fused graphs (:data:`edge.runtime.FUSED_MIN_ORT`), and why not."""
+    import onnxruntime as ort
+
+    from edge.runtime import FUSED_MIN_ORT, ort_version
+
+    if ort_version(ort.__version__) >= FUSED_MIN_ORT:
+        return True, f"onnxruntime {ort.__version__}"
+    return False, (f"onnxruntime {ort.__version__} cannot load the fused graph (GroupQueryAttention's query_seqlens "
+                   f"input needs >= {'.'.join(map(str, FUSED_MIN_ORT))})")
+
+
 # --------------------------------------------------------------------------------- model building
 def arch_config(name: str, P: int = 1, layers: int | None = None):
     """The :class:`edge.config.ParScaleConfig` of ``ARCHS[name]`` with P streams (or ``layers``)."""
@@ -280,18 +304,20 @@ def arch_config(name: str, P: int = 1, layers: int | None = None):
 
 
 def _export_job(job: dict) -> dict:
-    """In a worker process: random-weight export of one model in fp16, then int4 from it."""
+    """In a worker process: random-weight export of one model in fp16 as the ``graph`` kind of the
+    job (fused: the CUDA path), then int4 from it (MatMulNBits with fp16 activations)."""
     import torch
 
     torch.set_num_threads(job["torch_threads"])
     from edge.profile import quantized_folder, random_model
-    from export import export_onnx
+    from export import export_model
 
     t0 = time.perf_counter()
     cfg = arch_config(job["arch"], job["streams"], job.get("layers"))
-    out = {"fp16": Path(job["dir"]) / f"{job['name']}-fp16"}
+    out = {"fp16": Path(job["dir"]) / f"{job['name']}-{job['graph']}-fp16"}
     if not (out["fp16"] / "manifest.json").exists():
-        export_onnx(random_model(cfg, f"random weights, {job['name']}"), out["fp16"], overwrite=True, precision="fp16")
+        export_model(random_model(cfg, f"random weights, {job['name']}"), out["fp16"], overwrite=True,
+                     graph=job["graph"], precision="fp16")
     t1 = time.perf_counter()
     if "int4" in job["precisions"]:
         out["int4"] = quantized_folder(out["fp16"], "int4", threads=job["torch_threads"])
@@ -325,34 +351,77 @@ def profile_jobs(plan: Plan, work: Path) -> list[dict]:
              ("dense", max(plan.twins, default=0)): 3}
     jobs.sort(key=lambda j: (order.get((j["kind"], j["P"]), 4), j["P"]))
     for j in jobs:
-        j.update(dir=str(work), precisions=list(plan.precisions), family=ARCHS[j["arch"]]["family"])
+        j.update(dir=str(work), precisions=list(plan.precisions), family=ARCHS[j["arch"]]["family"], graph=plan.graph)
     return jobs
 
 
 # ------------------------------------------------------------------------------------- accuracy
 def _golden_logits(folder: Path, name: str, device: str) -> tuple[list, dict, str]:
     """Run every golden case of ``name`` on ``device``; (logits at compared positions, errors vs the
-    authors' logits, provider)."""
+    authors' logits, provider). Fused graphs run through the runtime's preallocated, IO-bound cache
+    (device memory on CUDA), reference graphs through a GraphStepper."""
     import numpy as np
 
     from edge.profile import GraphStepper
     from edge.runtime import OnnxCausalLM
-    from golden import GOLDEN, run_cases
+    from golden import GOLDEN, fused_forward, run_cases
 
     rt = OnnxCausalLM(folder, device=device, threads=1)
     provider = rt.session.get_providers()[0]
     on_gpu = provider == "CUDAExecutionProvider"
-    st = GraphStepper(rt, io_binding=on_gpu or rt.manifest.cache_dtype == "bfloat16",
-                      device_type="cuda" if on_gpu else "cpu")
+    if rt.fused:
+        step = fused_forward(rt)
+    else:
+        st = GraphStepper(rt, io_binding=on_gpu or rt.manifest.cache_dtype == "bfloat16",
+                          device_type="cuda" if on_gpu else "cpu")
+
+        def step(ids, mask, pos, past):
+            return st.step(ids, mask, pos, past if past is not None else st.empty(ids.shape[0]))
     seen = []
 
     def fwd(ids, mask, pos, past):
-        logits, present = st.step(ids, mask, pos, past if past is not None else st.empty(ids.shape[0]))
+        logits, present = step(ids, mask, pos, past)
         seen.append(np.asarray(logits)[mask[:, -ids.shape[1]:].astype(bool)])
         return logits, present
 
     errs = run_cases(GOLDEN / name, fwd)
     return seen, errs, provider
+
+
+#: ops that carry a decoder's compute; each must run on the device's provider (ONNX Runtime puts
+#: small shape computations on the CPU on purpose, so those are not checked)
+COMPUTE_OPS = ("GroupQueryAttention", "MatMul", "MatMulNBits", "Gemm", "SkipSimplifiedLayerNormalization",
+               "SimplifiedLayerNormalization", "QuickGelu", "Softmax")
+
+
+def node_providers(folder: Path, device: str, trace_dir: Path) -> dict[str, list[str]]:
+    """Which execution provider ran each op type of ``folder`` (op type -> sorted providers), from
+    ONNX Runtime's profiler over one prefill and two decode steps of the runtime on ``device``."""
+    import onnxruntime as ort
+
+    from edge.runtime import OnnxCausalLM, SamplingConfig
+
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    plain = ort.SessionOptions
+
+    class Profiled(plain):  # OnnxCausalLM builds its own options: profile that session only
+        def __init__(self):
+            super().__init__()
+            self.enable_profiling = True
+            self.profile_file_prefix = str(trace_dir / "ort")
+
+    ort.SessionOptions = Profiled
+    try:
+        rt = OnnxCausalLM(folder, device=device, threads=1)
+    finally:
+        ort.SessionOptions = plain
+    rt.generate([[5, 6, 7, 8]], SamplingConfig(max_new_tokens=3), eos_token_ids=[])
+    trace = json.loads(Path(rt.session.end_profiling()).read_text())
+    seen: dict[str, set[str]] = {}
+    for e in trace:
+        if e.get("cat") == "Node" and "op_name" in e.get("args", {}):
+            seen.setdefault(e["args"]["op_name"], set()).add(e["args"].get("provider", "?"))
+    return {k: sorted(v) for k, v in sorted(seen.items())}
 
 
 def accuracy(device: str, work: Path, real_model: str | None) -> dict:
@@ -361,75 +430,125 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
 
     from edge.loading import load_hf_folder
     from edge.runtime import OnnxCausalLM
-    from export import export_onnx
+    from export import export_model, export_onnx
     from golden import MODELS, GOLDEN
+    from quant.onnx_quant import QuantConfig, quantize_folder
     from tiny import massive_activation_model
 
     precisions = ["fp32", "fp16"] + (["bf16"] if device == "cuda" else [])
-    res: dict = {"device": device, "golden": {}, "checks": {}, "skipped": []}
+    # the fused graph is what runs on CUDA: its GroupQueryAttention has fp16/bf16 kernels only there
+    fused = ["fused-fp16"] + (["fused-bf16"] if device == "cuda" else []) + ["fused-int4"]
+    expected = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
+    res: dict = {"device": device, "golden": {}, "checks": {}, "skipped": [], "node_providers": {}}
+    fused_ok, why = fused_graph_runs()
+    if not fused_ok:  # a failed check (the GPU path cannot run here), not a silent skip
+        res["checks"]["the fused graph (fp16/bf16/int4) runs on this onnxruntime"] = {"value": why, "limit": True,
+                                                                                       "ok": False}
+        fused = []
     if device != "cuda":
-        res["skipped"].append("bf16: the CPU provider has no bfloat16 MatMul (CUDA only)")
-    worst32, agree16, agree_bf16 = 0.0, [], []
+        res["skipped"].append("bf16 (reference and fused): the CPU provider has no bfloat16 MatMul (CUDA only)")
+    worst32 = 0.0
+    agree: dict[str, list] = {}
     for name in MODELS:
         folders = {p: export_onnx(load_hf_folder(GOLDEN / name), work / "golden" / f"{name}-{p}", overwrite=True,
                                   precision=p) for p in precisions}
         ref, ref_errs, _ = _golden_logits(folders["fp32"], name, "cpu")
         ref_all = np.concatenate(ref)
         g = {"cpu_fp32_vs_authors_max_abs": max(ref_errs.values())}
-        for p in precisions:
+        int4_cpu = None
+        for key in [*precisions, *fused]:
             try:
-                got, errs, provider = _golden_logits(folders[p], name, device)
+                if key.startswith("fused-"):
+                    prec = key.split("-")[1]
+                    if prec == "int4":  # from the fused fp16 export: MatMulNBits with fp16 activations
+                        folders[key] = quantize_folder(folders["fused-fp16"], work / "golden" / f"{name}-{key}",
+                                                       QuantConfig(precision="int4", accuracy_level=0),
+                                                       overwrite=True, check_positions=0, compare_positions=0)
+                        int4_cpu = np.concatenate(_golden_logits(folders[key], name, "cpu")[0])
+                    else:
+                        folders[key] = export_model(load_hf_folder(GOLDEN / name), work / "golden" / f"{name}-{key}",
+                                                    overwrite=True, graph="fused", precision=prec)
+                got, errs, provider = _golden_logits(folders[key], name, device)
             except Exception as e:  # noqa: BLE001 - e.g. an op without a kernel for this dtype: recorded
-                g[p] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
-                res["checks"][f"{name} {p} runs on {device}"] = {"value": g[p]["error"][:200], "limit": None, "ok": False}
+                g[key] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+                res["checks"][f"{name} {key} runs on {device}"] = {"value": g[key]["error"][:200], "limit": None,
+                                                                   "ok": False}
                 continue
             got_all = np.concatenate(got)
             diff = float(np.abs(got_all - ref_all).max())
-            agree = float((got_all.argmax(-1) == ref_all.argmax(-1)).mean())
-            g[p] = {"provider": provider, "max_abs_vs_cpu_fp32": diff, "top1_vs_cpu_fp32": agree,
-                    "max_abs_vs_authors": max(errs.values()), "positions": int(len(got_all)),
-                    "finite": bool(np.isfinite(got_all).all())}
+            top1 = float((got_all.argmax(-1) == ref_all.argmax(-1)).mean())
+            g[key] = {"provider": provider, "max_abs_vs_cpu_fp32": diff, "top1_vs_cpu_fp32": top1,
+                      "max_abs_vs_authors": max(errs.values()), "positions": int(len(got_all)),
+                      "finite": bool(np.isfinite(got_all).all())}
             if device == "cuda" and provider != "CUDAExecutionProvider":
-                res["checks"][f"{name} {p} runs on CUDA"] = {"value": provider, "limit": "CUDAExecutionProvider",
-                                                              "ok": False}
-            if p == "fp32":
+                res["checks"][f"{name} {key} runs on CUDA"] = {"value": provider, "limit": "CUDAExecutionProvider",
+                                                                "ok": False}
+            if key == "fp32":
                 worst32 = max(worst32, diff)
-            elif p == "fp16":
-                agree16.append((agree, len(got_all)))
-            else:
-                agree_bf16.append((agree, len(got_all)))
+            elif key == "fused-int4":  # rounding to 4 bits is the same on both devices: compare with the CPU's
+                top1 = float((got_all.argmax(-1) == int4_cpu.argmax(-1)).mean())
+                g[key]["top1_vs_cpu_same_int4"] = top1
+            agree.setdefault(key, []).append((top1, len(got_all)))
         res["golden"][name] = g
+        if name == "p2_untied":  # where each compute op ran (one model is enough: the graphs are alike)
+            for key in ("fused-fp16", "fused-int4"):
+                if key in folders:
+                    try:
+                        res["node_providers"][key] = placed = node_providers(folders[key], device, work / "traces")
+                        off = {op: v for op, v in placed.items() if op in COMPUTE_OPS and v != [expected]}
+                        res["checks"][f"{key}: every compute op on {expected}"] = {
+                            "value": off or sorted(op for op in placed if op in COMPUTE_OPS), "limit": expected,
+                            "ok": not off}
+                    except Exception as e:  # noqa: BLE001 - recorded as a failed check
+                        res["checks"][f"{key}: every compute op on {expected}"] = {
+                            "value": f"{type(e).__name__}: {str(e)[:200]}", "limit": expected, "ok": False}
     pooled = lambda xs: sum(a * n for a, n in xs) / sum(n for _, n in xs) if xs else 0.0  # noqa: E731
-    res["checks"]["fp32 on device: max |logit - CPU fp32|"] = {"value": worst32, "limit": 1e-3, "ok": worst32 <= 1e-3}
-    res["checks"]["fp16 on device: top-1 agreement with CPU fp32"] = {"value": pooled(agree16), "limit": 0.99,
-                                                                      "ok": pooled(agree16) >= 0.99}
-    if agree_bf16:
-        res["checks"]["bf16 on device: top-1 agreement with CPU fp32 (reported)"] = {
-            "value": pooled(agree_bf16), "limit": None, "ok": True}
-    # massive activations: no NaN/Inf on a 512-token prompt
+    res["checks"]["reference fp32 on device: max |logit - CPU fp32|"] = {"value": worst32, "limit": 1e-3,
+                                                                         "ok": worst32 <= 1e-3}
+    for key, label, limit in (("fp16", "reference fp16", 0.99), ("fused-fp16", "fused fp16", 0.99),
+                              ("bf16", "reference bf16", None), ("fused-bf16", "fused bf16", None)):
+        if key in agree:
+            v = pooled(agree[key])
+            res["checks"][f"{label} on device: top-1 agreement with CPU fp32" + (" (reported)" if limit is None else "")] = {
+                "value": v, "limit": limit, "ok": limit is None or v >= limit}
+    if "fused-int4" in agree:
+        v = pooled(agree["fused-int4"])
+        res["checks"]["fused int4 (from fp16) on device: top-1 agreement with the same int4 on CPU"] = {
+            "value": v, "limit": 0.98, "ok": v >= 0.98}
+    # massive activations: no NaN/Inf on a 512-token prompt and one decode step
     from edge.profile import GraphStepper
 
     ids = np.random.default_rng(0).integers(0, 97, (1, 512))
-    for p in precisions[1:]:
-        name = f"{p}: bf16-weighted Qwen2 with massive activations, 512 tokens, no NaN/Inf"
+    for graph, p in [("reference", q) for q in precisions[1:]] + [("fused", q) for q in precisions[1:] if fused_ok]:
+        name = f"{graph} {p}: bf16-weighted Qwen2 with massive activations, 512 tokens, no NaN/Inf"
         try:
-            folder = export_onnx(massive_activation_model(), work / f"massive-{p}", overwrite=True, precision=p)
+            folder = export_model(massive_activation_model(), work / f"massive-{graph}-{p}", overwrite=True,
+                                  graph=graph, precision=p)
             rt = OnnxCausalLM(folder, device=device, threads=1)
             on_gpu = rt.session.get_providers()[0] == "CUDAExecutionProvider"
-            st = GraphStepper(rt, io_binding=on_gpu or p == "bf16", device_type="cuda" if on_gpu else "cpu")
-            logits, cache = st.step(ids, np.ones((1, 512), np.int64), np.arange(512)[None], st.empty(1))
-            step, cache = st.step(logits[:, -1].argmax(-1)[:, None], np.ones((1, 513), np.int64), np.array([[512]]),
-                                  cache)
+            if graph == "fused":
+                state = rt.new_state(1, 513)
+                logits = rt.step(state, ids, None, np.arange(512)[None])
+                step = rt.decode(state, logits[:, -1].argmax(-1))
+                cache = state.buffers  # numpy on the CPU, device OrtValues on CUDA
+            else:
+                st = GraphStepper(rt, io_binding=on_gpu or p == "bf16", device_type="cuda" if on_gpu else "cpu")
+                logits, cache = st.step(ids, np.ones((1, 512), np.int64), np.arange(512)[None], st.empty(1))
+                step, cache = st.step(logits[:, -1].argmax(-1)[:, None], np.ones((1, 513), np.int64),
+                                      np.array([[512]]), cache)
             ok = bool(np.isfinite(logits).all() and np.isfinite(step).all())
-            if isinstance(cache[0], np.ndarray):
-                ok = ok and all(np.isfinite(c.astype(np.float32)).all() for c in cache)
+            for c in cache:  # a bfloat16 OrtValue cannot be read by numpy: its logits stand for it
+                if isinstance(c, np.ndarray) or c.data_type() != "tensor(bfloat16)":
+                    ok = ok and bool(np.isfinite(np.asarray(c if isinstance(c, np.ndarray) else c.numpy(),
+                                                            np.float32)).all())
             res["checks"][name] = {"value": ok, "limit": True, "ok": ok}
         except Exception as e:  # noqa: BLE001 - recorded as a failed check
             res["checks"][name] = {"value": f"{type(e).__name__}: {str(e)[:200]}", "limit": True, "ok": False}
     if real_model:
         try:
-            res["real_model"] = r = _real_model(real_model, device)
-            res["checks"][f"{real_model} fp16 on device: top-1 agreement with CPU fp32 ({r['positions']} positions)"] = {
+            res["real_model"] = r = _real_model(real_model, device, work, "fused" if fused_ok else "reference")
+            res["checks"][f"{real_model} {r['graph']} fp16 on device: top-1 agreement with CPU fp32 "
+                          f"({r['positions']} positions)"] = {
                 "value": r["top1_agreement"], "limit": 0.99, "ok": r["top1_agreement"] >= 0.99}
         except Exception as e:  # noqa: BLE001 - e.g. the model is not in the cache of an offline machine
             res["checks"][f"{real_model} fp16 on device"] = {"value": f"{type(e).__name__}: {str(e)[:300]}",
@@ -438,17 +557,27 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
     return res
 
 
-def _real_model(spec: str, device: str, positions: int = 1024) -> dict:
-    """fp16 on ``device`` against fp32 on the CPU over held-out stdlib code (edge.evaluate.compare)."""
-    from edge.cli import ensure_export
+def _real_model(spec: str, device: str, work: Path, graph: str = "fused", positions: int = 1024) -> dict:
+    """The fp16 export of ``graph`` on ``device`` against fp32 on the CPU over held-out stdlib code
+    (edge.evaluate.compare). Cached exports of another graph kind (e.g. an fp16 reference export made
+    before fused half-precision exports existed) are not used: the right one is exported into ``work``."""
+    from edge.cli import ensure_export, load_for_export
     from edge.evaluate import compare, onnx_logits_fn, stdlib_text
+    from edge.manifest import Manifest
     from edge.runtime import OnnxCausalLM
+    from export import export_model
 
-    ref = OnnxCausalLM(ensure_export(spec, 1, None, progress=False), device="cpu")
-    cand = OnnxCausalLM(ensure_export(spec, 1, None, progress=False, precision="fp16"), device=device)
+    folders = {}
+    for prec in ("fp32", "fp16"):
+        folders[prec] = ensure_export(spec, 1, None, progress=False, precision=prec)
+        if Manifest.read(folders[prec]).graph != graph and (prec == "fp16" or graph == "reference"):
+            folders[prec] = export_model(load_for_export(spec, 1, None, progress=False), work / f"real-{graph}-{prec}",
+                                         overwrite=True, graph=graph, precision=prec)
+    ref = OnnxCausalLM(folders["fp32"], device="cpu")
+    cand = OnnxCausalLM(folders["fp16"], device=device)
     tokens = ref.tokenizer.encode(stdlib_text())
     r = compare(onnx_logits_fn(ref), onnx_logits_fn(cand), tokens, window=512, max_positions=positions)
-    return {"model": spec, "provider": cand.session.get_providers()[0], **r}
+    return {"model": spec, "graph": cand.manifest.graph, "provider": cand.session.get_providers()[0], **r}
 
 
 def cmd_accuracy(a) -> int:
@@ -468,7 +597,9 @@ def _environment(device: str) -> dict:
 
     info = device_info()
     works, why = cuda_status()
+    fused_ok, fused_why = fused_graph_runs()
     env = {"machine": info, "onnxruntime_file": ort.__file__, "cuda_works": works, "cuda_reason": why,
+           "fused_graph_runs": fused_ok, "fused_graph_reason": fused_why,
            "python": sys.version.split()[0], "device": device}
     try:
         import torch
@@ -496,6 +627,8 @@ def cmd_run(a) -> int:
     if a.parallel:
         plan.parallel = tuple(int(x) for x in a.parallel.split(","))
         plan.twins = tuple(p for p in plan.twins if p in plan.parallel)
+    if a.graph:
+        plan.graph = a.graph
     if a.precisions:
         plan.precisions = tuple(a.precisions.split(","))
         if set(plan.precisions) - {"fp16", "int4"}:
@@ -518,7 +651,12 @@ def cmd_run(a) -> int:
     if plan.device == "cuda" and not env["cuda_works"]:
         write_json(out / "summary.json", summary)
         return _fail(f"CUDA does not work here: {env['cuda_reason']}")
-    step("environment", t0, cuda_works=env["cuda_works"], onnxruntime=env["machine"]["onnxruntime"])
+    step("environment", t0, cuda_works=env["cuda_works"], onnxruntime=env["machine"]["onnxruntime"],
+         fused_graph_runs=env["fused_graph_runs"])
+    if plan.graph == "fused" and not env["fused_graph_runs"]:  # still measure something on this GPU
+        summary["skipped"].append(f"profile of the fused graph: {env['fused_graph_reason']}; profiled the reference "
+                                  "graph instead")
+        plan.graph = "reference"
 
     # start the exports now: they only need CPUs, and the accuracy steps need the GPU
     jobs = profile_jobs(plan, work / "models")
@@ -589,7 +727,7 @@ def cmd_run(a) -> int:
                 summary["skipped"].append(f"{j['name']} {prec}: profile failed: {str(e)[-300:]}")
                 continue
             for r_ in got:
-                rows.append({"model": j["model"], "kind": j["kind"], **r_, "P": j["P"], "folder": folder,
+                rows.append({"model": j["model"], "kind": j["kind"], "graph": j["graph"], **r_, "P": j["P"], "folder": folder,
                              "family": j["family"], "non_embedding_params": j["non_embedding_params"],
                              "weights": "random", **{k: j[k] for k in ("dense_layers", "target_params") if k in j}})
     step("profile", t0, rows=len(rows))
@@ -642,12 +780,14 @@ def _print_summary(summary: dict, acc: dict, rows: list[dict], out: Path) -> Non
           f"{'PASS' if summary['ok'] else 'FAIL'}")
     for k, v in acc.get("checks", {}).items():
         print(f"  {'ok  ' if v['ok'] else 'FAIL'} {k}: {v['value']}" + (f" (limit {v['limit']})" if v["limit"] else ""))
-    print("| model | kind | P | precision | batch | TTFT ms | decode ms/token p50 | GPU MiB (+ over before load) | KV MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | kind | graph | P | precision | batch | TTFT ms | decode ms/token p50 | GPU MiB (+ over before load) "
+          "| KV MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         vram = (f"{r['vram_peak_mib'] - r['vram_before_mib']:.0f}" if r.get("vram_peak_mib") is not None
                 else f"RSS {r['peak_rss_mib'] - r['rss_before_mib']:.0f}")
-        print(f"| {r['model']} | {r['kind']} | {r['P']} | {r['precision']} | {r['batch']} | {r['ttft_ms']:.1f} | "
+        print(f"| {r['model']} | {r['kind']} | {r.get('graph', '')} | {r['P']} | {r['precision']} | {r['batch']} | "
+              f"{r['ttft_ms']:.1f} | "
               f"{r['decode_ms_p50']:.2f} | {vram} | {r['kv_cache_mib']:.1f} |")
     for s in summary["skipped"]:
         print(f"  skipped: {s}")
@@ -689,6 +829,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-pytest", action="store_true")
     p.add_argument("--parallel", default=None, help="P values (default 1,2,4,8; twins follow)")
     p.add_argument("--precisions", default=None, help="fp16,int4 (default both)")
+    p.add_argument("--graph", default=None, choices=["fused", "reference"],
+                   help="graph to profile (default fused: GroupQueryAttention in fp16, the graph that runs on CUDA)")
     p.add_argument("--real-model", default=None, help="also compare fp16 with fp32 on this model (named or .gguf; "
                    "must be in PARSCALE_EDGE_CACHE or a local file: the GPU machine has no internet)")
     p.set_defaults(func=cmd_run)

@@ -699,8 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p.add_argument("--precision", default="fp32",
-                   help="fp32 (default), fp16 or bf16 (GPU: float32 kept for norms, residual, softmax, aggregator; "
-                        "bf16 runs on CUDA only), int4, int8 or int8-dynamic")
+                   help="fp32 (default), fp16 or bf16 (the CUDA path: the fused graph's GroupQueryAttention is half "
+                        "precision only there; float32 kept for norms, residual, aggregator, logits; bf16 runs on "
+                        "CUDA only), int4, int8 or int8-dynamic")
     _add_quant_args(p)
 
     p = sub.add_parser("quantize", help="quantize an fp32 export folder (int4 / int8, weight-only)")

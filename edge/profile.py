@@ -185,10 +185,12 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
 
     Returns ``{"load": {...}, "runs": [{...}, ...]}``; each run has prefill/decode timings, its own
     peak RSS (VmHWM reset before it), KV cache bytes at the end and the share of the
-    memory-bandwidth limit reached by decode. ``parallel``: the P to run a fused folder that offers
-    several. Reference graphs on another ``device`` than cpu, with ``io_binding`` or a
+    memory-bandwidth limit reached by decode (CPU only). ``parallel``: the P to run a fused folder
+    that offers several. Reference graphs on another ``device`` than cpu, with ``io_binding`` or a
     half-precision cache go to :func:`measure_folder_bound` (GPU memory, device-resident cache);
-    fused graphs always keep their cache bound (IO binding)."""
+    fused graphs always keep their cache bound (IO binding; on CUDA in device memory) and record
+    the same provider, cache dtype and GPU memory fields (``vram_*_mib``) as that function.
+    Raises RuntimeError when ``device`` is cuda but the session runs on the CPU."""
     from .manifest import Manifest
 
     man = Manifest.read(folder)
@@ -198,16 +200,24 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
     rss_before = _proc_status_mib("VmRSS")
     import onnxruntime  # noqa: F401 - imported before the session so that the load increase is the session's own
 
+    from .providers import CUDA
     from .runtime import OnnxCausalLM
 
     rss_imported = _proc_status_mib("VmRSS")
+    vram_before = gpu_memory_used_mib() if device != "cpu" else None
     t0 = time.perf_counter()
     rt = OnnxCausalLM(folder, device=device, threads=threads, parallel=parallel)
     load_ms = (time.perf_counter() - t0) * 1e3
     peak_load = _proc_status_mib("VmHWM")
+    provider = rt.session.get_providers()[0]
+    if device == "cuda" and provider != CUDA:
+        raise RuntimeError(f"--device cuda was asked for, but the session runs on {provider}")
+    on_gpu = provider == CUDA
     file_mib = folder_bytes(folder) / 2**20
     load = {"load_ms": load_ms, "rss_before_mib": rss_before, "peak_rss_load_mib": peak_load,
-            "file_mib": file_mib, "P": rt.P, "precision": rt.manifest.precision}
+            "file_mib": file_mib, "P": rt.P, "precision": rt.manifest.precision,
+            "cache_dtype": rt.manifest.cache_dtype, "provider": provider, "io_binding": True,
+            "vram_before_mib": vram_before, "vram_loaded_mib": gpu_memory_used_mib() if on_gpu else None}
     if peak_load is not None and rss_imported is not None:
         # Memory at load (issue 8, row 10): the session's own peak, as a multiple of the weight file.
         load["load_rss_increase_mib"] = peak_load - rss_imported
@@ -240,6 +250,7 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
                 load["steady_rss_mib"] = _proc_status_mib("VmRSS")
             pres, steps, kv = [], [], 0
             _reset_peak_rss()  # so the peak below belongs to this batch size and prompt length
+            sampler = PeakSampler().start() if on_gpu else None
             for _ in range(repeat):
                 p, s, kv = one()
                 pres.append(p)
@@ -250,8 +261,9 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
                    "ttft_ms": float(np.median(pres)), "prefill_tokens_per_s": B * S / float(np.median(pres)) * 1e3,
                    "decode_ms_p50": d50, "decode_ms_p90": d90, "decode_tokens_per_s": 1e3 * B / d50,
                    "kv_cache_mib": kv / 2**20, "latency_ms": float(np.median(pres)) + gen_len * d50,
-                   "peak_rss_mib": _proc_status_mib("VmHWM")}
-            if bandwidth_gbps:
+                   "peak_rss_mib": _proc_status_mib("VmHWM"),
+                   "vram_peak_mib": sampler.stop() if sampler else None}
+            if bandwidth_gbps and not on_gpu:  # the host's bandwidth says nothing about a GPU
                 run["bandwidth_share"] = (weight_bytes + kv_mid) / (d50 / 1e3) / (bandwidth_gbps * 1e9)
             runs.append(run)
     load.setdefault("steady_rss_mib", _proc_status_mib("VmRSS"))
@@ -414,7 +426,8 @@ def dense_twin_export(spec: str, P: int, law, threads: int | None = None,
                       precision: str = "fp32") -> tuple[Path, dict]:
     """Export (cached) a random-weight dense model of the family of ``spec`` with the non-embedding
     size the scaling law ``law`` equates with ``spec`` at P streams, in ``precision`` fp32, fp16 or
-    bf16. Returns (folder, description)."""
+    bf16, as the graph ``export_model`` picks (fused where it can run, like the ParScale model it is
+    compared with). Returns (folder, description)."""
     from .cli import load_for_export
     from .hub import default_cache_dir
 
@@ -430,14 +443,11 @@ def dense_twin_export(spec: str, P: int, law, threads: int | None = None,
     from .manifest import FORMAT_VERSION, Manifest
 
     if not (out / "manifest.json").exists() or Manifest.read(out).format_version != FORMAT_VERSION:
-        from export import export_model, export_onnx
+        from export import export_model
 
         lm = random_model(twin, f"random dense twin of {spec} ({twin.num_hidden_layers} layers)", {"dense_twin": info})
         lm.tokenizer = base.tokenizer
-        if precision == "fp32":
-            export_model(lm, out, overwrite=True)
-        else:
-            export_onnx(lm, out, overwrite=True, precision=precision)
+        export_model(lm, out, overwrite=True, precision=precision)  # the graph ensure_export picks for the model
     return out, info
 
 

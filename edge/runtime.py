@@ -21,6 +21,47 @@ from .validate import check_export_folder
 MAX_PREFIX_SLOTS = 128
 #: Graph inputs of the fused graph carrying the ParScale aggregator (export.onnx_builder).
 AGG_INPUTS = ("parscale.aggregate.w1", "parscale.aggregate.b1", "parscale.aggregate.w2", "parscale.aggregate.b2")
+#: Fused graphs pass GroupQueryAttention's ``query_seqlens`` (input 16, right-padded chunks of several
+#: rows), which ONNX Runtime has from 1.32 on (CPU and CUDA); older versions refuse the graph.
+FUSED_MIN_ORT = (1, 32)
+
+
+def ort_version(version: str) -> tuple[int, int]:
+    """(major, minor) of an ONNX Runtime version string ("1.32.0", "1.33.0.dev20260101")."""
+    major, minor = (version.split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+#: ``manifest.cache_dtype`` -> (ONNX element type number, numpy dtype holding its bits on the host).
+#: numpy has no bfloat16: a bfloat16 cache is held as its uint16 bit patterns (:func:`bfloat16_bits`).
+CACHE_TYPES = {"float32": (1, np.float32), "float16": (10, np.float16), "bfloat16": (16, np.uint16)}
+
+
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values -> bfloat16 bit patterns, uint16 of the same shape (round to nearest even,
+    as torch's ``.to(torch.bfloat16)``; NaN stays a quiet NaN, overflow rounds to inf)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
+    return rounded
+
+
+def cache_types(cache_dtype: str) -> tuple[int, type]:
+    """(ONNX element type, numpy host dtype) of a ``manifest.cache_dtype`` (:data:`CACHE_TYPES`).
+    Raises ManifestError for another name."""
+    if cache_dtype not in CACHE_TYPES:
+        raise ManifestError(f"unknown KV cache dtype {cache_dtype!r} in the manifest; use one of "
+                            f"{', '.join(CACHE_TYPES)} (re-export the model)")
+    return CACHE_TYPES[cache_dtype]
+
+
+def cache_host_array(x: np.ndarray, cache_dtype: str) -> np.ndarray:
+    """float32 ``x`` in the host representation of ``cache_dtype`` (:data:`CACHE_TYPES`): float32,
+    float16, or uint16 bfloat16 bits; same shape. Raises ManifestError for another cache dtype."""
+    host = cache_types(cache_dtype)[1]
+    return bfloat16_bits(x) if host is np.uint16 else np.ascontiguousarray(x, dtype=host)
 
 
 class RuntimeInputError(ValueError):
@@ -115,13 +156,65 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     return ids, mask, pos
 
 
+def allocate_kv_cache(shape: tuple[int, int, int, int], num_layers: int, cache_dtype: str,
+                      prefix: Sequence[tuple[np.ndarray, np.ndarray]] = (), device: str = "cpu",
+                      device_memory: bool = False) -> tuple[list, list]:
+    """The 2*num_layers KV-cache tensors of one fused-graph request, zeros with the ParScale prefix.
+
+    Args:
+        shape: (P*B, kv_heads, capacity, head_dim); rows batch-major (b*P + p).
+        cache_dtype: ``manifest.cache_dtype`` (float32, float16, bfloat16).
+        prefix: per layer (keys, values), each [P, kv_heads, n, head_dim] in the host representation
+            of ``cache_dtype`` (:func:`cache_host_array`), written into the first n slots of every
+            row of stream p; empty for P = 1.
+        device: ONNX Runtime device name of the session (``cpu``, ``cuda``).
+        device_memory: False: numpy arrays on the host, wrapped (no copy) by the OrtValues bound to
+            the session (the CPU path). True: OrtValues allocated on ``device`` and filled from one
+            host staging array of one tensor's size, reused for every tensor and dropped at the end
+            (no host copy of the cache is kept; the CUDA path).
+    Returns:
+        (buffers, values): the cache as kept in :class:`DecodeState` (numpy arrays, or the
+        OrtValues themselves) and the OrtValues to bind, in past/present name order.
+    Raises:
+        ManifestError: an unknown ``cache_dtype``.
+    """
+    import onnxruntime as ort
+
+    onnx_type, host_dtype = cache_types(cache_dtype)
+    OV = ort.OrtValue
+    n = prefix[0][0].shape[2] if len(prefix) else 0
+    P = prefix[0][0].shape[0] if n else 1
+
+    def with_prefix(buf: np.ndarray, j: int) -> np.ndarray:
+        if n:  # ParScale: prefix, written once per request
+            buf.reshape(shape[0] // P, P, *shape[1:])[:, :, :, :n] = prefix[j // 2][j % 2][None]
+        return buf
+
+    if not device_memory:
+        buffers = [with_prefix(np.zeros(shape, dtype=host_dtype), j) for j in range(2 * num_layers)]
+        # both wrap the numpy memory, no copy (numpy has no bfloat16: its bits are uint16)
+        values = [OV.ortvalue_from_numpy_with_onnx_type(b, onnx_type) if host_dtype is np.uint16
+                  else OV.ortvalue_from_numpy(b) for b in buffers]
+        return buffers, values
+    host = np.zeros(shape, dtype=host_dtype)
+    values = []
+    for j in range(2 * num_layers):
+        v = OV.ortvalue_from_shape_and_type(list(shape), onnx_type, device, 0)
+        v.update_inplace(with_prefix(host, j))  # same size in bytes; uint16 bits for bfloat16
+        values.append(v)
+    del host
+    return values, values
+
+
 class DecodeState:
     """What one request holds between graph calls: the KV cache and the per-row lengths.
 
-    Fused graphs: ``buffers`` are 2*L preallocated float32 arrays [P*B, kv_heads, capacity, head_dim]
-    (rows batch-major, ``b*P + p``; the first ``n_prefix`` slots of every row hold that stream's
-    ParScale prefix), bound once to ONNX Runtime as both ``past`` and ``present`` (IO binding), so
-    a decode step allocates nothing that grows with the generated length. ``lengths`` int64 [B]:
+    Fused graphs: ``buffers`` are 2*L preallocated caches [P*B, kv_heads, capacity, head_dim] of the
+    manifest's ``cache_dtype`` (rows batch-major, ``b*P + p``; the first ``n_prefix`` slots of every
+    row hold that stream's ParScale prefix), bound once to ONNX Runtime as both ``past`` and
+    ``present`` (IO binding), so a decode step allocates nothing that grows with the generated
+    length. On the CPU they are numpy arrays (float32, float16, or uint16 holding bfloat16 bits);
+    on CUDA they are OrtValues in device memory, with no host copy. ``lengths`` int64 [B]:
     cache slots in use per user row, prefix included.
     Reference graphs: ``past`` is the list of 2*L present tensors of the last call (concatenated).
     :meth:`close` drops the cache (generators call it in ``finally``)."""
@@ -129,7 +222,7 @@ class DecodeState:
     def __init__(self, batch: int, P: int, n_prefix: int = 0, capacity: int = 0):
         self.batch, self.P, self.n_prefix, self.capacity = batch, P, n_prefix, capacity
         self.lengths = np.full(batch, n_prefix, dtype=np.int64)
-        self.buffers: list[np.ndarray] = []
+        self.buffers: list = []  # numpy arrays (CPU) or device OrtValues (CUDA)
         self.past: list[np.ndarray] | None = None  # reference graphs
         self.mask: np.ndarray | None = None  # reference graphs: attention mask so far
         self.positions: np.ndarray | None = None  # reference graphs: last position per row [B, 1]
@@ -141,7 +234,13 @@ class DecodeState:
     @property
     def kv_bytes(self) -> int:
         """Bytes held by the cache (preallocated capacity for fused graphs)."""
-        return sum(b.nbytes for b in (self.buffers or self.past or []))
+        total = 0
+        for b in self.buffers or self.past or []:
+            if isinstance(b, np.ndarray):
+                total += b.nbytes
+            else:  # an OrtValue
+                total += int(np.prod(b.shape())) * (4 if b.data_type() == "tensor(float)" else 2)
+        return total
 
     def close(self) -> None:
         """Free the cache now (idempotent)."""
@@ -164,7 +263,9 @@ class OnnxCausalLM:
         threads: intra-op threads (None: ONNX Runtime's default, all cores).
         parallel: default P for fused graphs (one of :attr:`parallel_options`; default the manifest's).
     Raises:
-        ManifestError: not an export folder, model.onnx / its data file / a ParScale part file missing.
+        ManifestError: not an export folder, model.onnx / its data file / a ParScale part file missing,
+            a bf16 export on another provider than CUDA (ONNX Runtime runs bfloat16 on CUDA only), or a
+            fused graph on an onnxruntime older than :data:`FUSED_MIN_ORT`.
     """
 
     def __init__(self, folder: str | os.PathLike, device: str = "auto", threads: int | None = None,
@@ -183,7 +284,16 @@ class OnnxCausalLM:
             so.inter_op_num_threads = 1
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.manifest.graph == "fused" and ort_version(ort.__version__) < FUSED_MIN_ORT:
+            raise ManifestError(f"{self.folder} is a fused graph, which needs onnxruntime >= "
+                                f"{'.'.join(map(str, FUSED_MIN_ORT))} (GroupQueryAttention's query_seqlens input); "
+                                f"this is onnxruntime {ort.__version__}: upgrade it, or export with --graph reference")
         self.providers = select_providers(device)
+        first = self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]
+        if self.manifest.cache_dtype == "bfloat16" and first != "CUDAExecutionProvider":
+            raise ManifestError(f"{self.folder} is a bf16 export, which ONNX Runtime runs on its CUDA provider only "
+                                f"(this session would run on {first}); use --device cuda on an NVIDIA GPU with "
+                                "onnxruntime-gpu, or export --precision fp16 or fp32 for the CPU")
         try:
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
@@ -199,6 +309,12 @@ class OnnxCausalLM:
         self._ort = ort
         # the provider the session really uses (a CUDA entry of select_providers is a (name, options) tuple)
         self._device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if self.fused and self._device == "cuda" and m.cache_dtype == "float32":
+            import warnings
+
+            warnings.warn(f"{self.folder} is a float32 fused graph: ONNX Runtime's CUDA GroupQueryAttention runs in "
+                          "float16/bfloat16 only, so attention falls back to the CPU with the cache copied every step; "
+                          "export --precision fp16 (or bf16) for CUDA", stacklevel=2)
         self._parts: dict[int, dict] = {}
         if self.fused:
             self.parallel_options = sorted(int(k) for k in (m.parallel_options or {"1": None}))
@@ -215,7 +331,9 @@ class OnnxCausalLM:
 
     # ------------------------------------------------------------------ fused graphs: ParScale parts
     def _parallel_parts(self, P: int) -> dict:
-        """Aggregator inputs (OrtValues) and per-layer prefixes for P, loaded once from the folder."""
+        """Aggregator inputs (float32 OrtValues on the session's device) and per-layer prefixes
+        (host arrays in the cache's host representation, :func:`cache_host_array`: the part files
+        are float32, a half-precision cache gets them rounded) for P, loaded once from the folder."""
         if P in self._parts:
             return self._parts[P]
         H, L = self.manifest.hidden_size, self.L
@@ -242,6 +360,8 @@ class OnnxCausalLM:
             if agg[3].shape != (P,) or prefix[0][0].shape[0] != P:
                 raise ManifestError(f"{f}: holds parts for P={agg[3].shape[0]}, the manifest says P={P}; re-export")
             n = prefix[0][0].shape[2]
+            dt = self.manifest.cache_dtype
+            prefix = [(cache_host_array(k, dt), cache_host_array(v, dt)) for k, v in prefix]
         ov = self._ort.OrtValue.ortvalue_from_numpy
         parts = {"P": P, "n_prefix": n, "prefix": prefix,
                  "agg": {name: ov(np.ascontiguousarray(a, dtype=np.float32), self._device, 0)
@@ -312,7 +432,10 @@ class OnnxCausalLM:
     def new_state(self, batch: int, capacity: int, parallel: int | None = None) -> DecodeState:
         """An empty request for ``batch`` user rows and up to ``capacity`` tokens per row (prompt +
         new tokens, prefix not counted). Fused graphs allocate the KV cache here, once:
-        2*L float32 [P*batch, kv_heads, n_prefix + capacity, head_dim], prefix slots filled.
+        2*L tensors [P*batch, kv_heads, n_prefix + capacity, head_dim] of ``manifest.cache_dtype``,
+        zeros with each stream's prefix (rounded to the cache dtype) in the first n_prefix slots:
+        numpy arrays on the CPU, device OrtValues on CUDA (filled through one reused host staging
+        array of one tensor's size, which is dropped afterwards).
         Raises RuntimeInputError for batch < 1 or capacity < 1."""
         if batch < 1 or capacity < 1:
             raise RuntimeInputError(f"batch and capacity must be >= 1, got {batch} and {capacity}")
@@ -326,15 +449,10 @@ class OnnxCausalLM:
                                     f"context ({m.max_position_embeddings} tokens, at most {MAX_PREFIX_SLOTS} prefix slots)")
         st = DecodeState(batch, P, n, n + capacity)
         shape = (P * batch, m.num_key_value_heads, n + capacity, m.head_dim)
-        st.buffers = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.L)]
-        if n:
-            for i, (pk, pv) in enumerate(parts["prefix"]):  # ParScale: prefix, written once per request
-                st.buffers[2 * i].reshape(batch, P, *shape[1:])[:, :, :, :n] = pk[None]
-                st.buffers[2 * i + 1].reshape(batch, P, *shape[1:])[:, :, :, :n] = pv[None]
+        st.buffers, values = allocate_kv_cache(shape, self.L, m.cache_dtype, parts["prefix"], self._device,
+                                               device_memory=self._device != "cpu")
         io = self.session.io_binding()
-        ov = self._ort.OrtValue.ortvalue_from_numpy
-        for past_name, present_name, buf in zip(self._past_names, self._present_names, st.buffers):
-            v = ov(buf, self._device, 0)  # CPU: wraps the numpy memory, no copy
+        for past_name, present_name, v in zip(self._past_names, self._present_names, values):
             io.bind_ortvalue_input(past_name, v)
             io.bind_ortvalue_output(present_name, v)  # GroupQueryAttention writes in place
         for name, v in parts["agg"].items():

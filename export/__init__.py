@@ -19,28 +19,25 @@ def export_model(lm, out_dir: str | os.PathLike, overwrite: bool = False, graph:
     """Export ``lm`` to ``out_dir`` as the ``graph`` kind: ``fused``, ``reference``, or ``auto``
     (fused when :func:`export.onnx_builder.fused_unsupported` has no objection, else reference
     with a warning naming the reason). ``also``: models over the same backbone with other P (fused
-    only: their ParScale parts join the folder). ``precision`` fp16/bf16 (the GPU path) exists for
-    the reference graph only: ``auto`` picks it there.
+    only: their ParScale parts join the folder). ``precision`` fp32, fp16 or bf16 for both graphs
+    (fp16/bf16 are the CUDA path: ONNX Runtime's CUDA GroupQueryAttention runs in half precision
+    only; a reference fp16/bf16 export casts ``lm.model`` in place, a fused one does not).
 
-    Raises ValueError for another graph name, or ``fused`` on a config it cannot express; see
-    :func:`export.onnx_builder.export_fused` and :func:`export.onnx_export.export_onnx` for the rest."""
-    if precision != "fp32":
-        if graph == "fused" or also:
-            raise ValueError(f"{precision} exports exist for the reference graph only; use --graph reference "
-                             "(or auto)")
-        return export_onnx(lm, out_dir, overwrite=overwrite, precision=precision)
+    Raises ValueError for another graph name or precision, or ``fused`` on a config it cannot
+    express; see :func:`export.onnx_builder.export_fused` and :func:`export.onnx_export.export_onnx`
+    for the rest."""
     if graph in ("auto", "fused"):
         from .onnx_builder import export_fused, fused_unsupported
 
         why = fused_unsupported(lm.model.config)
         if why and graph == "auto" and not also:
             warnings.warn(f"exporting the reference graph: {why}", stacklevel=2)
-            return export_onnx(lm, out_dir, overwrite=overwrite)
-        return export_fused(lm, out_dir, overwrite=overwrite, also=also)
+            return export_onnx(lm, out_dir, overwrite=overwrite, precision=precision)
+        return export_fused(lm, out_dir, overwrite=overwrite, also=also, precision=precision)
     if graph == "reference":
         if also:
             raise ValueError("several P in one folder need the fused graph (--graph fused)")
-        return export_onnx(lm, out_dir, overwrite=overwrite)
+        return export_onnx(lm, out_dir, overwrite=overwrite, precision=precision)
     raise ValueError(f"unknown graph kind {graph!r}; use one of {', '.join(GRAPHS)}")
 
 

@@ -27,9 +27,13 @@ Graph inputs (B user rows, S new tokens, K gathered positions, N = P*B, C = cach
 ``seqlens_k`` int32 [B] (tokens in the cache after this step, prefix included, minus 1);
 ``query_seqlens`` int32 [B] (valid tokens of this right-padded chunk); ``total_sequence_length``
 int32 [] (an upper bound of seqlens_k + 1: the capacity C); ``logits_index`` int64 [B, K];
-``parscale.aggregate.w1`` float [P*H, H], ``.b1`` [H], ``.w2`` [H, P], ``.b2`` [P];
-``past_key_values.{i}.key/.value`` float [N, kv_heads, C, head_dim] (bound to the same buffer as
-the matching ``present``). Outputs: ``logits`` float [B, K, vocab]; ``present.{i}.key/.value``.
+``parscale.aggregate.w1`` float32 [P*H, H], ``.b1`` [H], ``.w2`` [H, P], ``.b2`` [P];
+``past_key_values.{i}.key/.value`` [N, kv_heads, C, head_dim] of the cache dtype (float32, float16
+or bfloat16 for precision fp32/fp16/bf16; bound to the same buffer as the matching ``present``).
+Outputs: ``logits`` float32 [B, K, vocab]; ``present.{i}.key/.value``.
+
+Half precision (fp16/bf16, the CUDA path): weights, matmuls, GroupQueryAttention and the KV cache in
+half; the residual stream, norms, aggregator and logits in float32 (:func:`build_fused_graph`).
 """
 from __future__ import annotations
 
@@ -44,13 +48,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge.atomic import atomic_folder
 from edge.loading import LoadedModel
-from edge.manifest import DATA_FILE, MODEL_FILE, past_names, present_names
+from edge.manifest import CACHE_DTYPES, DATA_FILE, MODEL_FILE, past_names, present_names
 from edge.runtime import AGG_INPUTS, MAX_PREFIX_SLOTS
 
 OPSET = 17
 GRAPH_KIND = "fused"
 PARSCALE_DIR = "parscale"
-
+#: export precision -> ONNX element type of the weights, matmuls, GroupQueryAttention and KV cache
+#: (the residual stream, norms, aggregator and logits are float32 in every precision)
+ELEM_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
 
 class _Graph:
@@ -63,6 +69,18 @@ class _Graph:
 
     def init(self, name: str, array: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def init_typed(self, name: str, array: np.ndarray, elem: int) -> str:
+        """A float32 ``array`` stored as ONNX type ``elem`` (FLOAT, FLOAT16 or BFLOAT16; bfloat16
+        rounded to nearest even, as torch rounds)."""
+        if elem == TensorProto.FLOAT:
+            return self.init(name, np.asarray(array, np.float32))
+        if elem == TensorProto.FLOAT16:
+            return self.init(name, np.asarray(array, np.float32).astype(np.float16))
+        bits = torch.from_numpy(np.ascontiguousarray(array, np.float32)).to(torch.bfloat16).view(torch.int16)
+        t = helper.make_tensor(name, TensorProto.BFLOAT16, list(np.shape(array)), bits.numpy().tobytes(), raw=True)
+        self.inits.append(t)
         return name
 
     def const_i64(self, values, name: str | None = None) -> str:
@@ -103,17 +121,32 @@ def fused_unsupported(cfg) -> str | None:
 PACKED = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}
 
 
-def build_fused_graph(lm: LoadedModel, pack: bool = True) -> onnx.ModelProto:
-    """The fused decoder graph of ``lm`` (fp32 weights as initializers; see the module docstring).
+def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32") -> onnx.ModelProto:
+    """The fused decoder graph of ``lm`` (weights as initializers; see the module docstring).
     ``pack``: q/k/v as one MatMul feeding GroupQueryAttention's packed input, gate/up as one MatMul
     and a Split (:data:`PACKED`).
 
-    Raises ValueError for a model whose config this graph cannot express (:func:`fused_unsupported`)."""
+    ``precision`` fp32, fp16 or bf16 (:data:`ELEM_TYPES`). fp16/bf16 (the CUDA path: ONNX Runtime's
+    CUDA GroupQueryAttention is half precision only) store the embedding, every projection, the
+    RoPE tables and ``lm_head`` in half precision, and run the matmuls, GroupQueryAttention, the MLP
+    activation and the KV cache (``past_key_values.*``/``present.*``) in it. Kept in float32, as in
+    :meth:`edge.model.ParScaleForCausalLM.to_mixed_precision`: the residual stream and its adds
+    (the half outputs of attention and MLP are Cast to float32 before
+    SkipSimplifiedLayerNormalization, whose normalized output is Cast back to half for the next
+    MatMul), every RMSNorm and its weight, the final norm, the ParScale aggregator (its inputs stay
+    float32) and the ``logits`` output. ``lm.model`` is not changed (it is cast to float32).
+
+    Raises ValueError for a model whose config this graph cannot express (:func:`fused_unsupported`)
+    or another precision."""
+    if precision not in ELEM_TYPES:
+        raise ValueError(f"unknown export precision {precision!r}; use {', '.join(ELEM_TYPES)} "
+                         "(int4/int8: `parscale quantize` an fp32 or fp16 export)")
     model = lm.model.float().eval()
     cfg = model.config
     why = fused_unsupported(cfg)
     if why:
         raise ValueError(f"cannot build the fused graph: {why}; export with --graph reference")
+    ht = ELEM_TYPES[precision]  # weights, matmuls, attention, KV cache
     sd = {k: v for k, v in model.state_dict().items()}
     L, H, nh, kv, hd, V = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
                            cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size)
@@ -130,9 +163,17 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True) -> onnx.ModelProto:
               helper.make_tensor_value_info(AGG_INPUTS[2], f32, [H, "parallel"]),
               helper.make_tensor_value_info(AGG_INPUTS[3], f32, ["parallel"])]
     cache_shape = ["stream_batch", kv, "capacity", hd]
-    inputs += [helper.make_tensor_value_info(n, f32, cache_shape) for n in past_names(L)]
+    inputs += [helper.make_tensor_value_info(n, ht, cache_shape) for n in past_names(L)]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "gathered", V])]
-    outputs += [helper.make_tensor_value_info(n, f32, cache_shape) for n in present_names(L)]
+    outputs += [helper.make_tensor_value_info(n, ht, cache_shape) for n in present_names(L)]
+
+    def to_half(x: str, name: str) -> str:
+        """float32 -> the weights' type (a no-op for fp32 graphs)."""
+        return x if ht == f32 else g.one("Cast", [x], name=name, to=ht)
+
+    def to_f32(x: str, name: str) -> str:
+        """the weights' type -> float32 (a no-op for fp32 graphs)."""
+        return x if ht == f32 else g.one("Cast", [x], name=name, to=f32)
 
     # ---- sizes: B from input_ids, P from the aggregator's last bias (graph does not bake P)
     shape_ids = g.one("Shape", ["input_ids"], name="/sizes/ids_shape")
@@ -152,8 +193,9 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True) -> onnx.ModelProto:
                      name=f"/replicate/{name}/Reshape")
 
     # ---- embedding (one lookup for all streams) and replicate
-    emb_w = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"]))
+    emb_w = g.init_typed("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"]), ht)
     x = g.one("Gather", [emb_w, "input_ids"], name="/model/embed_tokens/Gather", axis=0)  # [B, S, H]
+    x = to_f32(x, "/model/embed_tokens/to_f32")  # the residual stream is float32
     Hc = g.const_i64([H], "hidden_i64")
     x = replicate(x, [S, Hc], "hidden")  # [N, S, H]
     pos = replicate("position_ids", [S], "position_ids")  # [N, S]
@@ -164,7 +206,7 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True) -> onnx.ModelProto:
                   name="/replicate/query_seqlens/to32", to=TensorProto.INT32)
     # GroupQueryAttention checks the table against total_sequence_length, which counts prefix slots
     cos, sin = rope_tables(cfg.max_position_embeddings + MAX_PREFIX_SLOTS, hd, cfg.rope_theta)
-    cos_c, sin_c = g.init("rope.cos_cache", cos), g.init("rope.sin_cache", sin)
+    cos_c, sin_c = g.init_typed("rope.cos_cache", cos, ht), g.init_typed("rope.sin_cache", sin, ht)
 
     def linear(inp: str, layer: int, block: str, names: tuple[str, ...]) -> str:
         """One MatMul over the concatenated weights ``names`` of one block (output width the sum),
@@ -174,14 +216,14 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True) -> onnx.ModelProto:
         keys = [f"model.layers.{layer}.{block}.{n}" for n in names]
         name = names[0] if len(names) == 1 else PACKED[names]
         parts = [_np(sd[f"{k}.weight"]) for k in keys]
-        w = g.init(f"model.layers.{layer}.{block}.{name}.weight_t", np.concatenate(parts, axis=0).T)
+        w = g.init_typed(f"model.layers.{layer}.{block}.{name}.weight_t", np.concatenate(parts, axis=0).T, ht)
         scope = f"/model/layers.{layer}/{block}/{name}"
         if len(names) > 1:  # the quantizer splits a packed node whose GGUF parts differ in type
             packed_widths[f"{scope}/MatMul"] = [p.shape[0] for p in parts]
         y = g.one("MatMul", [inp, w], name=f"{scope}/MatMul")
         if f"{keys[0]}.bias" in sd:
             b = np.concatenate([_np(sd[f"{k}.bias"]) for k in keys])
-            y = g.one("Add", [y, g.init(f"model.layers.{layer}.{block}.{name}.bias", b)], name=f"{scope}/Add")
+            y = g.one("Add", [y, g.init_typed(f"model.layers.{layer}.{block}.{name}.bias", b, ht)], name=f"{scope}/Add")
         return y
 
     eps = float(cfg.rms_norm_eps)
@@ -208,6 +250,7 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True) -> onnx.ModelProto:
         else:
             h, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [pending, residual, w_in], n_out=4,
                                        name=f"/model/layers.{i}/input_layernorm", domain="com.microsoft", epsilon=eps)
+        h = to_half(h, f"/model/layers.{i}/input_layernorm/to_half")
         if pack:  # one MatMul; GroupQueryAttention takes packed QKV (key and value inputs empty)
             q, k, v = linear(h, i, "self_attn", ("q_proj", "k_proj", "v_proj")), "", ""
         else:
@@ -219,11 +262,12 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True) -> onnx.ModelProto:
                          outputs=[f"/model/layers.{i}/self_attn/attn_out", f"present.{i}.key", f"present.{i}.value"],
                          num_heads=nh, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0,
                          scale=float(1.0 / np.sqrt(hd)))
-        a = linear(o, i, "self_attn", ("o_proj",))
+        a = to_f32(linear(o, i, "self_attn", ("o_proj",)), f"/model/layers.{i}/self_attn/to_f32")
         w_post = g.init(f"{pre}.post_attention_layernorm.weight", _np(sd[f"{pre}.post_attention_layernorm.weight"]))
         h2, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [a, residual, w_post], n_out=4,
                                     name=f"/model/layers.{i}/post_attention_layernorm", domain="com.microsoft",
                                     epsilon=eps)
+        h2 = to_half(h2, f"/model/layers.{i}/post_attention_layernorm/to_half")
         if pack:
             gate, up = g.node("Split", [linear(h2, i, "mlp", ("gate_proj", "up_proj")), inter2], n_out=2,
                               name=f"/model/layers.{i}/mlp/gate_up_split", axis=-1)
@@ -231,7 +275,8 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True) -> onnx.ModelProto:
             gate, up = (linear(h2, i, "mlp", (n,)) for n in ("gate_proj", "up_proj"))
         act = g.one("Mul", [gate, g.one("Sigmoid", [gate], name=f"/model/layers.{i}/mlp/act/Sigmoid")],
                     name=f"/model/layers.{i}/mlp/act/Mul")
-        pending = linear(g.one("Mul", [act, up], name=f"/model/layers.{i}/mlp/Mul"), i, "mlp", ("down_proj",))
+        pending = to_f32(linear(g.one("Mul", [act, up], name=f"/model/layers.{i}/mlp/Mul"), i, "mlp", ("down_proj",)),
+                         f"/model/layers.{i}/mlp/to_f32")
     x = g.one("Add", [pending, residual], name="/model/final_residual/Add")  # [N, S, H]
 
     # ---- gather the requested positions first: final norm, aggregator and head see B*K rows only
@@ -266,12 +311,14 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True) -> onnx.ModelProto:
               keepdims=0)  # [B, K, H]
 
     # ---- lm_head on B*K rows. Tied: Gemm(transB=1) on the embedding itself (stored once).
-    x2 = g.one("Reshape", [x, g.const_i64([-1, H])], name="/lm_head/flatten")
+    x2 = to_half(g.one("Reshape", [x, g.const_i64([-1, H])], name="/lm_head/flatten"), "/lm_head/to_half")
     if cfg.tie_word_embeddings:
-        logits = g.one("Gemm", [x2, emb_w, g.init("lm_head.zero_bias", np.zeros(V, np.float32))],
+        logits = g.one("Gemm", [x2, emb_w, g.init_typed("lm_head.zero_bias", np.zeros(V, np.float32), ht)],
                        name="/lm_head/Gemm", transB=1)
     else:
-        logits = g.one("MatMul", [x2, g.init("lm_head.weight_t", _np(sd["lm_head.weight"]).T)], name="/lm_head/MatMul")
+        logits = g.one("MatMul", [x2, g.init_typed("lm_head.weight_t", _np(sd["lm_head.weight"]).T, ht)],
+                       name="/lm_head/MatMul")
+    logits = to_f32(logits, "/lm_head/to_f32")  # float32 logits in every precision
     g.node("Reshape", [logits, g.one("Concat", [B, K, g.const_i64([V])], name="/lm_head/shape", axis=0)],
            name="/lm_head/unflatten", outputs=["logits"])
 
@@ -310,7 +357,7 @@ def same_backbone(a: LoadedModel, b: LoadedModel) -> bool:
 
 
 def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = False, check: bool = True,
-                 also: list[LoadedModel] | tuple = ()) -> Path:
+                 also: list[LoadedModel] | tuple = (), precision: str = "fp32") -> Path:
     """Write the fused graph of ``lm`` and its ParScale parts to an export folder (atomically).
 
     The folder holds the backbone graph (``model.onnx`` + ``model.onnx.data``), the ParScale parts of
@@ -318,9 +365,12 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
     (``graph: "fused"``, ``parallel_options``, default P = ``lm``'s) and the tokenizer files.
     ``also``: more models over the same backbone (e.g. conversions of one dense model to other P);
     their parts are added, so one backbone serves every P (dynamic parallel scaling).
+    ``precision`` fp32, fp16 or bf16 (see :func:`build_fused_graph`; ``manifest.cache_dtype`` float32,
+    float16 or bfloat16). The part files are float32 in every precision: the runtime casts the
+    prefixes to the cache dtype when it writes them into the cache.
 
     Raises FileExistsError (``out_dir`` exists, no ``overwrite``), ValueError (a model in ``also``
-    has another backbone or repeats a P) and :class:`export.onnx_export.ExportError` when the
+    has another backbone or repeats a P, or an unknown precision) and :class:`export.onnx_export.ExportError` when the
     ONNX checker rejects the graph.
     """
     from .onnx_export import ExportError, _write_sidecars
@@ -336,10 +386,13 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
         if not same_backbone(lm, other):
             raise ValueError(f"the P={q} model has another backbone than the P={P} model; export it separately")
         models[q] = other
+    if precision not in ELEM_TYPES:  # before the output folder is touched
+        raise ValueError(f"unknown export precision {precision!r}; use {', '.join(ELEM_TYPES)}")
     with atomic_folder(out, overwrite) as tmp:
-        proto = build_fused_graph(lm)
+        proto = build_fused_graph(lm, precision=precision)
         meta = {"parscale_n": str(P), "parscale_n_tokens": str(cfg.parscale_n_tokens),
-                "num_layers": str(cfg.num_hidden_layers), "producer": "parscale-edge", "graph": GRAPH_KIND}
+                "num_layers": str(cfg.num_hidden_layers), "producer": "parscale-edge", "graph": GRAPH_KIND,
+                "precision": precision, "cache_dtype": CACHE_DTYPES[precision]}
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
         onnx.save_model(proto, str(tmp / MODEL_FILE), save_as_external_data=True,
@@ -361,7 +414,7 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
                                   "parscale_n_tokens": str(m.model.config.parscale_n_tokens),
                                   "num_layers": str(cfg.num_hidden_layers), "source": m.source})
             options[q] = rel
-        _write_sidecars(lm, tmp, OPSET, "fp32", graph=GRAPH_KIND,
+        _write_sidecars(lm, tmp, OPSET, precision, graph=GRAPH_KIND,
                         parallel_options={str(k): v for k, v in options.items()})
         man = json.loads((tmp / "manifest.json").read_text())
         assert man["graph"] == GRAPH_KIND

@@ -1,7 +1,8 @@
 """Replays the golden cases of tests/data/parscale-golden (produced by the authors' implementation).
 
 ``run_cases(model_dir, forward)`` threads each case's cache through ``forward(ids, mask, pos, past)
--> (logits, past)`` and returns ``{(case, step): max abs diff}`` over the compared positions.
+-> (logits, past)`` and returns ``{(case, step): max abs diff}`` over the compared positions;
+``fused_forward(rt)`` is that ``forward`` for a fused graph.
 """
 from __future__ import annotations
 
@@ -34,3 +35,24 @@ def run_cases(model_dir: Path, forward) -> dict[tuple[str, int], float]:
             sel = T[st["compare_mask"]].astype(bool) if st.get("compare_mask") else np.ones(exp.shape[:2], bool)
             errs[(case["name"], i)] = float(np.abs(got[sel] - exp[sel]).max())
     return errs
+
+
+def fused_forward(rt):
+    """Adapt the golden (ids, mask, pos, past) protocol to a fused graph's runtime ``rt``
+    (edge.runtime.OnnxCausalLM): left-padded chunks become right-padded ones with per-row lengths;
+    logits come back at the original columns (padded columns zeroed); ``past`` is the DecodeState."""
+    def forward(ids, mask, pos, state):
+        B, S = ids.shape
+        new = mask[:, -S:].astype(bool)
+        q = new.sum(1)
+        assert (new == (np.arange(S)[None] >= (S - q)[:, None])).all(), "golden chunks are left-padded"
+        if state is None:
+            state = rt.new_state(B, 64)
+        chunk = np.zeros_like(ids)
+        for b in range(B):
+            chunk[b, :q[b]] = ids[b, S - q[b]:]
+        idx = np.maximum(np.arange(S)[None] - (S - q)[:, None], 0)
+        logits = rt.step(state, chunk, q, idx)
+        logits[~new] = 0.0  # padded columns are not compared
+        return logits, state
+    return forward

@@ -8,7 +8,7 @@ import pytest
 from edge.loading import load_hf_folder
 from edge.runtime import OnnxCausalLM, RuntimeInputError, SamplingConfig
 from export import export_model
-from golden import GOLDEN, MODELS, run_cases
+from golden import GOLDEN, MODELS, fused_forward, run_cases
 from tiny import tiny_model
 
 
@@ -20,26 +20,6 @@ def golden_fused(tmp_path_factory):
         lm = load_hf_folder(GOLDEN / name)
         out[name] = (lm, OnnxCausalLM(export_model(lm, root / name, graph="fused"), device="cpu", threads=1))
     return out
-
-
-def fused_forward(rt: OnnxCausalLM):
-    """Adapt the golden (ids, mask, pos, past) protocol to the fused graph: left-padded chunks become
-    right-padded ones with per-row lengths; logits come back at the original columns."""
-    def forward(ids, mask, pos, state):
-        B, S = ids.shape
-        new = mask[:, -S:].astype(bool)
-        q = new.sum(1)
-        assert (new == (np.arange(S)[None] >= (S - q)[:, None])).all(), "golden chunks are left-padded"
-        if state is None:
-            state = rt.new_state(B, 64)
-        chunk = np.zeros_like(ids)
-        for b in range(B):
-            chunk[b, :q[b]] = ids[b, S - q[b]:]
-        idx = np.maximum(np.arange(S)[None] - (S - q)[:, None], 0)
-        logits = rt.step(state, chunk, q, idx)
-        logits[~new] = 0.0  # padded columns are not compared
-        return logits, state
-    return forward
 
 
 @pytest.mark.parametrize("name", MODELS)
