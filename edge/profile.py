@@ -51,6 +51,19 @@ def folder_bytes(folder: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.startswith("model.onnx"))
 
 
+def decode_read_bytes(folder: str | os.PathLike) -> int:
+    """Weight bytes one decode step reads: every external initializer except tables that only a
+    Gather reads (an untied embedding: one row per token, not the table). A tied fp32 head reads
+    the embedding in full (Gemm), so it counts. Falls back to :func:`folder_bytes` when the graph
+    records no external lengths."""
+    from .validate import read_graph_summary
+
+    g = read_graph_summary(Path(folder) / "model.onnx")
+    if not g.external or any(r.length is None for r in g.external):
+        return folder_bytes(folder)
+    return sum(r.length for r in g.external if g.consumers.get(r.tensor, {"?"}) - {"Gather"})
+
+
 # ----------------------------------------------------------------------------------- GPU memory
 _nvml_ready = False
 
@@ -225,7 +238,7 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
     man = rt.manifest
     rng = np.random.default_rng(0)
     runs = []
-    weight_bytes = folder_bytes(folder)
+    weight_bytes = decode_read_bytes(folder)
     for B in batches:
         for S in prompt_lens:
             prompts = rng.integers(0, man.vocab_size, (B, S)).tolist()
@@ -303,7 +316,7 @@ def measure_folder_bound(folder: str, batches: list[int], prompt_lens: list[int]
     man = rt.manifest
     rng = np.random.default_rng(0)
     runs = []
-    weight_bytes = folder_bytes(folder)
+    weight_bytes = decode_read_bytes(folder)
     for B in batches:
         for S in prompt_lens:
             ids = rng.integers(0, man.vocab_size, (B, S)).astype(np.int64)

@@ -111,6 +111,8 @@ class GraphSummary:
             a str (named dynamic axis) or None (unknown).
         initializers: GraphProto.initializer [5]: name -> dims (TensorProto.dims [1]).
         external: initializers with data_location EXTERNAL [14] and their external_data [13].
+        consumers: GraphProto.node [1]: value name -> op types of the nodes reading it
+            (NodeProto.input [1], op_type [4]).
     """
 
     metadata: dict[str, str] = field(default_factory=dict)
@@ -118,6 +120,7 @@ class GraphSummary:
     outputs: dict[str, list[int | str | None]] = field(default_factory=dict)
     initializers: dict[str, list[int]] = field(default_factory=dict)
     external: list[ExternalRef] = field(default_factory=list)
+    consumers: dict[str, set[str]] = field(default_factory=dict)
 
 
 def _value_info(buf: memoryview) -> tuple[str, list[int | str | None]]:
@@ -175,7 +178,16 @@ def read_graph_summary(path: str | os.PathLike) -> GraphSummary:
             if num == 7:  # ModelProto.graph
                 seen_graph = True
                 for gnum, _, gv in _fields(v):
-                    if gnum == 5:
+                    if gnum == 1:  # NodeProto
+                        ins, op = [], ""
+                        for nnum, _, nv in _fields(gv):
+                            if nnum == 1:
+                                ins.append(_text(nv))
+                            elif nnum == 4:
+                                op = _text(nv)
+                        for i in ins:
+                            out.consumers.setdefault(i, set()).add(op)
+                    elif gnum == 5:
                         _initializer(gv, out)
                     elif gnum in (11, 12):
                         name, dims = _value_info(gv)

@@ -68,3 +68,20 @@ def test_bandwidth_measurement_is_plausible():
 
     bw = measure_bandwidth(size_mib=16, repeat=2)
     assert 0.1 < bw["read_gbps"] < 2000 and 0.1 < bw["copy_gbps"] < 2000
+
+
+def test_decode_read_bytes_skips_gather_only_tables(tmp_path):
+    """A tied fp32 head reads the embedding every step (it counts); after int4 quantization the head
+    is its own matrix and the fp32 embedding is only gathered (it does not)."""
+    from edge.profile import decode_read_bytes, folder_bytes
+    from export import export_model
+    from quant.onnx_quant import QuantConfig, quantize_folder
+    from tiny import tiny_model
+
+    lm = tiny_model("qwen2", P=1, tie=True, seed=3)
+    fp32 = export_model(lm, tmp_path / "fp32", graph="fused")
+    emb = lm.model.model.embed_tokens.weight.numel() * 4
+    assert emb <= decode_read_bytes(fp32) <= folder_bytes(fp32)  # the tied Gemm reads the embedding
+    q = quantize_folder(fp32, tmp_path / "q", QuantConfig(precision="int4", block_size=16), check_positions=0,
+                        compare_positions=0)
+    assert 0 < decode_read_bytes(q) <= folder_bytes(q) - emb  # the fp32 table is only gathered now
