@@ -235,28 +235,40 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
         # Memory at load (issue 8, row 10): the session's own peak, as a multiple of the weight file.
         load["load_rss_increase_mib"] = peak_load - rss_imported
         load["load_rss_ratio"] = load["load_rss_increase_mib"] / file_mib if file_mib else None
-    man = rt.manifest
     rng = np.random.default_rng(0)
+
+    def make_one(B: int, S: int):
+        prompts = rng.integers(0, rt.manifest.vocab_size, (B, S)).tolist()
+
+        def one() -> tuple[float, list[float], int]:
+            t = time.perf_counter()
+            state, logits = rt.prefill(prompts, gen_len + 1)
+            pre = (time.perf_counter() - t) * 1e3
+            steps = []
+            for _ in range(gen_len):
+                nxt = logits.argmax(-1)
+                t = time.perf_counter()
+                logits = rt.decode(state, nxt)
+                steps.append((time.perf_counter() - t) * 1e3)
+            kv = state.kv_bytes
+            state.close()
+            return pre, steps, kv
+        return one
+
+    runs = _time_runs(make_one, batches, prompt_lens, gen_len, repeat, warmup, load, on_gpu,
+                      decode_read_bytes(folder), bandwidth_gbps)
+    return {"load": load, "runs": runs}
+
+
+def _time_runs(make_one, batches: list[int], prompt_lens: list[int], gen_len: int, repeat: int, warmup: int,
+               load: dict, on_gpu: bool, weight_bytes: int, bandwidth_gbps: float | None) -> list[dict]:
+    """Time ``make_one(B, S)()`` -> (prefill ms, decode step ms list, KV bytes) for every batch and
+    prompt length: warm-up runs, then ``repeat`` runs with this run's own peak RSS (and GPU memory);
+    one row each. Sets ``load["steady_rss_mib"]`` after the first warm-up."""
     runs = []
-    weight_bytes = decode_read_bytes(folder)
     for B in batches:
         for S in prompt_lens:
-            prompts = rng.integers(0, man.vocab_size, (B, S)).tolist()
-
-            def one() -> tuple[float, list[float], int]:
-                t = time.perf_counter()
-                state, logits = rt.prefill(prompts, gen_len + 1)
-                pre = (time.perf_counter() - t) * 1e3
-                steps = []
-                for _ in range(gen_len):
-                    nxt = logits.argmax(-1)
-                    t = time.perf_counter()
-                    logits = rt.decode(state, nxt)
-                    steps.append((time.perf_counter() - t) * 1e3)
-                kv = state.kv_bytes
-                state.close()
-                return pre, steps, kv
-
+            one = make_one(B, S)
             for _ in range(warmup):
                 one()
             if "steady_rss_mib" not in load:  # after the first warm-up: weights paged in, arenas sized
@@ -280,7 +292,7 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
                 run["bandwidth_share"] = (weight_bytes + kv_mid) / (d50 / 1e3) / (bandwidth_gbps * 1e9)
             runs.append(run)
     load.setdefault("steady_rss_mib", _proc_status_mib("VmRSS"))
-    return {"load": load, "runs": runs}
+    return runs
 
 
 def measure_folder_bound(folder: str, batches: list[int], prompt_lens: list[int], gen_len: int,
@@ -313,52 +325,29 @@ def measure_folder_bound(folder: str, batches: list[int], prompt_lens: list[int]
             "file_mib": folder_bytes(folder) / 2**20, "P": rt.P, "precision": rt.manifest.precision,
             "cache_dtype": rt.manifest.cache_dtype, "provider": provider, "io_binding": io_binding,
             "vram_before_mib": vram_before, "vram_loaded_mib": gpu_memory_used_mib() if on_gpu else None}
-    man = rt.manifest
     rng = np.random.default_rng(0)
-    runs = []
-    weight_bytes = decode_read_bytes(folder)
-    for B in batches:
-        for S in prompt_lens:
-            ids = rng.integers(0, man.vocab_size, (B, S)).astype(np.int64)
-            pos = np.arange(S, dtype=np.int64)[None].repeat(B, 0)
 
-            def one() -> tuple[float, list[float], int]:
+    def make_one(B: int, S: int):
+        ids = rng.integers(0, rt.manifest.vocab_size, (B, S)).astype(np.int64)
+        pos = np.arange(S, dtype=np.int64)[None].repeat(B, 0)
+
+        def one() -> tuple[float, list[float], int]:
+            t = time.perf_counter()
+            logits, past = stepper.step(ids, np.ones((B, S), np.int64), pos, stepper.empty(B))
+            pre = (time.perf_counter() - t) * 1e3
+            nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+            steps = []
+            for i in range(gen_len):
+                T = S + i + 1
                 t = time.perf_counter()
-                logits, past = stepper.step(ids, np.ones((B, S), np.int64), pos, stepper.empty(B))
-                pre = (time.perf_counter() - t) * 1e3
+                logits, past = stepper.step(nxt, np.ones((B, T), np.int64), np.full((B, 1), T - 1, np.int64), past)
+                steps.append((time.perf_counter() - t) * 1e3)
                 nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-                steps = []
-                for i in range(gen_len):
-                    T = S + i + 1
-                    t = time.perf_counter()
-                    logits, past = stepper.step(nxt, np.ones((B, T), np.int64), np.full((B, 1), T - 1, np.int64), past)
-                    steps.append((time.perf_counter() - t) * 1e3)
-                    nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-                return pre, steps, stepper.cache_bytes(past)
+            return pre, steps, stepper.cache_bytes(past)
+        return one
 
-            for _ in range(warmup):
-                one()
-            if "steady_rss_mib" not in load:  # after the first warm-up: weights paged in, arenas sized
-                load["steady_rss_mib"] = _proc_status_mib("VmRSS")
-            pres, steps, kv = [], [], 0
-            _reset_peak_rss()  # so the peak below belongs to this batch size and prompt length
-            sampler = PeakSampler().start() if on_gpu else None
-            for _ in range(repeat):
-                p, s, kv = one()
-                pres.append(p)
-                steps += s
-            d50, d90 = float(np.percentile(steps, 50)), float(np.percentile(steps, 90))
-            kv_mid = kv * (S + gen_len / 2) / (S + gen_len)
-            run = {"batch": B, "prompt_len": S, "gen_len": gen_len, "repeat": repeat,
-                   "ttft_ms": float(np.median(pres)), "prefill_tokens_per_s": B * S / float(np.median(pres)) * 1e3,
-                   "decode_ms_p50": d50, "decode_ms_p90": d90, "decode_tokens_per_s": 1e3 * B / d50,
-                   "kv_cache_mib": kv / 2**20, "latency_ms": float(np.median(pres)) + gen_len * d50,
-                   "peak_rss_mib": _proc_status_mib("VmHWM"),
-                   "vram_peak_mib": sampler.stop() if sampler else None}
-            if bandwidth_gbps and not on_gpu:  # the host's bandwidth says nothing about a GPU
-                run["bandwidth_share"] = (weight_bytes + kv_mid) / (d50 / 1e3) / (bandwidth_gbps * 1e9)
-            runs.append(run)
-    load.setdefault("steady_rss_mib", _proc_status_mib("VmRSS"))
+    runs = _time_runs(make_one, batches, prompt_lens, gen_len, repeat, warmup, load, on_gpu,
+                      decode_read_bytes(folder), bandwidth_gbps)
     return {"load": load, "runs": runs}
 
 

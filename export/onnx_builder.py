@@ -48,7 +48,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge.atomic import atomic_folder
 from edge.loading import LoadedModel
-from edge.manifest import CACHE_DTYPES, DATA_FILE, MODEL_FILE, past_names, present_names
+from edge.manifest import CACHE_DTYPES, past_names, present_names
 from edge.runtime import AGG_INPUTS, MAX_PREFIX_SLOTS
 
 OPSET = 17
@@ -373,7 +373,7 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
     has another backbone or repeats a P, or an unknown precision) and :class:`export.onnx_export.ExportError` when the
     ONNX checker rejects the graph.
     """
-    from .onnx_export import ExportError, _write_sidecars
+    from .onnx_export import _write_sidecars, save_checked
 
     out = Path(out_dir)
     cfg = lm.model.config
@@ -393,16 +393,8 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
         meta = {"parscale_n": str(P), "parscale_n_tokens": str(cfg.parscale_n_tokens),
                 "num_layers": str(cfg.num_hidden_layers), "producer": "parscale-edge", "graph": GRAPH_KIND,
                 "precision": precision, "cache_dtype": CACHE_DTYPES[precision]}
-        for k, v in meta.items():
-            proto.metadata_props.add(key=k, value=v)
-        onnx.save_model(proto, str(tmp / MODEL_FILE), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+        save_checked(proto, tmp, meta, check)
         del proto
-        if check:
-            try:
-                onnx.checker.check_model(str(tmp / MODEL_FILE))
-            except onnx.checker.ValidationError as e:
-                raise ExportError(f"the fused graph fails the ONNX checker: {e}") from e
         options: dict[int, str | None] = {}
         for q, m in sorted(models.items()):
             if q == 1:

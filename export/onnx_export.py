@@ -110,18 +110,25 @@ def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = F
                 "num_layers": str(L), "producer": "parscale-edge", "precision": precision,
                 "cache_dtype": CACHE_DTYPES[precision]}
         del proto.metadata_props[:]
-        for k, v in meta.items():
-            proto.metadata_props.add(key=k, value=v)
-        onnx.save_model(proto, str(tmp / MODEL_FILE), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+        save_checked(proto, tmp, meta, check)
         del proto
-        if check:
-            try:
-                onnx.checker.check_model(str(tmp / MODEL_FILE))  # path-based: works above 2 GB
-            except onnx.checker.ValidationError as e:
-                raise ExportError(f"the exported graph fails the ONNX checker: {e}") from e
         _write_sidecars(lm, tmp, opset, precision)
     return out
+
+
+def save_checked(proto: onnx.ModelProto, folder: Path, meta: dict[str, str], check: bool = True) -> None:
+    """Add ``meta`` to the model's metadata, save it as ``model.onnx`` with every weight in
+    ``model.onnx.data`` (relative location) and run the path-based ONNX checker (works above 2 GB).
+    Raises ExportError when the checker rejects the graph."""
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.save_model(proto, str(folder / MODEL_FILE), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+    if check:
+        try:
+            onnx.checker.check_model(str(folder / MODEL_FILE))
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"the exported graph fails the ONNX checker: {e}") from e
 
 
 def _write_sidecars(lm: LoadedModel, folder: Path, opset: int, precision: str = "fp32", graph: str = "reference",
