@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import _umask
+
 ADAPTER_FORMAT = "parscale-edge-adapter/1"
 REQUIRED_METADATA = ("format", "parscale_n", "parscale_n_tokens", "num_layers", "backbone_sha256", "source")
 
@@ -62,6 +64,22 @@ def backbone_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def share_backbone(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """Make ``dst`` use ``src``'s backbone parameters and buffers (the same tensors, no copy).
+
+    ``dst`` may live on the meta device. ``src``'s ``requires_grad`` flags are kept (a plain
+    ``load_state_dict(assign=True)`` would overwrite them with ``dst``'s, unfreezing a frozen
+    backbone). Raises RuntimeError when a backbone tensor of ``dst`` is missing from ``src``."""
+    backbone = {k: v for k, v in src.state_dict(keep_vars=True).items() if not is_parscale_tensor(k)}
+    flags = {k: v.requires_grad for k, v in backbone.items()}
+    missing, _ = dst.load_state_dict(backbone, strict=False, assign=True)
+    for k, v in backbone.items():
+        v.requires_grad_(flags[k])
+    missing = [k for k in missing if not is_parscale_tensor(k)]
+    if missing:
+        raise RuntimeError(f"backbone tensors missing from the source model: {missing[:3]}")
+
+
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The ParScale tensors of ``model`` as float32 CPU copies, keyed by state-dict name.
 
@@ -93,6 +111,7 @@ def save_adapter(model: torch.nn.Module, path: str | os.PathLike, source: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files private (0600)
     os.replace(tmp, path)
     return path
 
@@ -177,9 +196,7 @@ def apply_adapter(lm, path: str | os.PathLike, check_hash: bool = True):
     model = model.to_empty(device="cpu")
     for buf in model.buffers():
         buf.zero_()
-    # Share the backbone's parameters (no copy), then load the adapter tensors.
-    backbone = {k: v for k, v in src.state_dict(keep_vars=True).items() if not is_parscale_tensor(k)}
-    model.load_state_dict(backbone, strict=False, assign=True)
+    share_backbone(model, src)  # the backbone's own tensors, no copy
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in tensors:

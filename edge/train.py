@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapter import backbone_sha256, is_parscale_tensor, save_adapter
+from .adapter import backbone_sha256, is_parscale_tensor, save_adapter, share_backbone
 from .atomic import write_json
 from .corpus import BlockOrder, tokens_sha256
 from .evaluate import perplexity
@@ -182,8 +182,7 @@ def dense_view(model: ParScaleForCausalLM) -> ParScaleForCausalLM:
     frozen-backbone ParScale model."""
     with torch.device("meta"):
         dense = ParScaleForCausalLM(model.config.with_parallel(1))
-    backbone = {k: v for k, v in model.state_dict(keep_vars=True).items() if not is_parscale_tensor(k)}
-    dense.load_state_dict(backbone, strict=True, assign=True)
+    share_backbone(dense, model)
     if model.config.tie_word_embeddings:
         dense.lm_head_zero_bias = torch.zeros(model.config.vocab_size, device=model.lm_head_weight.device)
     return dense.eval()

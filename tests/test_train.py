@@ -2,6 +2,8 @@
 on tiny random-weight models."""
 import hashlib
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +162,7 @@ def test_frozen_backbone_training_lowers_heldout_loss_and_leaves_the_backbone_un
     assert h["dense"]["positions"] == h["evals"][0]["positions"] == 60
     assert h["tokens_trained"] == 30 * 16 * 2 * 2 and h["trainable_parameters"] == 2 * 2 * (2 * 2 * 48 * 8) + (
         48 * 96 + 48 + 2 * 48 + 2)
+    assert (r.adapter.stat().st_mode & 0o044) == 0o044  # not left private (0600) by safetensors
     applied = apply_adapter(tiny_model(P=1), r.adapter)  # the backbone is still the original one
     assert backbone_sha256(applied.model) == before == h["backbone_sha256"]
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
@@ -174,6 +177,8 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
     # "killed" after 5 steps: the last checkpoint is step 4, step 5's work is lost
     killed = train(tiny_model(P=1), _cfg(), data, tmp_path / "b", eval_tokens=ev, progress=False,
                    log=lambda m: None, stop_after=5)
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 4 and all(is_parscale_tensor(k) for k in ck["trainable"])  # adapter-sized, no backbone
     assert killed.stopped_early and not (tmp_path / "b" / "history.json").read_text().count('"step": 5,')
     resumed = train(tiny_model(P=1), _cfg(), data, tmp_path / "b", eval_tokens=ev, resume=True, progress=False,
                     log=lambda m: None)
@@ -202,10 +207,29 @@ def test_resume_with_other_settings_or_into_a_used_folder_is_refused(tmp_path):
         train(tiny_model(P=1), _cfg(steps=2), data[:10], tmp_path / "short", progress=False)
 
 
-def test_dense_view_is_the_p1_parent_on_shared_weights():
+def test_dense_view_is_the_p1_parent_on_shared_weights_and_keeps_the_backbone_frozen():
     dense = tiny_model(P=1)
     conv = convert_to_parscale(dense, 2)
+    for name, p in conv.model.named_parameters():
+        p.requires_grad_(is_parscale_tensor(name))
     view = dense_view(conv.model)
+    assert not any(p.requires_grad for p in view.parameters())
+    applied = apply_adapter(dense, save_adapter(conv.model, Path(tempfile.mkdtemp()) / "a.safetensors", "t"))
+    assert not any(p.requires_grad for n, p in conv.model.named_parameters() if not is_parscale_tensor(n))
+    assert applied.model.model.norm.weight is dense.model.model.norm.weight
     ids = torch.tensor([[1, 2, 3, 50, 60]])
     assert torch.equal(_logits(view, ids), _logits(dense.model, ids))
     assert view.model.embed_tokens.weight is conv.model.model.embed_tokens.weight
+
+
+def test_full_training_changes_the_backbone_and_writes_a_loadable_hf_folder(tmp_path):
+    from edge.loading import load_hf_folder
+
+    lm = tiny_model(P=1)
+    before = backbone_sha256(lm.model)
+    data = np.random.default_rng(0).integers(0, 97, 2000).astype(np.int32)
+    r = train(lm, _cfg(steps=3, full=True), data, tmp_path / "full", progress=False, log=lambda m: None)
+    assert r.adapter is None and not (tmp_path / "full" / "adapter.safetensors").exists()
+    back = load_hf_folder(r.model_dir)
+    assert back.model.config.parscale_n == 2 and backbone_sha256(back.model) != before
+    assert r.history["trainable_parameters"] == sum(p.numel() for p in back.model.parameters())
