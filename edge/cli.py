@@ -1,4 +1,4 @@
-"""``parscale`` command line: export, convert, generate, chat, demo.
+"""``parscale`` command line: export, convert, train, generate, chat, demo.
 
 Every command that runs a model goes through ONNX Runtime; torch is imported only to load,
 convert or export a checkpoint (the ``export`` extra). A model argument is an export folder, a
@@ -72,14 +72,24 @@ def _cache_key(spec: str, parallel: int | Sequence[int] | None, precision: str =
     return f"{base}-p{parallel}-{precision}" if parallel else f"{base}-{precision}"
 
 
-def load_for_export(spec: str, parallel: int | None, threads: int | None, progress: bool = True, seed: int = 0):
-    """Load ``spec`` into PyTorch; convert a dense model to ``parallel`` streams when asked."""
+def load_for_export(spec: str, parallel: int | None, threads: int | None, progress: bool = True, seed: int = 0,
+                    adapter: str | None = None):
+    """Load ``spec`` into PyTorch; convert a dense model to ``parallel`` streams when asked, or put a
+    trained adapter (``parscale train``) on its backbone (the adapter decides P)."""
     if parallel is not None and parallel < 1:
         raise CLIError(f"--parallel must be >= 1, got {parallel}")
     _import_export_stack()
     _set_torch_threads(threads)
     from .loading import convert_to_parscale, load_model
 
+    if adapter is not None:
+        from .adapter import apply_adapter, read_adapter
+
+        meta = read_adapter(adapter)[1]  # a bad file fails before the (slow) model load
+        if parallel is not None and parallel != int(meta["parscale_n"]):
+            raise CLIError(f"--parallel {parallel} but the adapter {adapter} has P={meta['parscale_n']}; "
+                           "drop --parallel (the adapter sets P)")
+        return apply_adapter(load_model(spec, progress=progress), adapter)
     lm = load_model(spec, progress=progress)
     P = lm.model.config.parscale_n
     if parallel and parallel != P:
@@ -188,8 +198,22 @@ def cmd_export(a) -> None:
     if a.precision not in FLOAT_PRECISIONS:
         _quant_config(a).validate()
     parallels = _ints(a.parallel, "parallel") if a.parallel else [None]
+    adapters = a.adapter or []
     also = []
-    if len(parallels) > 1:  # one backbone, ParScale parts for every P (dynamic parallel scaling)
+    if adapters:  # trained ParScale parts over the frozen backbone, plus the backbone itself (P=1)
+        if a.parallel:
+            raise CLIError("--adapter sets P; drop --parallel (several --adapter files give several P)")
+        from .adapter import apply_adapter
+
+        dense = load_for_export(a.model, None, a.threads, progress=not a.quiet)
+        if dense.model.config.parscale_n != 1:
+            raise CLIError(f"--adapter needs the dense backbone; {a.model} has P={dense.model.config.parscale_n}")
+        models = [apply_adapter(dense, f) for f in adapters]
+        Ps = [m.model.config.parscale_n for m in models]
+        if len(set(Ps)) != len(Ps):
+            raise CLIError(f"two adapters with the same P ({Ps}); give one per P")
+        lm, also = models[0], [*models[1:], dense]
+    elif len(parallels) > 1:  # one backbone, ParScale parts for every P (dynamic parallel scaling)
         lm, also = load_several(a.model, parallels, a.threads, progress=not a.quiet)
     else:
         lm = load_for_export(a.model, parallels[0], a.threads, progress=not a.quiet)
@@ -245,6 +269,91 @@ def cmd_convert(a) -> None:
         for name, r in rows:
             print(f"  {name:<16} {r['perplexity']:.3f}")
         print(f"  ratio            {rows[1][1]['perplexity'] / rows[0][1]['perplexity']:.4f}")
+
+
+def cmd_train(a) -> None:
+    _import_export_stack()
+    from .train import CHECKPOINT_FILE, TrainConfig, close_distributed, init_distributed, train
+
+    cfg = TrainConfig(parallel=a.parallel, prefix_tokens=a.prefix_tokens, steps=a.steps or 1, seq_len=a.seq_len, batch=a.batch,
+                      grad_accum=a.grad_accum, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup,
+                      weight_decay=a.weight_decay, clip=a.clip, full=a.full, seed=a.seed, eval_every=a.eval_every,
+                      eval_positions=a.eval_positions, eval_window=a.eval_window,
+                      checkpoint_every=a.checkpoint_every)
+    cfg.validate()
+    if a.tokens is not None and a.tokens < 1:
+        raise CLIError(f"--tokens must be >= 1, got {a.tokens}")
+    out = Path(a.output)  # fail before the slow load
+    if a.resume and not (out / CHECKPOINT_FILE).exists():
+        raise CLIError(f"--resume: no {CHECKPOINT_FILE} in {out}; start the run without --resume")
+    if not a.resume and out.is_dir() and any(out.iterdir()) and not a.overwrite:
+        raise CLIError(f"{out} is not empty; pass --resume to continue its run or --overwrite to start again")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{out} exists and is not a folder; choose another output path")
+    train_files, eval_files, eval_text, eval_desc = _training_files(a.data, a.eval)
+    dist = init_distributed(a.device)
+    try:
+        if dist.device.type == "cpu":
+            _set_torch_threads(a.threads)
+        from .corpus import read_texts, tokenize_texts
+        from .loading import load_model
+
+        lm = load_model(a.model, progress=not a.quiet and dist.main)
+        if lm.tokenizer is None:
+            raise CLIError(f"{a.model} has no tokenizer (tokenizer.json); training text cannot be tokenized")
+        t0 = time.perf_counter()
+        train_tokens = tokenize_texts(lm.tokenizer, read_texts(train_files))
+        eval_tokens = None
+        if eval_text is not None:
+            import numpy as np
+
+            eval_tokens = np.asarray(lm.tokenizer.encode(eval_text), dtype=np.int64)
+        steps = a.steps or -(-a.tokens // cfg.tokens_per_step(dist.world))
+        cfg.steps = steps
+        if dist.main:
+            _log(f"data: {len(train_files)} files, {train_tokens.size} tokens (tokenized in "
+                 f"{time.perf_counter() - t0:.1f} s); eval: {eval_desc}"
+                 + (f", {eval_tokens.size} tokens" if eval_tokens is not None else ""))
+            _log(f"training {'all weights' if cfg.full else 'prefixes + aggregator (backbone frozen)'} of "
+                 f"{a.model} at P={cfg.parallel}: {steps} steps x {cfg.tokens_per_step(dist.world)} tokens = "
+                 f"{steps * cfg.tokens_per_step(dist.world)} tokens ({steps * cfg.tokens_per_step(dist.world) / max(1, train_tokens.size):.2f} "
+                 f"epochs), {dist.world} process(es) on {dist.device}")
+        r = train(lm, cfg, train_tokens, out, eval_tokens=eval_tokens, resume=a.resume, overwrite=a.overwrite,
+                  dist=dist, progress=not a.quiet)
+        if dist.main:
+            h = r.history
+            wall = sum(s["wall_seconds"] for s in h.get("sessions", []))
+            print(f"trained {h['tokens_trained']} tokens in {wall:.0f} s wall ({h['train_seconds']:.0f} s in steps) -> "
+                  f"{r.adapter or r.model_dir}")
+            if h.get("evals"):
+                first, last = h["evals"][0], h["evals"][-1]
+                line = f"held-out perplexity ({last['positions']} positions): "
+                if "dense" in h:
+                    line += f"dense P=1 {h['dense']['perplexity']:.4f}, "
+                print(line + f"untrained P={cfg.parallel} {first['perplexity']:.4f}, trained {last['perplexity']:.4f}")
+    finally:
+        close_distributed(dist)
+
+
+def _training_files(data: list[str], evals: list[str]):
+    """(train files, eval files, eval text or None, description); refuses eval files that are trained on."""
+    from .corpus import FILE_SEPARATOR, collect_files, read_texts, stdlib_root
+    from .evaluate import HELDOUT_MODULES, stdlib_text
+
+    train_files = collect_files(data)
+    if evals == ["none"]:
+        return train_files, [], None, "none"
+    if evals == ["stdlib"]:
+        eval_files = [stdlib_root() / m for m in HELDOUT_MODULES]
+        text, desc = stdlib_text(), "held-out Python standard-library modules (" + ", ".join(HELDOUT_MODULES) + ")"
+    else:
+        eval_files = collect_files(evals)
+        text, desc = FILE_SEPARATOR.join(read_texts(eval_files)), f"{len(eval_files)} file(s)"
+    overlap = {p.resolve() for p in train_files} & {p.resolve() for p in eval_files}
+    if overlap:
+        raise CLIError(f"{len(overlap)} evaluation file(s) are also training data, e.g. {sorted(overlap)[0]}; "
+                       "held-out text must not be trained on")
+    return train_files, eval_files, text, desc
 
 
 def _quant_config(a):
@@ -692,6 +801,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", "-P", default=None,
                    help="convert a dense model to P streams first; a list (1,2,4) puts one backbone and the "
                         "ParScale parts of every P in one folder (the first is the default)")
+    p.add_argument("--adapter", action="append", default=None,
+                   help="adapter file from `parscale train` (trained prefixes + aggregator; sets P), refused "
+                        "unless MODEL is the backbone it was trained on; repeat it for several P over one "
+                        "backbone (the folder also offers P=1, the backbone alone)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--graph", choices=["auto", "fused", "reference"], default="auto",
                    help="fused (ONNX Runtime fused ops, preallocated KV cache), reference (TorchScript trace "
@@ -775,6 +888,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-window", type=int, default=512)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="stage-2 training: ParScale prefixes + aggregator on a frozen backbone -> adapter")
+    p.add_argument("model", help="dense model (named, .gguf, HF folder) or a ParScale one with the same P")
+    p.add_argument("--parallel", "-P", type=int, required=True, help="P streams (>= 2)")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="training text: files, folders (their .py files), globs, or 'stdlib' (the standard "
+                        "library's training split, README)")
+    p.add_argument("--eval", nargs="+", default=["stdlib"],
+                   help="held-out text: 'stdlib' (default: held-out stdlib modules), files/globs, or 'none'")
+    p.add_argument("-o", "--output", required=True, help="run folder: adapter, checkpoint, history, curves")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tokens", type=int, default=1_000_000, help="training tokens (default 1M; rounded up to whole steps)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of --tokens)")
+    p.add_argument("--prefix-tokens", type=int, default=48, help="prefix slots per layer and stream of a conversion")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
+    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch and process")
+    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    p.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping, global L2 norm (0: off)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--freeze-backbone", dest="full", action="store_false", help="train prefixes + aggregator only (default)")
+    g.add_argument("--full", dest="full", action="store_true", help="train every weight (writes model/, no adapter)")
+    p.set_defaults(full=False)
+    p.add_argument("--seed", type=int, default=0, help="ParScale init noise and data order")
+    p.add_argument("--eval-every", type=int, default=25, help="held-out perplexity every N steps")
+    p.add_argument("--eval-positions", type=int, default=1024)
+    p.add_argument("--eval-window", type=int, default=512)
+    p.add_argument("--checkpoint-every", type=int, default=25, help="checkpoint (atomic) every N steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start again in a non-empty --output")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate from a prompt (streams to stdout)")
     _add_run_args(p)

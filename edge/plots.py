@@ -68,3 +68,46 @@ def plot_versus_dense(summary: list[dict], out_dir: Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_training(history: dict, path: Path, title: str | None = None) -> Path:
+    """Training curves of ``parscale train`` (its ``history.json``): training loss (nats/token, raw
+    and a 10-step moving mean) and held-out perplexity against tokens seen, with the dense P=1
+    parent's perplexity as a reference line. Written atomically (temporary file + rename)."""
+    import os
+
+    import numpy as np
+
+    plt = _plt()
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    steps = history.get("steps", [])
+    if steps:
+        tok = np.array([s["tokens"] for s in steps], dtype=float)
+        loss = np.array([s["loss"] for s in steps], dtype=float)
+        axes[0].plot(tok, loss, alpha=0.35, label="loss per step")
+        k = min(10, len(loss))
+        axes[0].plot(tok[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), label=f"{k}-step mean")
+    axes[0].set_xlabel("training tokens")
+    axes[0].set_ylabel("training loss (nats/token)")
+    axes[0].legend(fontsize=7)
+    evals = history.get("evals", [])
+    P = history.get("config", {}).get("parallel", "?")
+    if evals:
+        axes[1].plot([e["tokens"] for e in evals], [e["perplexity"] for e in evals], marker="o", label=f"P={P}")
+    if "dense" in history:
+        axes[1].axhline(history["dense"]["perplexity"], color="gray", linestyle="--", label="dense P=1 parent")
+    axes[1].set_xlabel("training tokens")
+    axes[1].set_ylabel(f"held-out perplexity ({evals[0]['positions'] if evals else '?'} positions)")
+    if evals or "dense" in history:
+        axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or f"parscale train: {history.get('source', '?')}, P={P}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
