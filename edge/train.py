@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -38,7 +39,7 @@ from .evaluate import perplexity
 from .loading import LoadedModel, convert_to_parscale
 from .model import ParScaleForCausalLM
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 HISTORY_FILE = "history.json"
 CURVES_FILE = "curves.png"
@@ -237,25 +238,53 @@ class TrainResult:
 
 
 def _save_checkpoint(path: Path, step: int, model, optimizer, history: dict, fingerprint: dict) -> None:
-    trainable = {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
+    """Trainable tensors and the optimizer's state tensors in safetensors, everything else as JSON in
+    its metadata: no pickle, so ``--resume`` never executes anything from the run folder."""
+    from safetensors.torch import save_file
+
+    tensors = {f"trainable.{k}": v.detach().cpu().contiguous() for k, v in model.named_parameters() if v.requires_grad}
+    opt = optimizer.state_dict()
+    state_meta = {}
+    for idx, st in opt["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer.{idx}.{name}"] = v.detach().cpu().contiguous()
+            else:
+                state_meta.setdefault(str(idx), {})[name] = v
+    meta = {"step": step, "history": history, "fingerprint": fingerprint, "param_groups": opt["param_groups"],
+            "state_scalars": state_meta}
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(),
-                "history": history, "fingerprint": fingerprint}, tmp)
+    save_file(tensors, str(tmp), metadata={"checkpoint": json.dumps(meta)})
     os.replace(tmp, path)
 
 
 def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
+    """``{"step", "trainable", "optimizer", "history", "fingerprint"}`` from :func:`_save_checkpoint`.
+    Raises TrainError for an unreadable file or settings that differ from the checkpoint's."""
+    from safetensors import safe_open
+
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["checkpoint"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing problem
         raise TrainError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}); start again "
                          "without --resume (and with --overwrite)") from None
-    old = ck.get("fingerprint", {})
+    old = meta.get("fingerprint", {})
     for key in sorted(set(old) | set(fingerprint)):
         if old.get(key) != fingerprint.get(key):
             raise TrainError(f"--resume: {key} was {old.get(key)!r} in the checkpoint {path}, now "
                              f"{fingerprint.get(key)!r}; resume with the same settings, data and model")
-    return ck
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for idx, scalars in meta.get("state_scalars", {}).items():
+        state.setdefault(int(idx), {}).update(scalars)
+    trainable = {k[len("trainable."):]: v for k, v in tensors.items() if k.startswith("trainable.")}
+    return {"step": meta["step"], "trainable": trainable, "history": meta["history"], "fingerprint": old,
+            "optimizer": {"state": state, "param_groups": meta["param_groups"]}}
 
 
 def train(lm: LoadedModel, cfg: TrainConfig, train_tokens: np.ndarray, out_dir: str | os.PathLike,
@@ -267,13 +296,13 @@ def train(lm: LoadedModel, cfg: TrainConfig, train_tokens: np.ndarray, out_dir: 
     Args:
         lm: a dense model (converted to ``cfg.parallel`` streams here) or one with P = ``cfg.parallel``.
         train_tokens: int [T] token ids (:func:`edge.corpus.tokenize_texts`).
-        out_dir: gets ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end),
+        out_dir: gets ``checkpoint.safetensors`` (every ``checkpoint_every`` steps and at the end),
             ``history.json`` (per-step loss, lr, grad norm, tokens; evals; wall time), ``curves.png``,
             and ``adapter.safetensors`` (frozen backbone) or ``model/`` (HF folder, ``full``).
         eval_tokens: held-out token ids; None skips evaluation. Evaluated at step 0 (the untrained
             conversion, and the dense P=1 parent on the same positions), every ``eval_every`` steps
             and at the end.
-        resume: continue from ``out_dir/checkpoint.pt`` (settings, data and backbone must match).
+        resume: continue from ``out_dir/checkpoint.safetensors`` (settings, data and backbone must match).
         stop_after: stop after this many optimizer steps of this call without writing anything
             more (simulates a killed run; for tests).
         log: callable(str) for one-line messages (default: tqdm.write to stderr).

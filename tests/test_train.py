@@ -160,7 +160,8 @@ def test_frozen_backbone_training_lowers_heldout_loss_and_leaves_the_backbone_un
     first, last = h["evals"][0]["perplexity"], h["evals"][-1]["perplexity"]
     assert last < 0.5 * first, (first, last)
     assert h["dense"]["positions"] == h["evals"][0]["positions"] == 60
-    assert h["tokens_trained"] == 30 * 16 * 2 * 2 and h["trainable_parameters"] == 2 * 2 * (2 * 2 * 48 * 8) + (
+    hd = lm.model.config.head_dim  # layers * (k, v) * (P * kv_heads * 48 prefix tokens * head_dim) + aggregator
+    assert h["tokens_trained"] == 30 * 16 * 2 * 2 and h["trainable_parameters"] == 2 * 2 * (2 * 2 * 48 * hd) + (
         48 * 96 + 48 + 2 * 48 + 2)
     assert (r.adapter.stat().st_mode & 0o044) == 0o044  # not left private (0600) by safetensors
     applied = apply_adapter(tiny_model(P=1), r.adapter)  # the backbone is still the original one
@@ -177,7 +178,14 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
     # "killed" after 5 steps: the last checkpoint is step 4, step 5's work is lost
     killed = train(tiny_model(P=1), _cfg(), data, tmp_path / "b", eval_tokens=ev, progress=False,
                    log=lambda m: None, stop_after=5)
-    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    from safetensors import safe_open
+
+    from edge.train import _load_checkpoint
+
+    path = tmp_path / "b" / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as f:
+        fingerprint = json.loads(f.metadata()["checkpoint"])["fingerprint"]
+    ck = _load_checkpoint(path, fingerprint)  # safetensors + JSON: nothing to unpickle
     assert ck["step"] == 4 and all(is_parscale_tensor(k) for k in ck["trainable"])  # adapter-sized, no backbone
     assert killed.stopped_early and not (tmp_path / "b" / "history.json").read_text().count('"step": 5,')
     resumed = train(tiny_model(P=1), _cfg(), data, tmp_path / "b", eval_tokens=ev, resume=True, progress=False,
@@ -201,7 +209,7 @@ def test_resume_with_other_settings_or_into_a_used_folder_is_refused(tmp_path):
         train(tiny_model(P=1), _cfg(steps=2, lr=2e-2), data, tmp_path / "r", resume=True, progress=False)
     with pytest.raises(TrainError, match="not empty; pass --resume"):
         train(tiny_model(P=1), _cfg(steps=2), data, tmp_path / "r", progress=False)
-    with pytest.raises(TrainError, match="no checkpoint.pt"):
+    with pytest.raises(TrainError, match="no checkpoint.safetensors"):
         train(tiny_model(P=1), _cfg(steps=2), data, tmp_path / "empty", resume=True, progress=False)
     with pytest.raises(ValueError, match="fewer than one block"):
         train(tiny_model(P=1), _cfg(steps=2), data[:10], tmp_path / "short", progress=False)

@@ -59,7 +59,7 @@ def test_train_then_export_with_adapter_matches_pytorch(tiny, capsys):
     ref = apply_adapter(load_gguf(tiny / "tiny.gguf", progress=False), adapter).model
     ids = np.array([[5, 70, 80, 9, 100, 3]], dtype=np.int64)
     pos = np.arange(6)[None]
-    onnx_logits = OnnxCausalLM(exp, device="cpu", threads=1).forward(ids, np.ones_like(ids), pos)[0]
+    onnx_logits = OnnxCausalLM(exp, device="cpu", threads=1).score(ids)
     with torch.no_grad():
         t = torch.from_numpy(ids)
         torch_logits = ref(t, torch.ones_like(t), torch.from_numpy(pos))[0].numpy()
@@ -68,7 +68,7 @@ def test_train_then_export_with_adapter_matches_pytorch(tiny, capsys):
 
 @pytest.mark.parametrize("case,msg", [
     ("overlap", "also training data"),
-    ("resume", "--resume: no checkpoint.pt"),
+    ("resume", "--resume: no checkpoint.safetensors"),
     ("nonempty", "is not empty; pass --resume"),
     ("tokens", "--tokens must be >= 1"),
     ("parallel", "--parallel must be >= 2"),
