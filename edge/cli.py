@@ -392,11 +392,14 @@ def _run_quantize(src: Path, out: Path, a) -> None:
     print(line)
     n = q.get("gguf_repacked_nodes")
     if n:
-        print(f"  {n} {'weight reuses' if n == 1 else 'weights reuse'} the GGUF's own quantized blocks (no re-rounding)")
+        rest = q["quantized_nodes"] - n
+        print(f"  {n} {'weight reuses' if n == 1 else 'weights reuse'} the GGUF's own quantized blocks (no re-rounding); "
+              + (f"{rest} re-rounded with {a.algorithm}" if rest > 0 else f"none needed {a.algorithm}"))
     if "accuracy_check" in q:
         c = q["accuracy_check"]
-        print(f"  accuracy_level 4 vs 0: top-1 agreement {c['agreement_level4_vs_level0']:.2%} over "
-              f"{c['positions']} positions; chosen: {c['chosen']} ({c['agreement']:.2%})")
+        print(f"  accuracy_level 4 vs 0: top-1 agreement {c['agreement_level4_vs_level0']:.2%}, perplexity "
+              f"{c['ppl_increase_level4_vs_level0']:+.2%} over {c['positions']} positions; chosen: {c['chosen']} "
+              f"({c['agreement']:.2%}, {c['ppl_increase']:+.2%})")
         if c["chosen"] == "all level 0":
             _log("warning: every node now runs at accuracy_level 0; 8-bit MatMulNBits at level 0 decodes several "
                  "times slower than fp32 on CPUs (README, Quantization). For speed, quantize again with "
@@ -454,16 +457,20 @@ def cmd_compare(a) -> None:
     from .runtime import OnnxCausalLM
 
     text, desc = _eval_setup(a)
-    ref = OnnxCausalLM(ensure_export(a.reference, None, a.threads, progress=not a.quiet), device=a.device, threads=a.threads)
-    cand = OnnxCausalLM(ensure_export(a.candidate, None, a.threads, progress=not a.quiet), device=a.device, threads=a.threads)
+    ref = OnnxCausalLM(ensure_export(a.reference, a.reference_parallel, a.threads, progress=not a.quiet),
+                       device=a.device, threads=a.threads, parallel=_fused_parallel(a.reference, a.reference_parallel))
+    cand = OnnxCausalLM(ensure_export(a.candidate, a.candidate_parallel, a.threads, progress=not a.quiet),
+                        device=a.device, threads=a.threads, parallel=_fused_parallel(a.candidate, a.candidate_parallel))
     tokens = ref.tokenizer.encode(text)
     if cand.tokenizer.encode(text) != tokens:
         raise CLIError("the two models tokenize the text differently; compare models of the same tokenizer")
     r = compare(onnx_logits_fn(ref), onnx_logits_fn(cand), tokens, window=a.window, stride=a.stride,
                 max_positions=a.max_positions)
     r.update(reference=str(a.reference), candidate=str(a.candidate), text=desc,
-             reference_precision=ref.manifest.precision, candidate_precision=cand.manifest.precision)
-    print(f"{a.candidate} vs {a.reference} over {r['positions']} positions of {desc}:")
+             reference_precision=ref.manifest.precision, candidate_precision=cand.manifest.precision,
+             reference_parallel=ref.P, candidate_parallel=cand.P)
+    print(f"{a.candidate} (P={cand.P}, {cand.manifest.precision}) vs {a.reference} (P={ref.P}, "
+          f"{ref.manifest.precision}) over {r['positions']} positions of {desc}:")
     print(f"  KL(ref||cand) mean {r['kl_mean']:.5f}  p99 {r['kl_p99']:.5f}  max {r['kl_max']:.4f}")
     print(f"  top-1 agreement {r['top1_agreement']:.2%}")
     print(f"  perplexity ref {r['ref_perplexity']:.4f}  cand {r['cand_perplexity']:.4f} "
@@ -834,6 +841,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("reference")
             p.add_argument("candidate")
+            p.add_argument("--reference-parallel", type=int, default=None, metavar="P",
+                           help="P to run the reference at (a folder offering several; default its own)")
+            p.add_argument("--candidate-parallel", type=int, default=None, metavar="P",
+                           help="P to run the candidate at")
         p.add_argument("--text", default=None, help="UTF-8 text file (default: held-out Python stdlib code)")
         p.add_argument("--window", type=int, default=512)
         p.add_argument("--stride", type=int, default=None, help="default window/2")
@@ -969,6 +980,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     a = build_parser().parse_args(argv)
     try:
+        if getattr(a, "threads", None) is not None and a.threads < 1:
+            raise CLIError(f"--threads must be >= 1, got {a.threads} (leave it out for ONNX Runtime's default)")
         a.func(a)
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
