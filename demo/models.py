@@ -18,18 +18,23 @@ from pathlib import Path
 PRECISIONS = ("fp32", "int8", "int4")
 
 
+#: The trained smollm2-135m P=2 adapter shipped in the repository (``parscale train``, README).
+SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / "smollm2-135m-p2.safetensors"
+
+
 @dataclass(frozen=True)
 class DemoDefaults:
-    """The default pair; change the left model here and nowhere else (e.g. to a trained ParScale
-    adapter once one lands: until then the left streams are conversions of the dense checkpoint,
-    untrained).
+    """The default pair; change the left model here and nowhere else.
 
     ``left_parallel``: the P the left model offers, all over one backbone (one fused export folder,
     a small ParScale part file per P > 1; a P control in the demo picks one per answer). The first
-    listed is the one selected at start. ``right_parallel``: the same for the right model."""
+    listed is the one selected at start. ``left_adapters``: trained ParScale parts for some of those
+    P (the shipped P=2 adapter when the checkout has it; the other P > 1 are untrained
+    conversions). ``right_parallel``: the same for the right model."""
 
     left: str = "smollm2-135m"
     left_parallel: tuple[int, ...] = (2, 1, 4)
+    left_adapters: tuple[str, ...] = (str(SHIPPED_ADAPTER),) if SHIPPED_ADAPTER.exists() else ()
     right: str = "qwen2.5-coder-0.5b"
     right_parallel: tuple[int, ...] = (1,)
     precision: str = "int4"
@@ -46,7 +51,7 @@ def _rss_mib() -> float | None:
 
 
 def prepare_model(spec: str, parallel: int | Sequence[int] | None, precision: str, threads: int | None = None,
-                  progress: bool = True, log=print) -> Path:
+                  progress: bool = True, log=print, adapters: Sequence[str] = ()) -> Path:
     """The export folder to run for ``spec``: ``spec`` itself when it is an export folder (used as
     it is, whatever ``precision`` says; it must offer every P in ``parallel``), else the cached fp32
     export (several P: one fused backbone with a ParScale part file per P > 1), quantized once to
@@ -64,14 +69,20 @@ def prepare_model(spec: str, parallel: int | Sequence[int] | None, precision: st
         raise CLIError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     if _is_export_folder(spec):
         return ensure_export(spec, parallel)  # checks every P against the folder's manifest
-    if precision != "fp32":
+    if precision != "fp32" and not adapters:
         key = _cache_key(spec, parallel or (1 if spec in _named() else None))
         out = Path(default_cache_dir()) / "onnx" / (key.removesuffix("-fp32") + f"-{precision}")
         if (out / MANIFEST_FILE).exists():
             man = Manifest.read(out)
             if man.precision == precision and man.format_version == FORMAT_VERSION:
                 return out
-    fp32 = ensure_export(spec, parallel, threads, progress=progress)
+    fp32 = ensure_export(spec, parallel, threads, progress=progress, adapters=adapters)
+    if precision != "fp32":
+        out = fp32.with_name(fp32.name.removesuffix("-fp32") + f"-{precision}")
+        if (out / MANIFEST_FILE).exists():
+            man = Manifest.read(out)
+            if man.precision == precision and man.format_version == FORMAT_VERSION:
+                return out
     if precision == "fp32":
         return fp32
     out = fp32.with_name(fp32.name.removesuffix("-fp32") + f"-{precision}")
@@ -144,11 +155,13 @@ class LoadedModel:
 
 
 def load_model(label: str, spec: str, parallel: int | Sequence[int] | None, precision: str,
-               threads: int | None = None, device: str = "cpu", progress: bool = True, log=print) -> LoadedModel:
+               threads: int | None = None, device: str = "cpu", progress: bool = True, log=print,
+               adapters: Sequence[str] = ()) -> LoadedModel:
     """Export if needed, load into ONNX Runtime and measure what it costs to keep resident.
 
     ``parallel``: the P to offer (a sequence: several over one backbone, the first selected at
-    start); None: every P of an export folder, starting at its default. Never raises for a model
+    start); None: every P of an export folder, starting at its default. ``adapters``: trained
+    ParScale parts for some of those P (the others are conversions). Never raises for a model
     that cannot be prepared or loaded: the returned model has ``error`` set (one line), so the demo
     shows it in that model's pane and the other pane still works. Load the models one after the
     other: the RSS growth is only attributable to one model at a time."""
@@ -160,7 +173,7 @@ def load_model(label: str, spec: str, parallel: int | Sequence[int] | None, prec
     lm = LoadedModel(label=label, spec=spec)
     asked = [int(parallel)] if isinstance(parallel, (int, np.integer)) else list(dict.fromkeys(parallel or []))
     try:
-        folder = Path(prepare_model(spec, asked or None, precision, threads, progress, log))
+        folder = Path(prepare_model(spec, asked or None, precision, threads, progress, log, adapters=adapters))
         import onnxruntime  # noqa: F401 - libraries loaded before measuring: their pages are not the model's
         import tokenizers  # noqa: F401
 
@@ -231,7 +244,11 @@ def load_pair(left: str, left_parallel: int | Sequence[int] | None, right: str,
             Ps = ", ".join(map(str, [P] if isinstance(P, int) else sorted(P)))
             log(f"[{k}/2] {label}: {spec}, P={Ps}, {precision} (exported and quantized into the cache on the first "
                 "start, minutes; later starts reuse it) ...")
-        lm = load_model(label, spec, P, precision, threads, device, progress, log)
+        adapters = DEFAULTS.left_adapters if (label, spec) == ("left", DEFAULTS.left) and P is not None else ()
+        if adapters:
+            log(f"      trained ParScale parts from {', '.join(Path(a).name for a in adapters)}; other P > 1 are "
+                "untrained conversions")
+        lm = load_model(label, spec, P, precision, threads, device, progress, log, adapters=adapters)
         if lm.ok and k == 1 and not started:
             lm.resident_how += " (includes ONNX Runtime's one-time start-up, about 10 MiB)"
         if lm.ok:

@@ -99,26 +99,41 @@ def load_for_export(spec: str, parallel: int | None, threads: int | None, progre
     return lm
 
 
-def load_several(spec: str, parallels: Sequence[int], threads: int | None, progress: bool = True):
-    """(first model, the others): the dense ``spec`` as P = ``parallels[0]`` and its conversions to
-    the other P, all over one backbone (``export_model(first, out, also=others)`` writes one folder
-    that serves every P). Raises CLIError when ``spec`` is not dense (P=1)."""
+def load_several(spec: str, parallels: Sequence[int], threads: int | None, progress: bool = True,
+                 adapters: Sequence[str | os.PathLike] = ()):
+    """(first model, the others): the dense ``spec`` as P = ``parallels[0]`` and, for the other P,
+    the trained adapter of that P when ``adapters`` has one (``parscale train``), else its
+    conversion; all over one backbone (``export_model(first, out, also=others)`` writes one folder
+    that serves every P). Raises CLIError when ``spec`` is not dense (P=1), AdapterError for an
+    adapter of another backbone."""
     from .loading import convert_to_parscale
 
     dense = load_for_export(spec, None, threads, progress=progress)
     if dense.model.config.parscale_n != 1:
         raise CLIError(f"several --parallel values need a dense (P=1) model; {spec} has "
                        f"P={dense.model.config.parscale_n}")
-    models = [dense if P == 1 else convert_to_parscale(dense, P) for P in parallels]
+    trained = {}
+    if adapters:
+        from .adapter import apply_adapter
+
+        trained = {m.model.config.parscale_n: m for m in (apply_adapter(dense, f) for f in adapters)}
+    models = [dense if P == 1 else trained.get(P) or convert_to_parscale(dense, P) for P in parallels]
     return models[0], models[1:]
 
 
 def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, threads: int | None = None,
-                  progress: bool = True, precision: str = "fp32") -> Path:
+                  progress: bool = True, precision: str = "fp32", adapters: Sequence[str | os.PathLike] = ()) -> Path:
     """An export folder for ``spec``: itself when it is one (it must offer every P asked for), else
     a cached export (made once) in ``precision`` fp32, fp16 or bf16. Several P: one fused backbone
-    with a ParScale part file per P > 1 (cached as ``<model>-p1-2-4-fp32``)."""
+    with a ParScale part file per P > 1 (cached as ``<model>-p1-2-4-fp32``); ``adapters``: trained
+    parts for some of those P (cache name gets ``-a<hash>``), the others are conversions."""
+    if adapters:
+        if isinstance(parallel, int):
+            parallel = [parallel]
+        parallel = list(parallel or []) or [1]
     several = sorted(set(parallel)) if isinstance(parallel, Sequence) else None
+    if adapters and several is not None and len(several) == 1 and several != [1]:
+        several = sorted({1, *several})  # the adapter's P over the backbone: keep the P=1 option with it
     if several is not None and len(several) == 1:
         parallel, several = several[0], None
     for P in several or [parallel]:
@@ -134,8 +149,13 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
         return Path(spec)
     from .hub import default_cache_dir
 
-    out = Path(default_cache_dir()) / "onnx" / _cache_key(spec, several or parallel or (1 if spec in _named() else None),
-                                                          precision)
+    key = _cache_key(spec, several or parallel or (1 if spec in _named() else None), precision)
+    if adapters:
+        from .hub import sha256_file
+
+        tag = hashlib.sha256("".join(sha256_file(a) for a in adapters).encode()).hexdigest()[:10]
+        key = key.removesuffix(f"-{precision}") + f"-a{tag}-{precision}"
+    out = Path(default_cache_dir()) / "onnx" / key
     if (out / MANIFEST_FILE).exists():
         from .manifest import FORMAT_VERSION
 
@@ -143,7 +163,7 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
             return out
         _log(f"cached export {out} was made by another parscale-edge version; exporting again")
     if several:
-        lm, also = load_several(spec, several, threads, progress)
+        lm, also = load_several(spec, several, threads, progress, adapters)
     else:
         lm, also = load_for_export(spec, parallel, threads, progress), []
     from export import export_model

@@ -187,3 +187,30 @@ def test_eval_rejects_empty_ranges(golden_exports, capsys, tmp_path):
                     (dict(stride=0), "stride must be in 1..window")):
         with pytest.raises(ValueError, match=msg):
             perplexity(lambda ids: np.zeros(ids.shape + (4,)), [1, 2, 3, 0], **kw)
+
+
+def test_ensure_export_puts_a_trained_adapter_beside_conversions(tmp_path, monkeypatch):
+    """The demo's default left model: one backbone offering P=1, the adapter's P=2 (trained parts,
+    exactly the adapter's tensors) and P=4 (a conversion); cached under a name that carries the adapter."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from edge.adapter import save_adapter
+    from edge.cli import ensure_export
+    from edge.loading import convert_to_parscale, save_hf_folder
+    from tiny import tiny_model
+
+    monkeypatch.setenv("PARSCALE_EDGE_CACHE", str(tmp_path / "cache"))
+    dense = tiny_model("qwen2", P=1, seed=11)
+    hf = save_hf_folder(dense, tmp_path / "hf")
+    p2 = convert_to_parscale(dense, 2, n_tokens=3)
+    with torch.no_grad():
+        p2.model.model.layers[0].self_attn.prefix_k.add_(0.5)  # "trained": differs from a fresh conversion
+    adapter = save_adapter(p2.model, tmp_path / "a.safetensors", "tiny")
+    out = ensure_export(str(hf), [2, 1, 4], threads=1, progress=False, adapters=[str(adapter)])
+    man = Manifest.read(out)
+    assert sorted(man.parallel_options) == ["1", "2", "4"] and "-a" in out.name
+    parts, trained = load_file(str(out / man.parallel_options["2"])), load_file(str(adapter))
+    for k, v in trained.items():
+        np.testing.assert_array_equal(parts[k], v)
+    assert ensure_export(str(hf), [2, 1, 4], threads=1, progress=False, adapters=[str(adapter)]) == out  # cached
