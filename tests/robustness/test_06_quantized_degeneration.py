@@ -19,8 +19,7 @@ SENTENCE = b"Q: What do bees make?\nA: Bees make honey from the nectar of flower
 
 def mean_logprob(rt, ids: list[int]) -> float:
     """Mean log-probability (nats) of ids[1:] given their prefixes."""
-    a = np.array([ids], dtype=np.int64)
-    logits, _ = rt.forward(a, np.ones_like(a), np.arange(len(ids))[None])
+    logits = rt.score(np.array([ids], dtype=np.int64))  # either graph kind
     x = logits[0, :-1].astype(np.float64)
     logp = x - x.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
