@@ -933,7 +933,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens", type=int, default=1_000_000, help="training tokens (default 1M; rounded up to whole steps)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of --tokens)")
     p.add_argument("--prefix-tokens", type=int, default=48, help="prefix slots per layer and stream of a conversion")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="tokens per training sequence; train at the context length you will use (README)")
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch and process")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (AdamW)")

@@ -61,7 +61,7 @@ class TrainConfig:
     parallel: int = 2
     prefix_tokens: int = 48  # prefix slots per layer and stream of a conversion (48 in every release)
     steps: int = 100
-    seq_len: int = 256
+    seq_len: int = 512
     batch: int = 1
     grad_accum: int = 4
     lr: float = 5e-3
