@@ -18,8 +18,9 @@ from pathlib import Path
 PRECISIONS = ("fp32", "int8", "int4")
 
 
-#: The trained smollm2-135m P=2 adapter shipped in the repository (``parscale train``, README).
-SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / "smollm2-135m-p2.safetensors"
+#: The trained smollm2-135m adapters shipped in the repository (``parscale train``, README): P=2, P=4.
+SHIPPED_ADAPTERS = tuple(str(Path(__file__).resolve().parent.parent / "adapters" / f"smollm2-135m-p{P}.safetensors")
+                         for P in (2, 4))
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,12 @@ class DemoDefaults:
     ``left_parallel``: the P the left model offers, all over one backbone (one fused export folder,
     a small ParScale part file per P > 1; a P control in the demo picks one per answer). The first
     listed is the one selected at start. ``left_adapters``: trained ParScale parts for some of those
-    P (the shipped P=2 adapter when the checkout has it; the other P > 1 are untrained
-    conversions). ``right_parallel``: the same for the right model."""
+    P (the shipped P=2 and P=4 adapters the checkout has; a P > 1 without one is an untrained
+    conversion). ``right_parallel``: the same for the right model."""
 
     left: str = "smollm2-135m"
     left_parallel: tuple[int, ...] = (2, 1, 4)
-    left_adapters: tuple[str, ...] = (str(SHIPPED_ADAPTER),) if SHIPPED_ADAPTER.exists() else ()
+    left_adapters: tuple[str, ...] = tuple(a for a in SHIPPED_ADAPTERS if Path(a).exists())
     right: str = "qwen2.5-coder-0.5b"
     right_parallel: tuple[int, ...] = (1,)
     precision: str = "int4"
@@ -246,8 +247,8 @@ def load_pair(left: str, left_parallel: int | Sequence[int] | None, right: str,
                 "start, minutes; later starts reuse it) ...")
         adapters = DEFAULTS.left_adapters if (label, spec) == ("left", DEFAULTS.left) and P is not None else ()
         if adapters:
-            log(f"      trained ParScale parts from {', '.join(Path(a).name for a in adapters)}; other P > 1 are "
-                "untrained conversions")
+            log(f"      trained ParScale parts from {', '.join(Path(a).name for a in adapters)}; a P > 1 without "
+                "an adapter is an untrained conversion")
         lm = load_model(label, spec, P, precision, threads, device, progress, log, adapters=adapters)
         if lm.ok and k == 1 and not started:
             lm.resident_how += " (includes ONNX Runtime's one-time start-up, about 10 MiB)"
