@@ -24,18 +24,11 @@ def machine() -> dict:
 
 
 def run_one(rt, prompt: list[int], gen_len: int) -> dict:
-    """One prefill of ``prompt`` then ``gen_len`` decode steps; times in ms."""
-    t0 = time.perf_counter()
-    state, logits = rt.prefill([prompt], gen_len + 1)
-    prefill_ms = (time.perf_counter() - t0) * 1e3
-    steps = []
-    for _ in range(gen_len):
-        nxt = logits.argmax(-1)
-        t0 = time.perf_counter()
-        logits = rt.decode(state, nxt)
-        steps.append((time.perf_counter() - t0) * 1e3)
-    state.close()
-    return {"prefill_ms": prefill_ms, "decode_ms": steps}
+    """One prefill of ``prompt`` then ``gen_len`` decode steps; times in ms
+    (:func:`edge.profile.time_request`, the profiler's own loop)."""
+    from edge.profile import time_request
+
+    return time_request(rt, [prompt], gen_len)
 
 
 def main() -> None:

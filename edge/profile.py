@@ -51,6 +51,27 @@ def folder_bytes(folder: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.startswith("model.onnx"))
 
 
+def time_request(rt, prompts: list[list[int]], gen_len: int) -> dict:
+    """One greedy request through :class:`edge.runtime.OnnxCausalLM`: a timed prefill of ``prompts``,
+    then ``gen_len`` decode steps, each timed alone (the argmax stays outside the timing).
+
+    Returns ``{"prefill_ms": float, "decode_ms": [float] * gen_len, "kv_bytes": int}`` (ms; the KV
+    cache at the end). The profiler and ``bench/`` share this loop."""
+    t = time.perf_counter()
+    state, logits = rt.prefill(prompts, gen_len + 1)
+    prefill_ms = (time.perf_counter() - t) * 1e3
+    steps = []
+    try:
+        for _ in range(gen_len):
+            nxt = logits.argmax(-1)
+            t = time.perf_counter()
+            logits = rt.decode(state, nxt)
+            steps.append((time.perf_counter() - t) * 1e3)
+        return {"prefill_ms": prefill_ms, "decode_ms": steps, "kv_bytes": state.kv_bytes}
+    finally:
+        state.close()
+
+
 def decode_read_bytes(folder: str | os.PathLike) -> int:
     """Weight bytes one decode step reads: every external initializer except tables that only a
     Gather reads (an untied embedding: one row per token, not the table). A tied fp32 head reads
@@ -241,18 +262,8 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
         prompts = rng.integers(0, rt.manifest.vocab_size, (B, S)).tolist()
 
         def one() -> tuple[float, list[float], int]:
-            t = time.perf_counter()
-            state, logits = rt.prefill(prompts, gen_len + 1)
-            pre = (time.perf_counter() - t) * 1e3
-            steps = []
-            for _ in range(gen_len):
-                nxt = logits.argmax(-1)
-                t = time.perf_counter()
-                logits = rt.decode(state, nxt)
-                steps.append((time.perf_counter() - t) * 1e3)
-            kv = state.kv_bytes
-            state.close()
-            return pre, steps, kv
+            r = time_request(rt, prompts, gen_len)
+            return r["prefill_ms"], r["decode_ms"], r["kv_bytes"]
         return one
 
     runs = _time_runs(make_one, batches, prompt_lens, gen_len, repeat, warmup, load, on_gpu,

@@ -512,7 +512,7 @@ class OnnxCausalLM:
                 io.bind_ortvalue_output("logits", ov(d["logits"]))
                 state.decode_bound = True
             self.session.run_with_iobinding(io)
-            state.lengths = state.lengths + q
+            state.lengths += q
             return d["logits"].copy()
         state.decode_bound = False
         pos = (state.lengths - state.n_prefix)[:, None] + np.arange(S, dtype=np.int64)[None]
