@@ -62,31 +62,22 @@ def prepare_model(spec: str, parallel: int | Sequence[int] | None, precision: st
 
     Raises CLIError / UnsupportedModelError / ManifestError / QuantizationError for a model that
     cannot be found, converted or quantized (one-line messages)."""
-    from edge.cli import CLIError, _cache_key, _is_export_folder, _import_quant_stack, _named, ensure_export
-    from edge.hub import default_cache_dir
+    from edge.cli import CLIError, _is_export_folder, _import_quant_stack, ensure_export, export_cache_folder
     from edge.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
 
     if precision not in PRECISIONS:
         raise CLIError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     if _is_export_folder(spec):
         return ensure_export(spec, parallel)  # checks every P against the folder's manifest
-    if precision != "fp32" and not adapters:
-        key = _cache_key(spec, parallel or (1 if spec in _named() else None))
-        out = Path(default_cache_dir()) / "onnx" / (key.removesuffix("-fp32") + f"-{precision}")
-        if (out / MANIFEST_FILE).exists():
-            man = Manifest.read(out)
-            if man.precision == precision and man.format_version == FORMAT_VERSION:
-                return out
-    fp32 = ensure_export(spec, parallel, threads, progress=progress, adapters=adapters)
-    if precision != "fp32":
-        out = fp32.with_name(fp32.name.removesuffix("-fp32") + f"-{precision}")
-        if (out / MANIFEST_FILE).exists():
-            man = Manifest.read(out)
-            if man.precision == precision and man.format_version == FORMAT_VERSION:
-                return out
     if precision == "fp32":
-        return fp32
-    out = fp32.with_name(fp32.name.removesuffix("-fp32") + f"-{precision}")
+        return ensure_export(spec, parallel, threads, progress=progress, adapters=adapters)
+    fp32_folder = export_cache_folder(spec, parallel, "fp32", adapters)
+    out = fp32_folder.with_name(fp32_folder.name.removesuffix("-fp32") + f"-{precision}")
+    if (out / MANIFEST_FILE).exists():
+        man = Manifest.read(out)
+        if man.precision == precision and man.format_version == FORMAT_VERSION:
+            return out  # the fp32 export is not needed, nor touched
+    fp32 = ensure_export(spec, parallel, threads, progress=progress, adapters=adapters)
     _import_quant_stack()
     from quant.onnx_quant import QuantConfig, quantize_folder
 

@@ -121,24 +121,45 @@ def load_several(spec: str, parallels: Sequence[int], threads: int | None, progr
     return models[0], models[1:]
 
 
-def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, threads: int | None = None,
-                  progress: bool = True, precision: str = "fp32", adapters: Sequence[str | os.PathLike] = ()) -> Path:
-    """An export folder for ``spec``: itself when it is one (it must offer every P asked for), else
-    a cached export (made once) in ``precision`` fp32, fp16 or bf16. Several P: one fused backbone
-    with a ParScale part file per P > 1 (cached as ``<model>-p1-2-4-fp32``); ``adapters``: trained
-    parts for some of those P (cache name gets ``-a<hash>``), the others are conversions."""
+def _normalize_parallel(parallel: int | Sequence[int] | None, adapters: Sequence = ()) -> tuple[int | None, list[int] | None]:
+    """(single P or None, several P or None) for ``ensure_export``: a one-element list is a single P;
+    with adapters the backbone's P=1 is always offered. Raises CLIError for P < 1."""
     if adapters:
-        if isinstance(parallel, int):
-            parallel = [parallel]
-        parallel = list(parallel or []) or [1]
+        parallel = [parallel] if isinstance(parallel, int) else list(parallel or []) or [1]
+        if parallel != [1]:
+            parallel = [1, *parallel]  # the adapter's P over the backbone: keep the P=1 option with it
     several = sorted(set(parallel)) if isinstance(parallel, Sequence) else None
-    if adapters and several is not None and len(several) == 1 and several != [1]:
-        several = sorted({1, *several})  # the adapter's P over the backbone: keep the P=1 option with it
     if several is not None and len(several) == 1:
         parallel, several = several[0], None
     for P in several or [parallel]:
         if P is not None and P < 1:
             raise CLIError(f"--parallel must be >= 1, got {P}")
+    return parallel, several
+
+
+def export_cache_folder(spec: str, parallel: int | Sequence[int] | None = None, precision: str = "fp32",
+                        adapters: Sequence[str | os.PathLike] = ()) -> Path:
+    """Where :func:`ensure_export` caches ``spec`` (not an export folder) for these P, precision and
+    adapters: ``<cache>/onnx/<model>-p1-2-4[-a<adapters' hash>]-<precision>``."""
+    from .hub import default_cache_dir
+
+    parallel, several = _normalize_parallel(parallel, adapters)
+    key = _cache_key(spec, several or parallel or (1 if spec in _named() else None), precision)
+    if adapters:
+        from .hub import sha256_file
+
+        tag = hashlib.sha256("".join(sha256_file(a) for a in adapters).encode()).hexdigest()[:10]
+        key = key.removesuffix(f"-{precision}") + f"-a{tag}-{precision}"
+    return Path(default_cache_dir()) / "onnx" / key
+
+
+def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, threads: int | None = None,
+                  progress: bool = True, precision: str = "fp32", adapters: Sequence[str | os.PathLike] = ()) -> Path:
+    """An export folder for ``spec``: itself when it is one (it must offer every P asked for), else
+    a cached export (made once, :func:`export_cache_folder`) in ``precision`` fp32, fp16 or bf16.
+    Several P: one fused backbone with a ParScale part file per P > 1; ``adapters``: trained parts
+    for some of those P, the others are conversions."""
+    parallel, several = _normalize_parallel(parallel, adapters)
     if _is_export_folder(spec):
         man = Manifest.read(spec)
         offered = sorted(int(k) for k in (man.parallel_options or {str(man.parscale_n): None}))
@@ -147,15 +168,7 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
             raise CLIError(f"{spec} offers P in {offered}, not {', '.join(map(str, missing))}; re-export with "
                            f"--parallel {','.join(map(str, several or [parallel]))}")
         return Path(spec)
-    from .hub import default_cache_dir
-
-    key = _cache_key(spec, several or parallel or (1 if spec in _named() else None), precision)
-    if adapters:
-        from .hub import sha256_file
-
-        tag = hashlib.sha256("".join(sha256_file(a) for a in adapters).encode()).hexdigest()[:10]
-        key = key.removesuffix(f"-{precision}") + f"-a{tag}-{precision}"
-    out = Path(default_cache_dir()) / "onnx" / key
+    out = export_cache_folder(spec, parallel if several is None else several, precision, adapters)
     if (out / MANIFEST_FILE).exists():
         from .manifest import FORMAT_VERSION
 
