@@ -46,6 +46,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from edge.adapter import backbone_sha256, is_parscale_tensor, save_adapter
 from edge.atomic import atomic_folder
 from edge.loading import LoadedModel
 from edge.manifest import CACHE_DTYPES, past_names, present_names
@@ -331,28 +332,11 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
     return proto
 
 
-def parscale_parts(lm: LoadedModel) -> dict[str, np.ndarray]:
-    """The ParScale tensors of a P > 1 model in the adapter layout (state-dict names, float32):
-    ``model.layers.{i}.self_attn.prefix_k/_v`` [P, kv_heads, n_tokens, head_dim] and
-    ``model.aggregate_layer.{0,2}.{weight,bias}`` (torch Linear layout). Empty for P = 1."""
-    sd = lm.model.state_dict()
-    keys = [k for k in sd if ".prefix_" in k or "aggregate_layer" in k]
-    return {k: _np(sd[k]) for k in keys}
-
-
-def write_parscale_parts(parts: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
-    """Save ParScale parts as safetensors (the adapter format of :mod:`edge.adapter`)."""
-    from safetensors.numpy import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in parts.items()}, str(path), metadata=metadata)
-
-
 def same_backbone(a: LoadedModel, b: LoadedModel) -> bool:
     """True when the two models' backbone tensors (everything but the ParScale parts) are equal."""
     sa, sb = a.model.state_dict(), b.model.state_dict()
-    keys = [k for k in sa if ".prefix_" not in k and "aggregate_layer" not in k]
-    other = [k for k in sb if ".prefix_" not in k and "aggregate_layer" not in k]
+    keys = [k for k in sa if not is_parscale_tensor(k)]
+    other = [k for k in sb if not is_parscale_tensor(k)]
     return sorted(keys) == sorted(other) and all(torch.equal(sa[k], sb[k]) for k in keys)
 
 
@@ -396,18 +380,12 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
         save_checked(proto, tmp, meta, check)
         del proto
         options: dict[int, str | None] = {}
+        digest = backbone_sha256(lm.model) if len(models) > 1 or P > 1 else None  # shared by every P
         for q, m in sorted(models.items()):
-            if q == 1:
-                options[1] = None
-                continue
-            rel = f"{PARSCALE_DIR}/p{q}.safetensors"
-            write_parscale_parts(parscale_parts(m), tmp / rel,
-                                 {"format": "parscale-edge-adapter/1", "parscale_n": str(q),
-                                  "parscale_n_tokens": str(m.model.config.parscale_n_tokens),
-                                  "num_layers": str(cfg.num_hidden_layers), "source": m.source})
-            options[q] = rel
+            # each part file is an adapter (edge.adapter format, backbone hash included)
+            options[q] = None if q == 1 else f"{PARSCALE_DIR}/p{q}.safetensors"
+            if q > 1:
+                save_adapter(m.model, tmp / options[q], m.source, backbone_hash=digest)
         _write_sidecars(lm, tmp, OPSET, precision, graph=GRAPH_KIND,
                         parallel_options={str(k): v for k, v in options.items()})
-        man = json.loads((tmp / "manifest.json").read_text())
-        assert man["graph"] == GRAPH_KIND
     return out
