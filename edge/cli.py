@@ -99,24 +99,30 @@ def load_for_export(spec: str, parallel: int | None, threads: int | None, progre
     return lm
 
 
-def load_several(spec: str, parallels: Sequence[int], threads: int | None, progress: bool = True,
+def load_several(spec: str, parallels: Sequence[int] | None, threads: int | None, progress: bool = True,
                  adapters: Sequence[str | os.PathLike] = ()):
     """(first model, the others): the dense ``spec`` as P = ``parallels[0]`` and, for the other P,
     the trained adapter of that P when ``adapters`` has one (``parscale train``), else its
     conversion; all over one backbone (``export_model(first, out, also=others)`` writes one folder
-    that serves every P). Raises CLIError when ``spec`` is not dense (P=1), AdapterError for an
+    that serves every P). ``parallels`` None: the adapters' P in their order, then P=1 (the backbone).
+    Raises CLIError when ``spec`` is not dense (P=1) or two adapters share a P, AdapterError for an
     adapter of another backbone."""
     from .loading import convert_to_parscale
 
     dense = load_for_export(spec, None, threads, progress=progress)
     if dense.model.config.parscale_n != 1:
-        raise CLIError(f"several --parallel values need a dense (P=1) model; {spec} has "
+        raise CLIError(f"several P over one backbone need a dense (P=1) model; {spec} has "
                        f"P={dense.model.config.parscale_n}")
     trained = {}
     if adapters:
         from .adapter import apply_adapter
 
-        trained = {m.model.config.parscale_n: m for m in (apply_adapter(dense, f) for f in adapters)}
+        for m in (apply_adapter(dense, f) for f in adapters):
+            P = m.model.config.parscale_n
+            if P in trained:
+                raise CLIError(f"two adapters with P={P}; give one per P")
+            trained[P] = m
+    parallels = parallels or [*trained, 1]
     models = [dense if P == 1 else trained.get(P) or convert_to_parscale(dense, P) for P in parallels]
     return models[0], models[1:]
 
@@ -236,16 +242,7 @@ def cmd_export(a) -> None:
     if adapters:  # trained ParScale parts over the frozen backbone, plus the backbone itself (P=1)
         if a.parallel:
             raise CLIError("--adapter sets P; drop --parallel (several --adapter files give several P)")
-        from .adapter import apply_adapter
-
-        dense = load_for_export(a.model, None, a.threads, progress=not a.quiet)
-        if dense.model.config.parscale_n != 1:
-            raise CLIError(f"--adapter needs the dense backbone; {a.model} has P={dense.model.config.parscale_n}")
-        models = [apply_adapter(dense, f) for f in adapters]
-        Ps = [m.model.config.parscale_n for m in models]
-        if len(set(Ps)) != len(Ps):
-            raise CLIError(f"two adapters with the same P ({Ps}); give one per P")
-        lm, also = models[0], [*models[1:], dense]
+        lm, also = load_several(a.model, None, a.threads, progress=not a.quiet, adapters=adapters)
     elif len(parallels) > 1:  # one backbone, ParScale parts for every P (dynamic parallel scaling)
         lm, also = load_several(a.model, parallels, a.threads, progress=not a.quiet)
     else:
