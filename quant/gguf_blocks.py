@@ -18,7 +18,8 @@ quantization math. Blocks run along the input dimension K in both formats.
 Q4_1 needs the correction because its offset m is a float while MatMulNBits zero points are
 integers: ``W[n, k] = d (q - z) + r[n, b]`` with the per-block residual ``r = m + d z``. So
 ``x @ W^T = MatMulNBits(x) + blocksum(x) @ r^T``, where ``blocksum`` sums x over each block of 32
-(a Reshape + ReduceSum shared by all weights reading the same input) and ``r^T`` is a small fp32
+(one MatMul with a 0/1 block-indicator matrix [K, K/32], shared by all weights reading the same
+input) and ``r^T`` is a small fp32
 matrix [K/32, N] (1/8 of the fp32 weight). Rounding the offset instead (no correction) cost +22%
 perplexity on smollm2-135m; MatMulNBits' float zero points are exact but ran 12x slower than fp32
 here.

@@ -197,8 +197,8 @@ def apply_gguf_blocks(model: onnx.ModelProto, blocks: dict, node_to_weight: dict
     nodes = list(model.graph.node)
     new_nodes: list[onnx.NodeProto] = []
     blocksums: dict[str, str] = {}
+    indicators: set[str] = set()
     done = []
-    axes = numpy_helper.from_array(np.array([-1], np.int64), "gguf_blocksum_axes")
     for node in nodes:
         w = node_to_weight.get(node.name)
         if node.op_type != "MatMul" or w not in blocks:
@@ -226,16 +226,17 @@ def apply_gguf_blocks(model: onnx.ModelProto, blocks: dict, node_to_weight: dict
             bs = rw.block_size
             key = f"{x}_gguf_blocksum{bs}"
             if key not in blocksums:
-                if not blocksums:
-                    model.graph.initializer.append(axes)
-                shape = numpy_helper.from_array(np.array([0, 0, -1, bs], np.int64), f"gguf_blocksum_shape{bs}")
-                if shape.name not in {t.name for t in model.graph.initializer}:
-                    model.graph.initializer.append(shape)
-                r4 = f"{x}_gguf_blocks{bs}"
+                # block sums as one MatMul with a 0/1 block-indicator matrix [K, K/bs] (shared by every
+                # input of width K): one node instead of Reshape + ReduceSum, 0.35 ms less per
+                # smollm2-135m int4 decode step (121 corrections)
+                ind = f"gguf_block_indicator_{K}x{bs}"
+                if ind not in indicators:
+                    eye = np.zeros((K, K // bs), np.float32)
+                    eye[np.arange(K), np.arange(K) // bs] = 1.0
+                    model.graph.initializer.append(numpy_helper.from_array(eye, ind))
+                    indicators.add(ind)
                 blocksums[key] = key
-                new_nodes.append(helper.make_node("Reshape", [x, shape.name], [r4], name=f"{x}/gguf_block_reshape{bs}"))
-                new_nodes.append(helper.make_node("ReduceSum", [r4, axes.name], [key], keepdims=0,
-                                                  name=f"{x}/gguf_blocksum{bs}"))
+                new_nodes.append(helper.make_node("MatMul", [x, ind], [key], name=f"{x}/gguf_blocksum{bs}{GGUF_CORRECTION}"))
             rt = numpy_helper.from_array(np.ascontiguousarray(rw.residual.T), f"{base}_gguf_residual")  # [nb, N]
             model.graph.initializer.append(rt)
             new_nodes.append(helper.make_node("MatMul", [key, rt.name], [y + "_gguf_corr"],
