@@ -54,6 +54,8 @@ from edge.runtime import AGG_INPUTS, MAX_PREFIX_SLOTS
 
 OPSET = 17
 GRAPH_KIND = "fused"
+#: graph metadata key: "1" when every weight MatMul's input is 2-D token rows [N*S, in]
+TOKEN_ROWS_KEY = "token_rows_2d"
 PARSCALE_DIR = "parscale"
 #: export precision -> ONNX element type of the weights, matmuls, GroupQueryAttention and KV cache
 #: (the residual stream, norms, aggregator and logits are float32 in every precision)
@@ -66,6 +68,7 @@ class _Graph:
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self._named: set[str] = set()
         self._n = 0
 
     def init(self, name: str, array: np.ndarray) -> str:
@@ -85,7 +88,12 @@ class _Graph:
         return name
 
     def const_i64(self, values, name: str | None = None) -> str:
+        """An int64 constant; a named one is stored once (later calls with that name share it)."""
         self._n += 1
+        if name is not None and name in self._named:
+            return name
+        if name is not None:
+            self._named.add(name)
         return self.init(name or f"const_i64_{self._n}", np.asarray(values, dtype=np.int64))
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, name: str | None = None, domain: str = "",
@@ -198,7 +206,13 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
     x = g.one("Gather", [emb_w, "input_ids"], name="/model/embed_tokens/Gather", axis=0)  # [B, S, H]
     x = to_f32(x, "/model/embed_tokens/to_f32")  # the residual stream is float32
     Hc = g.const_i64([H], "hidden_i64")
-    x = replicate(x, [S, Hc], "hidden")  # [N, S, H]
+    # the residual stream and every MatMul run on token rows [N*S, H] (2-D): ONNX Runtime then fuses
+    # the quantizer's Q4_1 corrections (MatMul + Add) into one Gemm each; attention sees [N, S, .]
+    u = g.one("Unsqueeze", [x, one], name="/replicate/hidden/Unsqueeze")
+    x = g.one("Expand", [u, g.one("Concat", [B, P, S, Hc], name="/replicate/hidden/shape", axis=0)],
+              name="/replicate/hidden/Expand")  # [B, P, S, H]
+    x = g.one("Reshape", [x, g.const_i64([-1, H], "token_rows_shape")], name="/replicate/hidden/Reshape")  # [N*S, H]
+    nsd = g.one("Concat", [N, S, minus1], name="/sizes/N_S_minus1", axis=0)  # token rows -> [N, S, -1]
     pos = replicate("position_ids", [S], "position_ids")  # [N, S]
     seqlens = g.one("Cast", [replicate(g.one("Cast", ["seqlens_k"], name="/replicate/seqlens_k/to64", to=TensorProto.INT64),
                                        [], "seqlens_k")], name="/replicate/seqlens_k/to32", to=TensorProto.INT32)
@@ -256,6 +270,8 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
             q, k, v = linear(h, i, "self_attn", ("q_proj", "k_proj", "v_proj")), "", ""
         else:
             q, k, v = (linear(h, i, "self_attn", (f"{n}_proj",)) for n in ("q", "k", "v"))
+        q, k, v = (t and g.one("Reshape", [t, nsd], name=f"/model/layers.{i}/self_attn/{n}_3d")
+                   for t, n in ((q, "q"), (k, "k"), (v, "v")))
         o, _, _ = g.node("GroupQueryAttention",
                          [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
                           "total_sequence_length", cos_c, sin_c, pos, "", "", "", "", "", "", qlens],
@@ -263,6 +279,7 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
                          outputs=[f"/model/layers.{i}/self_attn/attn_out", f"present.{i}.key", f"present.{i}.value"],
                          num_heads=nh, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0,
                          scale=float(1.0 / np.sqrt(hd)))
+        o = g.one("Reshape", [o, g.const_i64([-1, nh * hd], "attn_rows_shape")], name=f"/model/layers.{i}/self_attn/rows")
         a = to_f32(linear(o, i, "self_attn", ("o_proj",)), f"/model/layers.{i}/self_attn/to_f32")
         w_post = g.init(f"{pre}.post_attention_layernorm.weight", _np(sd[f"{pre}.post_attention_layernorm.weight"]))
         h2, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [a, residual, w_post], n_out=4,
@@ -278,7 +295,9 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
                     name=f"/model/layers.{i}/mlp/act/Mul")
         pending = to_f32(linear(g.one("Mul", [act, up], name=f"/model/layers.{i}/mlp/Mul"), i, "mlp", ("down_proj",)),
                          f"/model/layers.{i}/mlp/to_f32")
-    x = g.one("Add", [pending, residual], name="/model/final_residual/Add")  # [N, S, H]
+    x = g.one("Add", [pending, residual], name="/model/final_residual/Add")  # [N*S, H]
+    x = g.one("Reshape", [x, g.one("Concat", [N, S, Hc], name="/model/final_residual/shape", axis=0)],
+              name="/model/final_residual/unflatten")  # [N, S, H]
 
     # ---- gather the requested positions first: final norm, aggregator and head see B*K rows only
     idx = replicate("logits_index", [g.one("Gather", [g.one("Shape", ["logits_index"], name="/gather/shape"),
@@ -329,6 +348,8 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
                               producer_name="parscale-edge")
     proto.ir_version = 8
     proto.metadata_props.add(key="packed_widths", value=json.dumps(packed_widths))
+    # every weight MatMul reads 2-D token rows: the quantizer may write its corrections as Gemm
+    proto.metadata_props.add(key=TOKEN_ROWS_KEY, value="1")
     return proto
 
 

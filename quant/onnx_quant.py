@@ -192,13 +192,17 @@ def apply_gguf_blocks(model: onnx.ModelProto, blocks: dict, node_to_weight: dict
 
     ``node_to_weight`` maps node names to HF weight names present in ``blocks``
     (:func:`quant.gguf_blocks.read_gguf_blocks`). A weight with a residual (Q4_1) gets the exact
-    correction ``+ blocksum(x) @ residual^T``; the block sums are computed once per input tensor."""
+    correction ``+ blocksum(x) @ residual^T``; the block sums are computed once per input tensor (one
+    MatMul with a 0/1 block-indicator matrix), the correction is one Gemm with the MatMulNBits output
+    as C on graphs of 2-D token rows (metadata ``token_rows_2d``), else a MatMul and an Add."""
     inits = _initializers(model)
     nodes = list(model.graph.node)
     new_nodes: list[onnx.NodeProto] = []
     blocksums: dict[str, str] = {}
     indicators: set[str] = set()
     done = []
+    # graphs whose weight MatMuls read 2-D token rows (export.onnx_builder's TOKEN_ROWS_KEY)
+    rows_2d = {p.key: p.value for p in model.metadata_props}.get("token_rows_2d") == "1"
     for node in nodes:
         w = node_to_weight.get(node.name)
         if node.op_type != "MatMul" or w not in blocks:
@@ -239,9 +243,14 @@ def apply_gguf_blocks(model: onnx.ModelProto, blocks: dict, node_to_weight: dict
                 new_nodes.append(helper.make_node("MatMul", [x, ind], [key], name=f"{x}/gguf_blocksum{bs}{GGUF_CORRECTION}"))
             rt = numpy_helper.from_array(np.ascontiguousarray(rw.residual.T), f"{base}_gguf_residual")  # [nb, N]
             model.graph.initializer.append(rt)
-            new_nodes.append(helper.make_node("MatMul", [key, rt.name], [y + "_gguf_corr"],
-                                              name=node.name + GGUF_CORRECTION))
-            new_nodes.append(helper.make_node("Add", [q_out, y + "_gguf_corr"], [y], name=node.name + "_gguf_add"))
+            if rows_2d:  # one node: Gemm(blocksum, residual^T, C = MatMulNBits output)
+                new_nodes.append(helper.make_node("Gemm", [key, rt.name, q_out], [y],
+                                                  name=node.name + GGUF_CORRECTION, beta=1.0))
+            else:
+                new_nodes.append(helper.make_node("MatMul", [key, rt.name], [y + "_gguf_corr"],
+                                                  name=node.name + GGUF_CORRECTION))
+                new_nodes.append(helper.make_node("Add", [q_out, y + "_gguf_corr"], [y],
+                                                  name=node.name + "_gguf_add"))
         done.append(node.name)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)

@@ -167,15 +167,14 @@ def test_gguf_source_is_reused_losslessly(tmp_path, monkeypatch, precision, type
     assert q["quality_vs_fp32"]["kl_max"] < 1e-6 and q["quality_vs_fp32"]["top1_agreement"] == 1.0
     bits = 8 if precision == "int8" else 4
     assert _bits(out) == sorted([bits] * 2 * per_layer + [8])
-    # Q4_1 corrections: one block-sum MatMul per corrected input (no Reshape/ReduceSum), one
-    # correction MatMul and Add per corrected weight
+    # Q4_1 corrections: one block-sum MatMul per corrected input (no Reshape/ReduceSum) and one Gemm
+    # per corrected weight (the fused graph's MatMuls read 2-D token rows; no separate Add)
     nodes = _ops(out).node
-    corrected = [n for n in nodes if n.name.endswith("_gguf_add")]
-    sums = [n for n in nodes if n.op_type == "MatMul" and "gguf_blocksum" in n.name]
-    assert not [n for n in nodes if n.op_type == "ReduceSum" and "gguf" in n.name]
-    assert len({n.input[0] for n in sums}) == len(sums) and (len(sums) > 0) == ("Q4_1" in types[1:])
-    assert len(sums) <= len(corrected) == len([n for n in nodes if n.name.endswith("_gguf_correction")
-                                                 and "gguf_blocksum" not in n.name])
+    sums = [n for n in nodes if "gguf_blocksum" in n.name]
+    corrections = [n for n in nodes if n.name.endswith("_gguf_correction") and n not in sums]
+    assert {n.op_type for n in sums} <= {"MatMul"} and len({n.input[0] for n in sums}) == len(sums)
+    assert {n.op_type for n in corrections} <= {"Gemm"} and not [n for n in nodes if "gguf_add" in n.name]
+    assert (len(corrections) > 0) == ("Q4_1" in types[1:]) and len(sums) <= len(corrections)
     # with reuse switched off the same weights are re-rounded: measurably different
     off = quantize_folder(fp32, tmp_path / "off", QuantConfig(precision=precision, accuracy_level=0, gguf_blocks=False),
                           check_positions=0, compare_positions=128)
