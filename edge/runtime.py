@@ -339,7 +339,11 @@ class OnnxCausalLM:
         H, L = self.manifest.hidden_size, self.L
         rel = (self.manifest.parallel_options or {}).get(str(P))
         if rel is None:  # P = 1: the plain backbone; softmax over one stream is exactly 1
-            agg = [np.zeros((H, H), np.float32), np.zeros(H, np.float32), np.zeros((H, 1), np.float32),
+            # zeros of the narrowest aggregator the graph takes (width 1; exports before the width was
+            # a dynamic dimension declare H)
+            w1 = next(i for i in self.session.get_inputs() if i.name == AGG_INPUTS[0])
+            A = w1.shape[1] if isinstance(w1.shape[1], int) else 1
+            agg = [np.zeros((H, A), np.float32), np.zeros(A, np.float32), np.zeros((A, 1), np.float32),
                    np.zeros(1, np.float32)]
             prefix: list[tuple[np.ndarray, np.ndarray]] = []
             n = 0

@@ -27,7 +27,8 @@ Graph inputs (B user rows, S new tokens, K gathered positions, N = P*B, C = cach
 ``seqlens_k`` int32 [B] (tokens in the cache after this step, prefix included, minus 1);
 ``query_seqlens`` int32 [B] (valid tokens of this right-padded chunk); ``total_sequence_length``
 int32 [] (an upper bound of seqlens_k + 1: the capacity C); ``logits_index`` int64 [B, K];
-``parscale.aggregate.w1`` float32 [P*H, H], ``.b1`` [H], ``.w2`` [H, P], ``.b2`` [P];
+``parscale.aggregate.w1`` float32 [P*H, A], ``.b1`` [A], ``.w2`` [A, P], ``.b2`` [P] (A = H; the
+runtime feeds A = 1 for P = 1, a zero aggregator whose softmax over one stream is exactly 1);
 ``past_key_values.{i}.key/.value`` [N, kv_heads, C, head_dim] of the cache dtype (float32, float16
 or bfloat16 for precision fp32/fp16/bf16; bound to the same buffer as the matching ``present``).
 Outputs: ``logits`` float32 [B, K, vocab]; ``present.{i}.key/.value``.
@@ -167,9 +168,10 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
               helper.make_tensor_value_info("query_seqlens", i32, ["batch"]),
               helper.make_tensor_value_info("total_sequence_length", i32, []),
               helper.make_tensor_value_info("logits_index", i64, ["batch", "gathered"]),
-              helper.make_tensor_value_info(AGG_INPUTS[0], f32, ["parallel_hidden", H]),
-              helper.make_tensor_value_info(AGG_INPUTS[1], f32, [H]),
-              helper.make_tensor_value_info(AGG_INPUTS[2], f32, [H, "parallel"]),
+              # the aggregator's hidden width is H for P > 1; P = 1 feeds width 1 (its softmax is 1 anyway)
+              helper.make_tensor_value_info(AGG_INPUTS[0], f32, ["parallel_hidden", "aggregator_width"]),
+              helper.make_tensor_value_info(AGG_INPUTS[1], f32, ["aggregator_width"]),
+              helper.make_tensor_value_info(AGG_INPUTS[2], f32, ["aggregator_width", "parallel"]),
               helper.make_tensor_value_info(AGG_INPUTS[3], f32, ["parallel"])]
     cache_shape = ["stream_batch", kv, "capacity", hd]
     inputs += [helper.make_tensor_value_info(n, ht, cache_shape) for n in past_names(L)]
