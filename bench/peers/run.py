@@ -10,8 +10,12 @@ token; tokenisation and the greedy argmax are outside the timed region wherever 
 us (onnxruntime-genai's ``generate_next_token`` includes its own argmax).
 
 Every peer runs alone in a child process (a crash or a missing package is reported, the others
-still run), one after another, with the machine's load recorded before each. Our P=1 fp32 export's
-prompt logits are compared with optimum's export of the same weights (max abs difference).
+still run), one after another, with the machine's load recorded before each. The peers run in
+``--rounds`` interleaved rounds (each round runs every peer once, starting one peer later than the
+round before), so a slow minute on a shared machine hits every runtime alike; the ratio columns are
+the median over rounds of the ratio measured within each round (paired), the tok/s columns pool
+every round. Our P=1 fp32 export's prompt logits are compared with optimum's export of the same
+weights (max abs difference).
 
     nice -n 19 .venv-peers/bin/python bench/peers/run.py --threads 1 \
         -o bench/results/peers_smollm2.json
@@ -496,14 +500,34 @@ def run_peer(name: str, spec: dict, workdir: Path, timeout: int) -> dict:
     return json.loads(res_path.read_text())
 
 
+def paired_ratios(results: list[dict]) -> dict:
+    """For each of our exports and each peer: ours / theirs tok/s (prefill, decode) within every
+    round, and the median over rounds (above 1: ours faster). Rounds where either failed are skipped."""
+    by = {r["peer"]: {x["round"]: x["summary"] for x in r["rounds"] if "summary" in x} for r in results}
+    out = {}
+    for o in OURS:
+        for peer, rounds in by.items():
+            common = sorted(set(rounds) & set(by.get(o, {})))
+            if not common or peer == o:
+                continue
+            pp = [by[o][k]["prefill_tokens_per_s"] / rounds[k]["prefill_tokens_per_s"] for k in common]
+            tg = [by[o][k]["decode_tokens_per_s"] / rounds[k]["decode_tokens_per_s"] for k in common]
+            out[f"{o}/{peer}"] = {"prefill_median": round(float(np.median(pp)), 3),
+                                  "decode_median": round(float(np.median(tg)), 3),
+                                  "prefill_per_round": [round(x, 3) for x in pp],
+                                  "decode_per_round": [round(x, 3) for x in tg]}
+    return out
+
+
 def markdown(doc: dict) -> str:
     rows = doc["results"]
     ours = {r["peer"]: r for r in rows if r["peer"] in OURS and r["status"] == "ok"}
-    head = ("| runtime | precision | MB | prefill tok/s | decode tok/s | decode ms p50 / p90 | load before (cores busy; worker cpu s per s) |"
+    head = ("| runtime | precision | MB | prefill tok/s | decode tok/s | decode ms p50 / p90 | max load before (cores busy; worker cpu s per s, min) |"
             " ours fp32 / it (pp, tg) | ours int4 / it (pp, tg) | greedy = ours fp32 |")
     lines = [f"smollm2-135m, batch 1, prompt {doc['settings']['prompt_len']} tokens of stdlib code, "
              f"{doc['settings']['gen_len']} greedy decode steps, {doc['settings']['threads']} thread(s), "
-             f"{doc['settings']['repeat']} repeats", "", head, "|" + " --- |" * 10]
+             f"{doc['settings'].get('rounds', 1)} interleaved rounds x {doc['settings']['repeat']} repeat(s); "
+             "ratios: median over rounds of the ratio within a round", "", head, "|" + " --- |" * 10]
     for r in rows:
         if r["status"] != "ok":
             err = " ".join(r.get("error", "").split())[-160:].replace("|", "/")
@@ -514,9 +538,12 @@ def markdown(doc: dict) -> str:
         def ratio(o):
             if o not in ours:
                 return ""
-            so = ours[o]["summary"]
-            return (f"{so['prefill_tokens_per_s'] / s['prefill_tokens_per_s']:.2f}, "
-                    f"{so['decode_tokens_per_s'] / s['decode_tokens_per_s']:.2f}")
+            if o == r["peer"]:
+                return "1.00, 1.00"
+            pr = doc.get("paired_ratios", {}).get(f"{o}/{r['peer']}")
+            if pr is None:
+                return ""
+            return f"{pr['prefill_median']:.2f}, {pr['decode_median']:.2f}"
         lines.append(f"| {r['peer']} | {r['precision']} | {r['info'].get('model_mib', '')} | "
                      f"{s['prefill_tokens_per_s']:.0f} | {s['decode_tokens_per_s']:.1f} | "
                      f"{s['decode_ms_p50']:.1f} / {s['decode_ms_p90']:.1f} | {r['loadavg_before'][0]:.2f} "
@@ -542,7 +569,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--gen-len", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1, help="timed requests per peer per round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all peers")
     ap.add_argument("--peers", default=",".join(n for n, _, _ in PEERS),
                     help="comma-separated subset of: " + ", ".join(n for n, _, _ in PEERS))
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per peer (build included)")
@@ -565,7 +593,7 @@ def main() -> None:
            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": device_info(),
            "niceness": os.nice(0), "python": sys.version.split()[0],
            "settings": {"batch": 1, "prompt_len": a.prompt_len, "gen_len": a.gen_len, "threads": a.threads,
-                        "repeat": a.repeat, "greedy": True,
+                        "repeat": a.repeat, "rounds": a.rounds, "greedy": True,
                         "prompt": "edge.evaluate.stdlib_text() tokenized with the model's tokenizer, first "
                                   f"{a.prompt_len} ids, fed as ids to every runtime",
                         "timing": "prefill: one call over the prompt; decode: one call per token, each timed; "
@@ -592,39 +620,53 @@ def main() -> None:
                 doc["preparation"][key]["step_seconds"] = round(time.perf_counter() - t0, 1)  # 0 when cached
                 print(f"prepare {key}: {doc['preparation'][key]}", flush=True)
         logits = {}
-        for name, what, precision in PEERS:
-            if name not in wanted:
-                continue
-            spec = {"prompt": prompt, "gen_len": a.gen_len, "repeat": a.repeat, "threads": a.threads}
-            if name in ("ours-fp32", "optimum-fp32", "torch-eager-fp32"):
-                spec["logits_out"] = str(workdir / f"{name}.logits.npy")
-            busy = cpu_busy()
-            load = list(os.getloadavg())
-            t0 = time.perf_counter()
-            c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            r = run_peer(name, spec, workdir, a.timeout)
-            c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            wall = time.perf_counter() - t0
-            cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
-            r.update({"what": what, "precision": precision, "threads": a.threads, "loadavg_before": load,
-                      "cpu_busy_before": busy, "seconds": round(wall, 1),
-                      # CPU seconds the worker got per wall second (about `threads` when it was never
-                      # starved; clearly less means other processes took the CPU during the measurement)
-                      "worker_cpu_per_wall": round(cpu / max(wall, 1e-9), 2),
-                      "loadavg_after": list(os.getloadavg())})
-            if r["status"] == "ok":
-                r["summary"] = summarize(r["runs"], a.prompt_len)
-                r["tokens"] = r["runs"][0].get("tokens")
-                r["runs"] = [{k: v for k, v in run.items() if k != "tokens"} for run in r["runs"]]
+        order = [(name, what, precision) for name, what, precision in PEERS if name in wanted]
+        merged: dict[str, dict] = {}
+        for rnd in range(a.rounds):
+            k = rnd % len(order)
+            for name, what, precision in order[k:] + order[:k]:
+                spec = {"prompt": prompt, "gen_len": a.gen_len, "repeat": a.repeat, "threads": a.threads}
+                if name in ("ours-fp32", "optimum-fp32", "torch-eager-fp32"):
+                    spec["logits_out"] = str(workdir / f"{name}.logits.npy")
+                busy = cpu_busy()
+                load = list(os.getloadavg())
+                t0 = time.perf_counter()
+                c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                r = run_peer(name, spec, workdir, a.timeout)
+                c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                wall = time.perf_counter() - t0
+                cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+                # CPU seconds the worker got per wall second (about `threads` when it was never
+                # starved; clearly less means other processes took the CPU during the measurement)
+                rec = {"round": rnd, "loadavg_before": load, "cpu_busy_before": busy, "seconds": round(wall, 1),
+                       "worker_cpu_per_wall": round(cpu / max(wall, 1e-9), 2), "loadavg_after": list(os.getloadavg())}
+                m = merged.setdefault(name, {"peer": name, "what": what, "precision": precision,
+                                             "threads": a.threads, "status": "ok", "runs": [], "rounds": []})
+                if r["status"] != "ok":
+                    m.update(status="failed", error=r.get("error", ""))
+                    print(f"{name:20s} round {rnd}: FAILED: {r.get('error', '')[:300]}", flush=True)
+                    m["rounds"].append(rec)
+                    continue
+                m.setdefault("info", r.get("info", {}))
+                m.setdefault("tokens", r["runs"][0].get("tokens"))
+                rec["summary"] = summarize(r["runs"], a.prompt_len)
+                m["rounds"].append(rec)
+                m["runs"] += [{**{k2: v for k2, v in run.items() if k2 != "tokens"}, "round": rnd} for run in r["runs"]]
                 if spec.get("logits_out") and Path(spec["logits_out"]).exists():
                     logits[name] = spec["logits_out"]
-                s = r["summary"]
-                print(f"{name:20s} pp{a.prompt_len} {s['prefill_tokens_per_s']:7.1f} tok/s  tg{a.gen_len} "
-                      f"{s['decode_tokens_per_s']:6.1f} tok/s (p50 {s['decode_ms_p50']:.1f} ms, p90 "
-                      f"{s['decode_ms_p90']:.1f} ms)  load {load[0]:.2f}, {busy} cores busy", flush=True)
-            else:
-                print(f"{name:20s} FAILED: {r['error'][:300]}", flush=True)
-            doc["results"].append(r)
+                s_ = rec["summary"]
+                print(f"{name:20s} round {rnd}: pp{a.prompt_len} {s_['prefill_tokens_per_s']:7.1f} tok/s  tg{a.gen_len} "
+                      f"{s_['decode_tokens_per_s']:6.1f} tok/s (p50 {s_['decode_ms_p50']:.1f} ms)  load {load[0]:.2f}, "
+                      f"{busy} cores busy", flush=True)
+        for name, _, _ in order:
+            m = merged[name]
+            if m["status"] == "ok":
+                m["summary"] = summarize(m["runs"], a.prompt_len)
+                m["loadavg_before"] = [max(x["loadavg_before"][0] for x in m["rounds"])]
+                m["cpu_busy_before"] = max(x["cpu_busy_before"] for x in m["rounds"])
+                m["worker_cpu_per_wall"] = min(x["worker_cpu_per_wall"] for x in m["rounds"])
+            doc["results"].append(m)
+        doc["paired_ratios"] = paired_ratios(doc["results"])
         ref = next((r for r in doc["results"] if r["peer"] == "ours-fp32" and r["status"] == "ok"), None)
         for r in doc["results"]:
             if ref and r["status"] == "ok" and r.get("tokens"):
