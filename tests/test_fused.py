@@ -122,6 +122,28 @@ def test_one_backbone_serves_several_p(tmp_path):
     assert main(["generate", "--model", str(tmp_path / "shared"), "-P", "3", "-p", "x"]) == 2
 
 
+def test_p1_feeds_the_narrowest_aggregator_the_graph_takes(tmp_path):
+    """P = 1 runs a zero aggregator (softmax over one stream is 1): width 1 where the graph's
+    aggregator width is dynamic, [H, H] zeros for exports that declare it as H; same logits."""
+    import onnx
+
+    folder = export_model(tiny_model("llama", P=1, tie=True, seed=4), tmp_path / "f", graph="fused")
+    rt = OnnxCausalLM(folder, device="cpu", threads=1)
+    ids = np.random.default_rng(4).integers(4, 97, (2, 7))
+    new = rt.score(ids)
+    assert rt._parallel_parts(1)["agg"]["parscale.aggregate.w1"].shape()[1] == 1
+    H = rt.manifest.hidden_size
+    m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    for i in m.graph.input:  # an export from before the width was dynamic
+        for d in i.type.tensor_type.shape.dim:
+            if d.dim_param == "aggregator_width":
+                d.dim_value = H
+    onnx.save(m, str(folder / "model_static_agg.onnx"))
+    old = OnnxCausalLM(folder, device="cpu", threads=1, model_file="model_static_agg.onnx")
+    assert old._parallel_parts(1)["agg"]["parscale.aggregate.w1"].shape() == [H, H]
+    np.testing.assert_allclose(old.score(ids), new, atol=1e-6)
+
+
 @pytest.mark.parametrize("damage", ["head_dim", "truncated_data", "parts"])
 def test_damaged_fused_folder_is_refused_at_load(tmp_path, damage):
     import json
