@@ -19,10 +19,9 @@ Q4_1 needs the correction because its offset m is a float while MatMulNBits zero
 integers: ``W[n, k] = d (q - 8) + r[n, b]`` with the per-block residual ``r = m + 8 d``. So
 ``x @ W^T = MatMulNBits(x) + blocksum(x) @ r^T``, where ``blocksum`` sums x over each block of 32
 (one MatMul with a 0/1 block-indicator matrix [K, K/32], shared by all weights reading the same
-input) and ``r^T`` is a small fp32
-matrix [K/32, N] (1/8 of the fp32 weight). Rounding the offset instead (no correction) cost +22%
-perplexity on smollm2-135m; MatMulNBits' float zero points are exact but ran 12x slower than fp32
-here.
+input) and ``r^T`` is a small fp32 matrix [K/32, N] (1/32 of the fp32 weight, a quarter of the
+4-bit codes). Rounding the offset instead (no correction) cost +22% perplexity on smollm2-135m;
+MatMulNBits' float zero points are exact but ran 12x slower than fp32 here.
 
 Other types (K-quants, F16, ...) are left to the regular quantizer.
 """
