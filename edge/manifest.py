@@ -30,6 +30,9 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2  # 2: fused graphs (GroupQueryAttention, ParScale parts as inputs)
 #: export precision -> dtype of the KV cache inputs/outputs (ONNX / numpy name); logits are always float32.
 CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: model.onnx metadata key, "1" when every weight MatMul of the graph reads 2-D token rows [N*S, in]
+#: (fused graphs; the quantizer then writes each GGUF Q4_1 correction as one Gemm)
+TOKEN_ROWS_KEY = "token_rows_2d"
 
 
 def past_names(num_layers: int) -> list[str]:

@@ -50,13 +50,11 @@ from onnx import TensorProto, helper, numpy_helper
 from edge.adapter import backbone_sha256, is_parscale_tensor, save_adapter
 from edge.atomic import atomic_folder
 from edge.loading import LoadedModel
-from edge.manifest import CACHE_DTYPES, past_names, present_names
+from edge.manifest import CACHE_DTYPES, TOKEN_ROWS_KEY, past_names, present_names
 from edge.runtime import AGG_INPUTS, MAX_PREFIX_SLOTS
 
 OPSET = 17
 GRAPH_KIND = "fused"
-#: graph metadata key: "1" when every weight MatMul's input is 2-D token rows [N*S, in]
-TOKEN_ROWS_KEY = "token_rows_2d"
 PARSCALE_DIR = "parscale"
 #: export precision -> ONNX element type of the weights, matmuls, GroupQueryAttention and KV cache
 #: (the residual stream, norms, aggregator and logits are float32 in every precision)

@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edge.atomic import atomic_folder, folder_size_mib
-from edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE, Manifest
+from edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE, TOKEN_ROWS_KEY, Manifest
 
 PRECISIONS = ("int4", "int8", "int8-dynamic")
 ALGORITHMS = ("rtn", "hqq", "gptq")
@@ -201,8 +201,7 @@ def apply_gguf_blocks(model: onnx.ModelProto, blocks: dict, node_to_weight: dict
     blocksums: dict[str, str] = {}
     indicators: set[str] = set()
     done = []
-    # graphs whose weight MatMuls read 2-D token rows (export.onnx_builder's TOKEN_ROWS_KEY)
-    rows_2d = {p.key: p.value for p in model.metadata_props}.get("token_rows_2d") == "1"
+    rows_2d = {p.key: p.value for p in model.metadata_props}.get(TOKEN_ROWS_KEY) == "1"
     for node in nodes:
         w = node_to_weight.get(node.name)
         if node.op_type != "MatMul" or w not in blocks:
