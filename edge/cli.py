@@ -106,9 +106,18 @@ def load_several(spec: str, parallels: Sequence[int] | None, threads: int | None
     conversion; all over one backbone (``export_model(first, out, also=others)`` writes one folder
     that serves every P). ``parallels`` None: the adapters' P in their order, then P=1 (the backbone).
     Raises CLIError when ``spec`` is not dense (P=1) or two adapters share a P, AdapterError for an
-    adapter of another backbone."""
+    adapter of another backbone (for a named model whose adapter names another named model, before
+    anything is downloaded)."""
     from .loading import convert_to_parscale
 
+    if adapters and spec in _named():  # refuse a named model's foreign adapter before downloading it
+        from .adapter import AdapterError, read_adapter
+
+        for f in adapters:
+            source = read_adapter(f)[1]["source"]
+            if source in _named() and source != spec:
+                raise AdapterError(f"{f}: this adapter was trained on {source}, not {spec}; export {source} "
+                                   "with it (nothing was downloaded)")
     dense = load_for_export(spec, None, threads, progress=progress)
     if dense.model.config.parscale_n != 1:
         raise CLIError(f"several P over one backbone need a dense (P=1) model; {spec} has "

@@ -127,3 +127,21 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny, tmp
     hd = json.loads((ddp / "history.json").read_text())
     assert hd["world_size"] == 2 and hd["tokens_per_step"] == hs["tokens_per_step"] == 2 * 32 * 2
     np.testing.assert_allclose([s["loss"] for s in hd["steps"]], [s["loss"] for s in hs["steps"]], atol=1e-5)
+
+
+def test_named_model_with_an_adapter_of_another_named_model_is_refused_before_download(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """The shipped smollm2-135m adapter given to `export qwen2.5-coder-0.5b`: refused from the
+    adapter's metadata, naming both models, without fetching anything."""
+    import edge.hub
+
+    def no_fetch(*a, **k):
+        raise AssertionError("fetched a model for an adapter that cannot fit it")
+
+    monkeypatch.setattr(edge.hub, "fetch_gguf", no_fetch)
+    monkeypatch.setenv("PARSCALE_EDGE_CACHE", str(tmp_path / "cache"))
+    adapter = ROOT / "adapters" / "smollm2-135m-p2.safetensors"
+    assert main(["-q", "export", "qwen2.5-coder-0.5b", "--adapter", str(adapter), "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "trained on smollm2-135m, not qwen2.5-coder-0.5b" in err
+    assert "Traceback" not in err and not (tmp_path / "x").exists() and not (tmp_path / "cache").exists()
