@@ -51,6 +51,21 @@ def _rss_mib() -> float | None:
     return _proc_status_mib("VmRSS")
 
 
+def _release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op
+    elsewhere), so that an RSS reading reflects live memory. Without it, an export or quantization
+    just run in this process leaves hundreds of MiB of freed pages that loading then reuses or
+    releases, and the RSS growth over loading a model came out negative on a first start."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def prepare_model(spec: str, parallel: int | Sequence[int] | None, precision: str, threads: int | None = None,
                   progress: bool = True, log=print, adapters: Sequence[str] = ()) -> Path:
     """The export folder to run for ``spec``: ``spec`` itself when it is an export folder (used as
@@ -169,6 +184,7 @@ def load_model(label: str, spec: str, parallel: int | Sequence[int] | None, prec
         import onnxruntime  # noqa: F401 - libraries loaded before measuring: their pages are not the model's
         import tokenizers  # noqa: F401
 
+        _release_freed_memory()
         before = _rss_mib()
         t0 = time.perf_counter()
         rt = OnnxCausalLM(folder, device=device, threads=threads, parallel=asked[0] if asked else None)
@@ -177,17 +193,20 @@ def load_model(label: str, spec: str, parallel: int | Sequence[int] | None, prec
             rt.score(np.ones((1, 1), np.int64), parallel=P)
         rt.tokenizer  # noqa: B018 - loaded now: it is part of what the model keeps resident
         lm.load_s = time.perf_counter() - t0
+        _release_freed_memory()
         after = _rss_mib()
         lm.runtime, lm.folder, lm.parallel_options = rt, folder, options
         lm.prefix = {P: prefix_slots(folder, P) for P in options}
         parts = rt.manifest.parallel_options or {}
         lm.parts_mib = sum((folder / parts[str(P)]).stat().st_size for P in options if parts.get(str(P))) / 2**20
         lm.file_mib = folder_bytes(folder) / 2**20 + lm.parts_mib
-        if before is not None and after is not None:
+        if before is not None and after is not None and after > before:
             lm.resident_mib, lm.resident_how = after - before, ("RSS growth over loading it (session, one-token warm-up "
                                                                 "at each P, tokenizer)")
-        else:
+        elif before is None or after is None:
             lm.resident_mib, lm.resident_how = lm.file_mib, "weight file size (RSS not readable here)"
+        else:  # other memory of this process was released while loading: the growth says nothing
+            lm.resident_mib, lm.resident_how = lm.file_mib, "weight file size (RSS fell while loading it)"
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - any failure belongs in the pane, not in a traceback
