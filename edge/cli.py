@@ -425,15 +425,17 @@ def _run_quantize(src: Path, out: Path, a) -> None:
     quantize_folder(src, out, cfg, overwrite=a.overwrite, calibration_text=calib, text=text,
                     check_positions=a.check_positions, compare_positions=a.compare_positions, threads=a.threads)
     q = Manifest.read(out).quantization
-    line = (f"{a.precision} ({'sym' if a.symmetric else 'asym'}, block {a.block_size}, {a.algorithm}) -> {out}: "
+    n = q.get("gguf_repacked_nodes") or 0
+    rest = q["quantized_nodes"] - n
+    # the settings apply to the weights that are re-rounded; GGUF blocks are copied as they are
+    how = f"{'sym' if a.symmetric else 'asym'}, block {a.block_size}, {a.algorithm}"
+    line = (f"{a.precision} ({how if rest > 0 else 'GGUF blocks'}) -> {out}: "
             f"{q['size_mib']:.1f} MiB (fp32 {q['source_size_mib']:.1f} MiB, "
             f"{q['size_mib'] / q['source_size_mib']:.0%}) in {time.perf_counter() - t0:.1f} s")
     print(line)
-    n = q.get("gguf_repacked_nodes")
     if n:
-        rest = q["quantized_nodes"] - n
         print(f"  {n} {'weight reuses' if n == 1 else 'weights reuse'} the GGUF's own quantized blocks (no re-rounding); "
-              + (f"{rest} re-rounded with {a.algorithm}" if rest > 0 else f"none needed {a.algorithm}"))
+              + (f"{rest} re-rounded ({how})" if rest > 0 else "none re-rounded"))
     if "accuracy_check" in q:
         c = q["accuracy_check"]
         print(f"  accuracy_level 4 vs 0: top-1 agreement {c['agreement_level4_vs_level0']:.2%}, perplexity "
@@ -732,7 +734,7 @@ def cmd_generate(a) -> None:
     for piece in rt.stream_text(prompt, sampling, chat=a.chat):
         n += 1
         print(piece, end="", flush=True)
-    print()
+    print(flush=True)  # the text ends before the stats line on stderr
     if a.verbose:
         _log(f"[{n} pieces in {time.perf_counter() - t0:.2f} s, P={rt.P}, {rt.folder}]")
 

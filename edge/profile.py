@@ -247,7 +247,8 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
     if device == "cuda" and provider != CUDA:
         raise RuntimeError(f"--device cuda was asked for, but the session runs on {provider}")
     on_gpu = provider == CUDA
-    file_mib = folder_bytes(folder) / 2**20
+    part = (rt.manifest.parallel_options or {}).get(str(rt.P))  # this P's ParScale part file, if any
+    file_mib = (folder_bytes(folder) + (Path(folder, part).stat().st_size if part else 0)) / 2**20
     load = {"load_ms": load_ms, "rss_before_mib": rss_before, "peak_rss_load_mib": peak_load,
             "file_mib": file_mib, "P": rt.P, "precision": rt.manifest.precision,
             "cache_dtype": rt.manifest.cache_dtype, "provider": provider, "io_binding": True,
