@@ -740,6 +740,8 @@ def cmd_generate(a) -> None:
 
 
 def cmd_chat(a) -> None:
+    from .runtime import RuntimeInputError
+
     sampling = _sampling(a)
     rt = _open_runtime(a)
     history: list[dict] = []
@@ -768,6 +770,10 @@ def cmd_chat(a) -> None:
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             pass
+        except (RuntimeInputError, ValueError) as e:  # this message cannot be run: say why, keep chatting
+            print(flush=True)
+            _log(f"error: {e} (the message was not added to the history; /reset clears it)")
+            continue
         print()
         history += [{"role": "user", "content": msg}, {"role": "assistant", "content": "".join(answer)}]
 

@@ -67,6 +67,19 @@ def test_cli_bad_prompts_are_one_error_line(text_export, capsys, monkeypatch):
     assert main(["generate", "--model", folder, "-n", "2"]) == 0
 
 
+def test_chat_reports_a_message_it_cannot_run_and_goes_on(text_export, capsys, monkeypatch):
+    """A line that is not UTF-8 (a lone surrogate after surrogateescape) or too long for the context
+    is one error line in `chat`; the session continues with the next message."""
+    folder = str(text_export.folder)
+    lines = b"caf\xe9\n" + b"x" * 300 + b"\nhello\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="utf-8", errors="surrogateescape"))
+    assert main(["chat", "--model", folder, "-n", "2"]) == 0
+    out, err = capsys.readouterr()
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 2 and "lone surrogate U+DCE9" in errors[0] and "context is 256 tokens" in errors[1], err
+    assert "Traceback" not in err and out.count(">>> ") == 4  # three messages read, then end of input
+
+
 def test_sampling_survives_extreme_settings():
     logits = np.random.default_rng(0).normal(size=(2, 50)).astype(np.float32) * 30
     for cfg in [SamplingConfig(do_sample=True, temperature=1e-300), SamplingConfig(do_sample=True, temperature=1e6),
