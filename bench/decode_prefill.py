@@ -53,9 +53,8 @@ def main() -> None:
     for model, P in [(m, int(p)) for m in a.model.split(",") for p in a.parallel.split(",")]:
         folder = ensure_export(model, P, a.threads, progress=False)
         man = Manifest.read(folder)
-        offered = [int(k) for k in (man.parallel_options or {})]
-        P = P if P in offered else man.parscale_n
-        rt = OnnxCausalLM(folder, device="cpu", threads=a.threads, parallel=P if P in offered else None)
+        P = P if P in man.offered_parallel() else man.parscale_n
+        rt = OnnxCausalLM(folder, device="cpu", threads=a.threads, parallel=P)
         prompt = rt.tokenizer.encode(stdlib_text())[: a.prompt_len]
         run_one(rt, prompt[:16], 4)  # warm-up
         runs = [run_one(rt, prompt, a.gen_len) for _ in range(a.repeat)]

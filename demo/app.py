@@ -135,8 +135,7 @@ def make_respond(models: dict[str, LoadedModel]):
             else:
                 try:
                     P = chosen[s] if chosen[s] is not None else lm.P
-                    answer = Answer(lm.runtime, hist[s] + [{"role": "user", "content": message}], sampling, P,
-                                    lm.prefix.get(P, 0))
+                    answer = Answer(lm.runtime, hist[s] + [{"role": "user", "content": message}], sampling, P)
                 except ValueError as e:  # PromptTooLong, a P not offered, a chat template that rejects the messages
                     disp[s].append(pane_message("assistant", f"{NOTE}Not sent to this model: {str(e).rstrip('.')}."))
                 else:

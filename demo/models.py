@@ -104,22 +104,6 @@ def prepare_model(spec: str, parallel: int | Sequence[int] | None, precision: st
     return out
 
 
-def prefix_slots(folder: Path, P: int) -> int:
-    """KV cache slots the ParScale prefix of ``P`` takes per stream in a fused export folder: the
-    ``parscale_n_tokens`` recorded in ``parscale/p{P}.safetensors`` (read from its header only);
-    0 for P = 1 and for reference graphs (their prefix lives inside the graph, not in the cache)."""
-    from edge.manifest import Manifest
-
-    man = Manifest.read(folder)
-    rel = (man.parallel_options or {}).get(str(P)) if man.graph == "fused" else None
-    if not rel:
-        return 0
-    from safetensors import safe_open
-
-    with safe_open(str(Path(folder) / rel), "np") as f:
-        return int((f.metadata() or {}).get("parscale_n_tokens", man.parscale_n_tokens))
-
-
 @dataclass
 class LoadedModel:
     """One pane's model, or why it is missing.
@@ -196,9 +180,9 @@ def load_model(label: str, spec: str, parallel: int | Sequence[int] | None, prec
         _release_freed_memory()
         after = _rss_mib()
         lm.runtime, lm.folder, lm.parallel_options = rt, folder, options
-        lm.prefix = {P: prefix_slots(folder, P) for P in options}
-        parts = rt.manifest.parallel_options or {}
-        lm.parts_mib = sum((folder / parts[str(P)]).stat().st_size for P in options if parts.get(str(P))) / 2**20
+        lm.prefix = {P: rt.prefix_slots(P) for P in options}
+        parts = [rt.manifest.part_file(P) for P in options]
+        lm.parts_mib = sum((folder / f).stat().st_size for f in parts if f) / 2**20
         lm.file_mib = folder_bytes(folder) / 2**20 + lm.parts_mib
         if before is not None and after is not None and after > before:
             lm.resident_mib, lm.resident_how = after - before, ("RSS growth over loading it (session, one-token warm-up "

@@ -49,18 +49,19 @@ class Answer:
         sampling: :class:`edge.runtime.SamplingConfig` (``max_new_tokens`` is capped by the context).
         parallel: P streams for this answer (one of ``runtime.parallel_options``; None: the
             runtime's default). Answers of one runtime may use different P at the same time.
-        prefix_slots: KV cache slots the ParScale prefix of that P takes per stream (fused graphs).
     Raises:
         PromptTooLong: the templated prompt leaves no room for one new token in the context.
         edge.runtime.RuntimeInputError: a P the runtime has no ParScale parts for.
 
-    ``stats.kv_bytes``: the KV cache this answer holds (float32): fused graphs preallocate
-    2 * layers * P * kv_heads * head_dim * (prefix + prompt + max new tokens, capped by the
-    context) * 4 bytes at once; reference graphs grow it by one position per token.
+    ``stats.kv_bytes``: the KV cache this answer holds: fused graphs preallocate 2 * layers * P *
+    kv_heads * head_dim * (prefix + :func:`edge.runtime.request_capacity`) elements of the export's
+    cache dtype at once; reference graphs grow it by one position per token.
     """
 
-    def __init__(self, runtime, messages: Sequence[dict], sampling, parallel: int | None = None,
-                 prefix_slots: int = 0):
+    def __init__(self, runtime, messages: Sequence[dict], sampling, parallel: int | None = None):
+        import numpy as np
+
+        from edge.runtime import cache_types, request_capacity
         from edge.tokenizer import StreamDecoder
 
         t0 = time.perf_counter()
@@ -78,8 +79,10 @@ class Answer:
         self.ids = ids
         self.eos = set(runtime.manifest.eos_token_ids)
         m = runtime.manifest
-        self._kv_per_slot = 2 * m.num_layers * P * m.num_key_value_heads * m.head_dim * 4
-        self._kv_fixed = prefix_slots + min(ctx, len(ids) + max(1, sampling.max_new_tokens)) if runtime.fused else None
+        item = np.dtype(cache_types(m.cache_dtype)[1]).itemsize
+        self._kv_per_slot = 2 * m.num_layers * P * m.num_key_value_heads * m.head_dim * item
+        self._kv_fixed = (runtime.prefix_slots(P) + request_capacity(len(ids), sampling.max_new_tokens, ctx)
+                          if runtime.fused else None)
         self._steps: Iterator = runtime.generate_tokens([ids], sampling, parallel=P)
         self._decoder = StreamDecoder(tok)
         self.text = ""

@@ -116,11 +116,23 @@ def save_adapter(model: torch.nn.Module, path: str | os.PathLike, source: str,
     return path
 
 
+def adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The checked metadata of an adapter file, read from its header only (no tensors).
+
+    Raises AdapterError naming the file when it is missing, not safetensors, of another format, or
+    lacks a required metadata key."""
+    return _read(path, tensors=False)[1]
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of an adapter file, with the metadata checked for the required keys.
 
     Raises AdapterError naming the file when it is missing, not safetensors, of another format, or
     lacks a required metadata key / ParScale tensor names."""
+    return _read(path, tensors=True)
+
+
+def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
     p = Path(path)
@@ -129,7 +141,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            names = list(f.keys())
+            data = {k: f.get_tensor(k) for k in names} if tensors else {}
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"{p}: not a readable safetensors file ({e})") from None
     if meta.get("format") != ADAPTER_FORMAT:
@@ -138,20 +151,21 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
         raise AdapterError(f"{p}: adapter metadata lacks {', '.join(missing)}")
-    foreign = [k for k in tensors if not is_parscale_tensor(k)]
+    foreign = [k for k in names if not is_parscale_tensor(k)]
     if foreign:
         raise AdapterError(f"{p}: holds non-ParScale tensors, e.g. {foreign[:3]}; an adapter holds prefixes "
                            "and the aggregator only")
-    return tensors, meta
+    return data, meta
 
 
-def apply_adapter(lm, path: str | os.PathLike, check_hash: bool = True):
+def apply_adapter(lm, path: str | os.PathLike, check_hash: bool = True, backbone_hash: str | None = None):
     """Put the adapter at ``path`` on the backbone of ``lm`` (an :class:`edge.loading.LoadedModel`).
 
     ``lm`` may be dense (P=1) or ParScale with the adapter's P and prefix length (its ParScale parts
     are replaced). The backbone is shared with ``lm``, not copied. The returned LoadedModel's
     ``notes`` (they go into an export's manifest ``extra``) name the adapter and carry
-    ``backbone_sha256``.
+    ``backbone_sha256``. ``backbone_hash``: :func:`backbone_sha256` of ``lm.model`` when the caller
+    has it (several adapters over one backbone hash it once).
 
     Raises:
         AdapterError: unreadable file; backbone hash mismatch (naming both hashes); layer count,
@@ -172,7 +186,7 @@ def apply_adapter(lm, path: str | os.PathLike, check_hash: bool = True):
     if cfg.parscale_n > 1 and (cfg.parscale_n, cfg.parscale_n_tokens) != (P, n):
         raise AdapterError(f"{path}: adapter has P={P}, {n} prefix tokens but {lm.source} already has "
                            f"P={cfg.parscale_n}, {cfg.parscale_n_tokens}; apply it to the dense backbone")
-    digest = backbone_sha256(src)
+    digest = backbone_hash or backbone_sha256(src)
     if check_hash and digest != meta["backbone_sha256"]:
         raise AdapterError(
             f"{path} was trained on another backbone: adapter backbone_sha256 {meta['backbone_sha256']}, "

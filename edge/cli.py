@@ -72,24 +72,15 @@ def _cache_key(spec: str, parallel: int | Sequence[int] | None, precision: str =
     return f"{base}-p{parallel}-{precision}" if parallel else f"{base}-{precision}"
 
 
-def load_for_export(spec: str, parallel: int | None, threads: int | None, progress: bool = True, seed: int = 0,
-                    adapter: str | None = None):
-    """Load ``spec`` into PyTorch; convert a dense model to ``parallel`` streams when asked, or put a
-    trained adapter (``parscale train``) on its backbone (the adapter decides P)."""
+def load_for_export(spec: str, parallel: int | None, threads: int | None, progress: bool = True, seed: int = 0):
+    """Load ``spec`` into PyTorch; convert a dense model to ``parallel`` streams when asked
+    (trained adapters go through :func:`load_several`)."""
     if parallel is not None and parallel < 1:
         raise CLIError(f"--parallel must be >= 1, got {parallel}")
     _import_export_stack()
     _set_torch_threads(threads)
     from .loading import convert_to_parscale, load_model
 
-    if adapter is not None:
-        from .adapter import apply_adapter, read_adapter
-
-        meta = read_adapter(adapter)[1]  # a bad file fails before the (slow) model load
-        if parallel is not None and parallel != int(meta["parscale_n"]):
-            raise CLIError(f"--parallel {parallel} but the adapter {adapter} has P={meta['parscale_n']}; "
-                           "drop --parallel (the adapter sets P)")
-        return apply_adapter(load_model(spec, progress=progress), adapter)
     lm = load_model(spec, progress=progress)
     P = lm.model.config.parscale_n
     if parallel and parallel != P:
@@ -110,23 +101,25 @@ def load_several(spec: str, parallels: Sequence[int] | None, threads: int | None
     anything is downloaded)."""
     from .loading import convert_to_parscale
 
-    if adapters and spec in _named():  # refuse a named model's foreign adapter before downloading it
-        from .adapter import AdapterError, read_adapter
+    # bad adapter files, and a named model's adapter trained on another named model, are refused
+    # from their headers before the (slow) load or download
+    from .adapter import AdapterError, adapter_metadata
 
-        for f in adapters:
-            source = read_adapter(f)[1]["source"]
-            if source in _named() and source != spec:
-                raise AdapterError(f"{f}: this adapter was trained on {source}, not {spec}; export {source} "
-                                   "with it (nothing was downloaded)")
+    for f in adapters:
+        source = adapter_metadata(f)["source"]
+        if spec in _named() and source in _named() and source != spec:
+            raise AdapterError(f"{f}: this adapter was trained on {source}, not {spec}; export {source} "
+                               "with it (nothing was downloaded)")
     dense = load_for_export(spec, None, threads, progress=progress)
     if dense.model.config.parscale_n != 1:
         raise CLIError(f"several P over one backbone need a dense (P=1) model; {spec} has "
                        f"P={dense.model.config.parscale_n}")
     trained = {}
     if adapters:
-        from .adapter import apply_adapter
+        from .adapter import apply_adapter, backbone_sha256
 
-        for m in (apply_adapter(dense, f) for f in adapters):
+        digest = backbone_sha256(dense.model)  # once for every adapter
+        for m in (apply_adapter(dense, f, backbone_hash=digest) for f in adapters):
             P = m.model.config.parscale_n
             if P in trained:
                 raise CLIError(f"two adapters with P={P}; give one per P")
@@ -177,7 +170,7 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
     parallel, several = _normalize_parallel(parallel, adapters)
     if _is_export_folder(spec):
         man = Manifest.read(spec)
-        offered = sorted(int(k) for k in (man.parallel_options or {str(man.parscale_n): None}))
+        offered = man.offered_parallel()
         missing = [P for P in several or [parallel] if P and P not in offered]
         if missing:
             raise CLIError(f"{spec} offers P in {offered}, not {', '.join(map(str, missing))}; re-export with "
@@ -312,7 +305,7 @@ def cmd_convert(a) -> None:
 
 def cmd_train(a) -> None:
     _import_export_stack()
-    from .train import CHECKPOINT_FILE, TrainConfig, close_distributed, init_distributed, train
+    from .train import TrainConfig, check_run_folder, close_distributed, init_distributed, train
 
     cfg = TrainConfig(parallel=a.parallel, prefix_tokens=a.prefix_tokens, steps=a.steps or 1, seq_len=a.seq_len, batch=a.batch,
                       grad_accum=a.grad_accum, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup,
@@ -322,13 +315,8 @@ def cmd_train(a) -> None:
     cfg.validate()
     if a.tokens is not None and a.tokens < 1:
         raise CLIError(f"--tokens must be >= 1, got {a.tokens}")
-    out = Path(a.output)  # fail before the slow load
-    if a.resume and not (out / CHECKPOINT_FILE).exists():
-        raise CLIError(f"--resume: no {CHECKPOINT_FILE} in {out}; start the run without --resume")
-    if not a.resume and out.is_dir() and any(out.iterdir()) and not a.overwrite:
-        raise CLIError(f"{out} is not empty; pass --resume to continue its run or --overwrite to start again")
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"{out} exists and is not a folder; choose another output path")
+    out = Path(a.output)
+    check_run_folder(out, a.resume, a.overwrite)  # fail before the slow load
     train_files, eval_files, eval_text, eval_desc = _training_files(a.data, a.eval)
     dist = init_distributed(a.device)
     try:
@@ -573,7 +561,7 @@ def cmd_profile(a) -> None:
     for model in a.models:
         if _is_export_folder(model):
             man = Manifest.read(model)
-            offered = sorted(int(k) for k in (man.parallel_options or {str(man.parscale_n): None}))
+            offered = man.offered_parallel()
             for P in [P for P in parallels if P in offered] or [man.parscale_n]:
                 jobs.append((model, "parscale", P, Path(model), {"parallel": P}))
             continue

@@ -30,6 +30,8 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2  # 2: fused graphs (GroupQueryAttention, ParScale parts as inputs)
 #: export precision -> dtype of the KV cache inputs/outputs (ONNX / numpy name); logits are always float32.
 CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: model.onnx metadata key: JSON {packed MatMul node name: output widths of its parts} (fused graphs)
+PACKED_WIDTHS_KEY = "packed_widths"
 #: model.onnx metadata key, "1" when every weight MatMul of the graph reads 2-D token rows [N*S, in]
 #: (fused graphs; the quantizer then writes each GGUF Q4_1 correction as one Gemm)
 TOKEN_ROWS_KEY = "token_rows_2d"
@@ -81,6 +83,15 @@ class Manifest:
     rope_theta: float | None = None
     cache_dtype: str = "float32"  # past_key_values.* / present.* element type: float32, float16 or bfloat16
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def offered_parallel(self) -> list[int]:
+        """The P this folder can run, ascending: the keys of ``parallel_options`` (fused graphs),
+        else the one P it was exported with."""
+        return sorted(int(k) for k in self.parallel_options) if self.parallel_options else [self.parscale_n]
+
+    def part_file(self, P: int) -> str | None:
+        """P's ParScale part file, relative to the folder (fused graphs, P > 1), else None."""
+        return (self.parallel_options or {}).get(str(P))
 
     def empty_cache(self, batch: int) -> list:
         """An empty KV cache for ``batch`` user rows as numpy arrays, for a plain ``session.run``:

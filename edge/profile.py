@@ -202,14 +202,9 @@ class GraphStepper:
     @staticmethod
     def cache_bytes(cache: list) -> int:
         """Bytes held by a cache from :meth:`step` (numpy arrays or OrtValues)."""
-        total = 0
-        for c in cache:
-            if isinstance(c, np.ndarray):
-                total += c.nbytes
-            else:
-                item = 2 if c.data_type() in ("tensor(float16)", "tensor(bfloat16)") else 4
-                total += int(np.prod(c.shape())) * item
-        return total
+        from .runtime import cache_nbytes
+
+        return cache_nbytes(cache)
 
 
 def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_len: int, threads: int | None,
@@ -231,6 +226,29 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
     if man.graph == "reference" and (device != "cpu" or io_binding or man.cache_dtype != "float32"):
         return measure_folder_bound(folder, batches, prompt_lens, gen_len, threads, repeat, warmup, bandwidth_gbps,
                                     device, io_binding)
+    rt, load, on_gpu = _load_for_profile(folder, device, threads, parallel)
+    load["io_binding"] = True
+    rng = np.random.default_rng(0)
+
+    def make_one(B: int, S: int):
+        prompts = rng.integers(0, rt.manifest.vocab_size, (B, S)).tolist()
+
+        def one() -> tuple[float, list[float], int]:
+            r = time_request(rt, prompts, gen_len)
+            return r["prefill_ms"], r["decode_ms"], r["kv_bytes"]
+        return one
+
+    runs = _time_runs(make_one, batches, prompt_lens, gen_len, repeat, warmup, load, on_gpu,
+                      decode_read_bytes(folder), bandwidth_gbps)
+    return {"load": load, "runs": runs}
+
+
+def _load_for_profile(folder: str, device: str, threads: int | None, parallel: int | None = None):
+    """(runtime, load fields, on_gpu): ``folder`` loaded into an :class:`edge.runtime.OnnxCausalLM`
+    with the load measured: time (ms), RSS before / peak while loading and, relative to RSS after
+    importing onnxruntime, the session's own increase and its ratio to the file size (file MiB:
+    model.onnx and its data plus this P's ParScale part file), provider, cache dtype, GPU memory
+    before / after loading. Raises RuntimeError when ``device`` is cuda but the session runs on the CPU."""
     rss_before = _proc_status_mib("VmRSS")
     import onnxruntime  # noqa: F401 - imported before the session so that the load increase is the session's own
 
@@ -247,29 +265,17 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
     if device == "cuda" and provider != CUDA:
         raise RuntimeError(f"--device cuda was asked for, but the session runs on {provider}")
     on_gpu = provider == CUDA
-    part = (rt.manifest.parallel_options or {}).get(str(rt.P))  # this P's ParScale part file, if any
+    part = rt.manifest.part_file(rt.P)
     file_mib = (folder_bytes(folder) + (Path(folder, part).stat().st_size if part else 0)) / 2**20
     load = {"load_ms": load_ms, "rss_before_mib": rss_before, "peak_rss_load_mib": peak_load,
             "file_mib": file_mib, "P": rt.P, "precision": rt.manifest.precision,
-            "cache_dtype": rt.manifest.cache_dtype, "provider": provider, "io_binding": True,
+            "cache_dtype": rt.manifest.cache_dtype, "provider": provider,
             "vram_before_mib": vram_before, "vram_loaded_mib": gpu_memory_used_mib() if on_gpu else None}
     if peak_load is not None and rss_imported is not None:
         # Memory at load (issue 8, row 10): the session's own peak, as a multiple of the weight file.
         load["load_rss_increase_mib"] = peak_load - rss_imported
         load["load_rss_ratio"] = load["load_rss_increase_mib"] / file_mib if file_mib else None
-    rng = np.random.default_rng(0)
-
-    def make_one(B: int, S: int):
-        prompts = rng.integers(0, rt.manifest.vocab_size, (B, S)).tolist()
-
-        def one() -> tuple[float, list[float], int]:
-            r = time_request(rt, prompts, gen_len)
-            return r["prefill_ms"], r["decode_ms"], r["kv_bytes"]
-        return one
-
-    runs = _time_runs(make_one, batches, prompt_lens, gen_len, repeat, warmup, load, on_gpu,
-                      decode_read_bytes(folder), bandwidth_gbps)
-    return {"load": load, "runs": runs}
+    return rt, load, on_gpu
 
 
 def _time_runs(make_one, batches: list[int], prompt_lens: list[int], gen_len: int, repeat: int, warmup: int,
@@ -318,25 +324,11 @@ def measure_folder_bound(folder: str, batches: list[int], prompt_lens: list[int]
     use before loading / after loading / at its peak (``vram_*_mib``, whole GPU, from
     :func:`gpu_memory_used_mib`), KV cache bytes at the end and the share of the memory-bandwidth
     limit reached by decode. Raises RuntimeError when ``device`` is cuda but the session runs on the CPU."""
-    from .providers import CUDA
-    from .runtime import OnnxCausalLM
-
-    rss_before = _proc_status_mib("VmRSS")
-    vram_before = gpu_memory_used_mib() if device != "cpu" else None
-    t0 = time.perf_counter()
-    rt = OnnxCausalLM(folder, device=device, threads=threads)
-    load_ms = (time.perf_counter() - t0) * 1e3
-    provider = rt.session.get_providers()[0]
-    if device == "cuda" and provider != CUDA:
-        raise RuntimeError(f"--device cuda was asked for, but the session runs on {provider}")
-    on_gpu = provider == CUDA
+    rt, load, on_gpu = _load_for_profile(folder, device, threads)
     if io_binding is None:
         io_binding = on_gpu or rt.manifest.cache_dtype == "bfloat16"
     stepper = GraphStepper(rt, io_binding, "cuda" if on_gpu else "cpu")
-    load = {"load_ms": load_ms, "rss_before_mib": rss_before, "peak_rss_load_mib": _proc_status_mib("VmHWM"),
-            "file_mib": folder_bytes(folder) / 2**20, "P": rt.P, "precision": rt.manifest.precision,
-            "cache_dtype": rt.manifest.cache_dtype, "provider": provider, "io_binding": io_binding,
-            "vram_before_mib": vram_before, "vram_loaded_mib": gpu_memory_used_mib() if on_gpu else None}
+    load["io_binding"] = io_binding
     rng = np.random.default_rng(0)
 
     def make_one(B: int, S: int):

@@ -64,6 +64,24 @@ def cache_host_array(x: np.ndarray, cache_dtype: str) -> np.ndarray:
     return bfloat16_bits(x) if host is np.uint16 else np.ascontiguousarray(x, dtype=host)
 
 
+def cache_nbytes(values: Sequence) -> int:
+    """Bytes held by KV-cache tensors: numpy arrays, or ONNX Runtime OrtValues (host or device;
+    float32 4 bytes per element, float16/bfloat16 2)."""
+    total = 0
+    for v in values:
+        if isinstance(v, np.ndarray):
+            total += v.nbytes
+        else:
+            total += int(np.prod(v.shape())) * (2 if v.data_type() in ("tensor(float16)", "tensor(bfloat16)") else 4)
+    return total
+
+
+def request_capacity(prompt_tokens: int, max_new_tokens: int, context: int) -> int:
+    """Cache slots per row (prefix not counted) that :meth:`OnnxCausalLM.prefill` allocates for a
+    prompt of ``prompt_tokens`` and up to ``max_new_tokens`` new tokens, capped by the context."""
+    return min(context, prompt_tokens + max(1, max_new_tokens))
+
+
 class RuntimeInputError(ValueError):
     """Inputs that the graph cannot run on (wrong shapes, batch sizes, lengths)."""
 
@@ -234,13 +252,7 @@ class DecodeState:
     @property
     def kv_bytes(self) -> int:
         """Bytes held by the cache (preallocated capacity for fused graphs)."""
-        total = 0
-        for b in self.buffers or self.past or []:
-            if isinstance(b, np.ndarray):
-                total += b.nbytes
-            else:  # an OrtValue
-                total += int(np.prod(b.shape())) * (4 if b.data_type() == "tensor(float)" else 2)
-        return total
+        return cache_nbytes(self.buffers or self.past or [])
 
     def close(self) -> None:
         """Free the cache now (idempotent)."""
@@ -316,10 +328,7 @@ class OnnxCausalLM:
                           "float16/bfloat16 only, so attention falls back to the CPU with the cache copied every step; "
                           "export --precision fp16 (or bf16) for CUDA", stacklevel=2)
         self._parts: dict[int, dict] = {}
-        if self.fused:
-            self.parallel_options = sorted(int(k) for k in (m.parallel_options or {"1": None}))
-        else:
-            self.parallel_options = [m.parscale_n]
+        self.parallel_options = m.offered_parallel()
         self.P = m.parscale_n if parallel is None else int(parallel)
         self._check_parallel(self.P)
 
@@ -337,7 +346,7 @@ class OnnxCausalLM:
         if P in self._parts:
             return self._parts[P]
         H, L = self.manifest.hidden_size, self.L
-        rel = (self.manifest.parallel_options or {}).get(str(P))
+        rel = self.manifest.part_file(P)
         if rel is None:  # P = 1: the plain backbone; softmax over one stream is exactly 1
             # zeros of the narrowest aggregator the graph takes (width 1; exports before the width was
             # a dynamic dimension declare H)
@@ -372,6 +381,13 @@ class OnnxCausalLM:
                          for name, a in zip(AGG_INPUTS, agg)}}
         self._parts[P] = parts
         return parts
+
+    def prefix_slots(self, P: int | None = None) -> int:
+        """KV-cache slots per stream that the ParScale prefix of P (default :attr:`P`) takes in a
+        fused graph's cache; 0 for P = 1 and for reference graphs (their prefix is inside the graph).
+        Raises RuntimeInputError for a P this folder has no parts for."""
+        P = self._check_parallel(self.P if P is None else int(P))
+        return self._parallel_parts(P)["n_prefix"] if self.fused else 0
 
     def set_parallel(self, P: int) -> None:
         """Make P the default number of streams of later requests (fused graphs: any of
@@ -549,7 +565,7 @@ class OnnxCausalLM:
         if longest + 1 > ctx:
             raise RuntimeInputError(f"the prompt has {longest} tokens; the model's context is {ctx} tokens")
         B = len(prompts)
-        st = self.new_state(B, min(ctx, longest + max(1, max_new_tokens)), parallel)
+        st = self.new_state(B, request_capacity(longest, max_new_tokens, ctx), parallel)
         if self.fused:
             ids = np.zeros((B, longest), dtype=np.int64)
             for b, p in enumerate(prompts):

@@ -288,6 +288,18 @@ def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
             "optimizer": {"state": state, "param_groups": meta["param_groups"]}}
 
 
+def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Raises TrainError unless ``out`` can take this run: a folder (or nothing yet), with a
+    checkpoint for ``resume``, empty unless ``resume`` or ``overwrite``. Reads only; the CLI calls
+    it before the (slow) model load, :func:`train` again."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out} exists and is not a folder; choose another output path")
+    if resume and not (out / CHECKPOINT_FILE).exists():
+        raise TrainError(f"--resume: no {CHECKPOINT_FILE} in {out}; start the run without --resume")
+    if not resume and not overwrite and out.exists() and any(out.iterdir()):
+        raise TrainError(f"{out} is not empty; pass --resume to continue its run or --overwrite to start again")
+
+
 def train(lm: LoadedModel, cfg: TrainConfig, train_tokens: np.ndarray, out_dir: str | os.PathLike,
           eval_tokens: np.ndarray | None = None, resume: bool = False, overwrite: bool = False,
           dist: Dist | None = None, progress: bool = True, stop_after: int | None = None,
@@ -320,13 +332,8 @@ def train(lm: LoadedModel, cfg: TrainConfig, train_tokens: np.ndarray, out_dir: 
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT_FILE
     if d.main:
-        if out.exists() and not out.is_dir():
-            raise TrainError(f"{out} exists and is not a folder; choose another output path")
-        if resume and not ckpt_path.exists():
-            raise TrainError(f"--resume: no {CHECKPOINT_FILE} in {out}; start the run without --resume")
-        if not resume and out.exists() and any(out.iterdir()):
-            if not overwrite:
-                raise TrainError(f"{out} is not empty; pass --resume to continue its run or --overwrite to start again")
+        check_run_folder(out, resume, overwrite)
+        if not resume and out.exists() and any(out.iterdir()):  # --overwrite
             for name in (CHECKPOINT_FILE, ADAPTER_FILE, HISTORY_FILE, CURVES_FILE):  # our outputs only
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "model", ignore_errors=True)

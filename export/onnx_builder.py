@@ -50,7 +50,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edge.adapter import backbone_sha256, is_parscale_tensor, save_adapter
 from edge.atomic import atomic_folder
 from edge.loading import LoadedModel
-from edge.manifest import CACHE_DTYPES, TOKEN_ROWS_KEY, past_names, present_names
+from edge.manifest import CACHE_DTYPES, PACKED_WIDTHS_KEY, TOKEN_ROWS_KEY, past_names, present_names
 from edge.runtime import AGG_INPUTS, MAX_PREFIX_SLOTS
 
 OPSET = 17
@@ -193,13 +193,14 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
     one = g.const_i64([1], "one_i64")
     minus1 = g.const_i64([-1], "minus_one_i64")
 
-    def replicate(x: str, tail: list[str], name: str) -> str:
-        """[B, *tail] -> [B*P, *tail], batch-major (ParScale: replicate)."""
+    def replicate(x: str, tail: list[str], name: str, rows: str | None = None) -> str:
+        """[B, *tail] -> [B*P, *tail], batch-major (ParScale: replicate); ``rows``: another shape to
+        reshape the [B, P, *tail] copies to (default [B*P, *tail])."""
         u = g.one("Unsqueeze", [x, one], name=f"/replicate/{name}/Unsqueeze")
         e = g.one("Expand", [u, g.one("Concat", [B, P, *tail], name=f"/replicate/{name}/shape", axis=0)],
                   name=f"/replicate/{name}/Expand")
-        return g.one("Reshape", [e, g.one("Concat", [N, *tail], name=f"/replicate/{name}/rows", axis=0)],
-                     name=f"/replicate/{name}/Reshape")
+        rows = rows or g.one("Concat", [N, *tail], name=f"/replicate/{name}/rows", axis=0)
+        return g.one("Reshape", [e, rows], name=f"/replicate/{name}/Reshape")
 
     # ---- embedding (one lookup for all streams) and replicate
     emb_w = g.init_typed("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"]), ht)
@@ -208,10 +209,7 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
     Hc = g.const_i64([H], "hidden_i64")
     # the residual stream and every MatMul run on token rows [N*S, H] (2-D): ONNX Runtime then fuses
     # the quantizer's Q4_1 corrections (MatMul + Add) into one Gemm each; attention sees [N, S, .]
-    u = g.one("Unsqueeze", [x, one], name="/replicate/hidden/Unsqueeze")
-    x = g.one("Expand", [u, g.one("Concat", [B, P, S, Hc], name="/replicate/hidden/shape", axis=0)],
-              name="/replicate/hidden/Expand")  # [B, P, S, H]
-    x = g.one("Reshape", [x, g.const_i64([-1, H], "token_rows_shape")], name="/replicate/hidden/Reshape")  # [N*S, H]
+    x = replicate(x, [S, Hc], "hidden", rows=g.const_i64([-1, H], "token_rows_shape"))  # [N*S, H]
     nsd = g.one("Concat", [N, S, minus1], name="/sizes/N_S_minus1", axis=0)  # token rows -> [N, S, -1]
     pos = replicate("position_ids", [S], "position_ids")  # [N, S]
     seqlens = g.one("Cast", [replicate(g.one("Cast", ["seqlens_k"], name="/replicate/seqlens_k/to64", to=TensorProto.INT64),
@@ -347,7 +345,7 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="parscale-edge")
     proto.ir_version = 8
-    proto.metadata_props.add(key="packed_widths", value=json.dumps(packed_widths))
+    proto.metadata_props.add(key=PACKED_WIDTHS_KEY, value=json.dumps(packed_widths))
     # every weight MatMul reads 2-D token rows: the quantizer may write its corrections as Gemm
     proto.metadata_props.add(key=TOKEN_ROWS_KEY, value="1")
     return proto
@@ -401,7 +399,10 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
         save_checked(proto, tmp, meta, check)
         del proto
         options: dict[int, str | None] = {}
-        digest = backbone_sha256(lm.model) if len(models) > 1 or P > 1 else None  # shared by every P
+        digest = None
+        if len(models) > 1 or P > 1:  # shared by every P; apply_adapter already hashed adapted models
+            digest = next((m.notes["backbone_sha256"] for m in models.values() if "backbone_sha256" in m.notes),
+                          None) or backbone_sha256(lm.model)
         for q, m in sorted(models.items()):
             # each part file is an adapter (edge.adapter format, backbone hash included)
             options[q] = None if q == 1 else f"{PARSCALE_DIR}/p{q}.safetensors"

@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edge.atomic import atomic_folder, folder_size_mib
-from edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE, TOKEN_ROWS_KEY, Manifest
+from edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE, PACKED_WIDTHS_KEY, TOKEN_ROWS_KEY, Manifest
 
 PRECISIONS = ("int4", "int8", "int8-dynamic")
 ALGORITHMS = ("rtn", "hqq", "gptq")
@@ -145,13 +145,17 @@ def unpack_matmul(model: onnx.ModelProto, name: str, weights: tuple[str, ...]) -
     return mapping
 
 
+def _metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The model's metadata_props as a dict (keys written by the exporters)."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
 def _packed_widths(model: onnx.ModelProto, name: str, total: int, parts: int) -> list[int]:
     """Output widths of a packed node's parts, from the graph's metadata ``packed_widths`` (written by
     export.onnx_builder as JSON {node name: [widths]})."""
     import json
 
-    meta = {p.key: p.value for p in model.metadata_props}
-    widths = json.loads(meta.get("packed_widths", "{}")).get(name)
+    widths = json.loads(_metadata(model).get(PACKED_WIDTHS_KEY, "{}")).get(name)
     if not widths or sum(widths) != total or len(widths) != parts:
         raise QuantizationError(f"{name}: cannot split the packed weight (no packed_widths metadata); re-export")
     return widths
@@ -201,7 +205,7 @@ def apply_gguf_blocks(model: onnx.ModelProto, blocks: dict, node_to_weight: dict
     blocksums: dict[str, str] = {}
     indicators: set[str] = set()
     done = []
-    rows_2d = {p.key: p.value for p in model.metadata_props}.get(TOKEN_ROWS_KEY) == "1"
+    rows_2d = _metadata(model).get(TOKEN_ROWS_KEY) == "1"
     for node in nodes:
         w = node_to_weight.get(node.name)
         if node.op_type != "MatMul" or w not in blocks:
