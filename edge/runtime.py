@@ -382,6 +382,14 @@ class OnnxCausalLM:
         self._parts[P] = parts
         return parts
 
+    def _check_token_ids(self, input_ids: np.ndarray) -> None:
+        """Raises RuntimeInputError for ids outside [0, vocab): the embedding Gather would read
+        another row for a negative id and fail inside ONNX Runtime for a large one."""
+        V = self.manifest.vocab_size
+        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= V):
+            raise RuntimeInputError(f"token ids must be in [0, {V}) for this model; got {int(input_ids.min())}.."
+                                    f"{int(input_ids.max())}")
+
     def prefix_slots(self, P: int | None = None) -> int:
         """KV-cache slots per stream that the ParScale prefix of P (default :attr:`P`) takes in a
         fused graph's cache; 0 for P = 1 and for reference graphs (their prefix is inside the graph).
@@ -433,10 +441,7 @@ class OnnxCausalLM:
         if bad is not None:
             raise RuntimeInputError(f"{self._past_names[bad]} has shape {past[bad].shape}, expected "
                                     f"(P*B, kv_heads, past, head_dim) = {want}")
-        V = self.manifest.vocab_size
-        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= V):
-            raise RuntimeInputError(f"token ids must be in [0, {V}) for this model; got {int(input_ids.min())}.."
-                                    f"{int(input_ids.max())}")
+        self._check_token_ids(input_ids)
         if position_ids.shape != (B, S):
             raise RuntimeInputError(f"position_ids has shape {position_ids.shape}, expected {(B, S)}")
         if attention_mask.shape != (B, plen + S):
@@ -493,13 +498,15 @@ class OnnxCausalLM:
         Returns:
             logits float32 [B, K, vocab] (a fresh array).
         Raises:
-            RuntimeInputError: batch differs from the state's, or the chunk overflows its capacity.
+            RuntimeInputError: batch differs from the state's, the chunk overflows its capacity, or a token
+                id is outside the vocabulary.
         """
         if not self.fused:
             raise RuntimeInputError("step() drives fused graphs; use forward() on a reference graph")
         if state.closed or state.binding is None:
             raise RuntimeInputError("this decode state was closed; start a new one with new_state()")
         B, S = input_ids.shape
+        self._check_token_ids(input_ids)
         if B != state.batch:
             raise RuntimeInputError(f"input_ids has batch {B} but the KV cache was made for batch {state.batch} "
                                     f"({state.P * state.batch} stream rows with P={state.P}); use a state of the same batch")

@@ -76,6 +76,17 @@ def test_state_errors_name_both_sizes(tmp_path):
         rt.step(st, np.ones((2, 1), np.int64))
     with pytest.raises(RuntimeInputError, match="offers P in \\[2\\]"):
         rt.new_state(1, 4, parallel=4)
+    # token ids outside the vocabulary: a clear error before the graph runs (a negative id would
+    # otherwise read another embedding row, a large one fail inside ONNX Runtime)
+    V = rt.manifest.vocab_size
+    with pytest.raises(RuntimeInputError, match=rf"token ids must be in \[0, {V}\) for this model; got -1..7"):
+        rt.generate([[-1, 7]])
+    with pytest.raises(RuntimeInputError, match=rf"got 5..{V}"):
+        rt.score(np.array([[5, V]]))
+    st, _ = rt.prefill([[5, 6]], 4)
+    with pytest.raises(RuntimeInputError, match=rf"got {V}..{V}"):
+        rt.decode(st, np.array([V]))
+    assert st.lengths.tolist() == [2 + rt.prefix_slots()]  # the refused step changed nothing
 
 
 def test_decode_steps_allocate_nothing_that_grows(tmp_path):
