@@ -12,6 +12,18 @@ from golden import GOLDEN, MODELS, fused_forward, run_cases
 from tiny import tiny_model
 
 
+def test_runs_on_the_onnxruntime_ci_asked_for():
+    """.ci/ort_compat.sh runs this file under onnxruntime 1.31.1 (PARSCALE_EXPECT_ORT): make sure it did."""
+    import os
+
+    import onnxruntime
+
+    want = os.environ.get("PARSCALE_EXPECT_ORT")
+    if want is None:
+        pytest.skip("PARSCALE_EXPECT_ORT not set (only .ci/ort_compat.sh pins the onnxruntime version)")
+    assert onnxruntime.__version__ == want
+
+
 @pytest.fixture(scope="module")
 def golden_fused(tmp_path_factory):
     root = tmp_path_factory.mktemp("fused")
