@@ -582,10 +582,10 @@ class OnnxCausalLM:
         if logits_index is None:
             logits_index = np.maximum(q - 1, 0)[:, None]
         fresh = bool((state.lengths == state.n_prefix).all())
-        if S > 1 and not fresh and state.P * B > 1:
-            return self._step_tokenwise(state, input_ids, q, logits_index)
-        if S > 1 and not fresh:  # one cache row: GroupQueryAttention takes the chunk after its past
-            S = int(q[0])
+        if S > 1 and not fresh:
+            if state.P * B > 1 or not 0 <= int(logits_index.max()) < int(q[0]):
+                return self._step_tokenwise(state, input_ids, q, logits_index)
+            S = int(q[0])  # one cache row: GroupQueryAttention takes its real tokens after the past
             input_ids = input_ids[:, :S]
         io = state.binding
         K = logits_index.shape[1]
