@@ -40,8 +40,12 @@ PACKED_WIDTHS_KEY = "packed_widths"
 TOKEN_ROWS_KEY = "token_rows_2d"
 
 
-#: Fused graphs: inputs carrying the ParScale aggregator (the MLP of the paper's Sec. 2 "aggregate").
-AGG_INPUTS = ("parscale.aggregate.w1", "parscale.aggregate.b1", "parscale.aggregate.w2", "parscale.aggregate.b2")
+#: Fused graphs: inputs carrying the ParScale aggregator (the MLP of the paper's Sec. 2 "aggregate"),
+#: float32: w1 [P*H, A], b1 [A], w2 [A, P], b2 [P], and the smoothing epsilon [] of that P's parts
+#: (weights = (1 - eps) * softmax + eps / P; adapters and conversions use 0.1, the authors' class
+#: default is 0.01, so it is fed per P, never baked into the shared backbone).
+AGG_INPUTS = ("parscale.aggregate.w1", "parscale.aggregate.b1", "parscale.aggregate.w2", "parscale.aggregate.b2",
+              "parscale.aggregate.smooth")
 #: Fused graphs: prefix slots a request may hold on top of the context (authors: 48 prefix tokens).
 MAX_PREFIX_SLOTS = 128
 #: Fused graphs: GroupQueryAttention's RoPE tables, graph inputs [slots, head_dim/2] of the cache dtype,

@@ -375,21 +375,24 @@ class OnnxCausalLM:
             w1 = next(i for i in self.session.get_inputs() if i.name == AGG_INPUTS[0])
             A = w1.shape[1] if isinstance(w1.shape[1], int) else 1
             agg = [np.zeros((H, A), np.float32), np.zeros(A, np.float32), np.zeros((A, 1), np.float32),
-                   np.zeros(1, np.float32)]
+                   np.zeros(1, np.float32), np.zeros((), np.float32)]
             prefix: list[tuple[np.ndarray, np.ndarray]] = []
             n = 0
         else:
-            from safetensors import SafetensorError
+            from safetensors import SafetensorError, safe_open
             from safetensors.numpy import load_file
 
             f = self.folder / rel
             try:
                 t = load_file(str(f))
+                with safe_open(str(f), "numpy") as fh:
+                    smooth = float((fh.metadata() or {})["parscale_attn_smooth"])
                 agg = [np.ascontiguousarray(t["model.aggregate_layer.0.weight"].T), t["model.aggregate_layer.0.bias"],
-                       np.ascontiguousarray(t["model.aggregate_layer.2.weight"].T), t["model.aggregate_layer.2.bias"]]
+                       np.ascontiguousarray(t["model.aggregate_layer.2.weight"].T), t["model.aggregate_layer.2.bias"],
+                       np.array(smooth, np.float32)]
                 prefix = [(t[f"model.layers.{i}.self_attn.prefix_k"], t[f"model.layers.{i}.self_attn.prefix_v"])
                           for i in range(L)]
-            except (OSError, SafetensorError, KeyError) as e:
+            except (OSError, SafetensorError, KeyError, ValueError) as e:
                 raise ManifestError(f"{f}: ParScale parts for P={P} are missing or unreadable ({e}); re-export "
                                     "the model or re-add the adapter") from None
             if agg[3].shape != (P,) or prefix[0][0].shape[0] != P:

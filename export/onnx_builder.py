@@ -38,7 +38,7 @@ Graph inputs (B user rows, S new tokens, K gathered positions, N = P*B, C = cach
 ``input_ids`` int64 [B, S]; ``seqlens_k`` int32 [B] (tokens in the cache after this step, prefix
 included, minus 1); ``total_sequence_length`` int32 [] (M + S for a first prompt, else C);
 ``logits_index`` int64 [B, K]; ``parscale.aggregate.w1`` float32 [P*H, A], ``.b1`` [A], ``.w2``
-[A, P], ``.b2`` [P] (A = H; the runtime feeds A = 1 for P = 1); ``past_key_values.{i}.key/.value``
+[A, P], ``.b2`` [P], ``.smooth`` [] (A = H; the runtime feeds A = 1 for P = 1); ``past_key_values.{i}.key/.value``
 [N, kv_heads, C, head_dim] of the cache dtype (float32, float16 or bfloat16 for precision
 fp32/fp16/bf16; bound to the same buffer as the matching ``present``); ``parscale.prefix_rows.{i}``
 [N, M, (heads + 2*kv_heads)*head_dim] of the cache dtype; ``rope.cos_cache``/``rope.sin_cache``
@@ -172,7 +172,8 @@ def build_fused_graph(lm: LoadedModel, precision: str = "fp32") -> onnx.ModelPro
               helper.make_tensor_value_info(AGG_INPUTS[0], f32, ["parallel_hidden", "aggregator_width"]),
               helper.make_tensor_value_info(AGG_INPUTS[1], f32, ["aggregator_width"]),
               helper.make_tensor_value_info(AGG_INPUTS[2], f32, ["aggregator_width", "parallel"]),
-              helper.make_tensor_value_info(AGG_INPUTS[3], f32, ["parallel"])]
+              helper.make_tensor_value_info(AGG_INPUTS[3], f32, ["parallel"]),
+              helper.make_tensor_value_info(AGG_INPUTS[4], f32, [])]
     cache_shape = ["stream_batch", kv, "capacity", hd]
     inputs += [helper.make_tensor_value_info(n, ht, cache_shape) for n in past_names(L)]
     qkv_width = (nh + 2 * kv) * hd
@@ -319,10 +320,11 @@ def build_fused_graph(lm: LoadedModel, precision: str = "fp32") -> onnx.ModelPro
     z = g.one("Add", [g.one("MatMul", [z, AGG_INPUTS[2]], name="/model/aggregate_layer.2/MatMul"), AGG_INPUTS[3]],
               name="/model/aggregate_layer.2/Add")
     w = g.one("Softmax", [z], name="/model/aggregate_layer/Softmax", axis=-1)  # [B, K, P]
-    smooth = float(cfg.parscale_attn_smooth)
+    # smoothing (an input: each P's parts carry their own epsilon, the backbone is shared)
     Pf = g.one("Cast", [P], name="/aggregate/Pf", to=TensorProto.FLOAT)
-    w = g.one("Add", [g.one("Mul", [w, g.init("aggregate.keep", np.array(1.0 - smooth, np.float32))], name="/aggregate/keep"),
-                      g.one("Div", [g.init("aggregate.eps", np.array(smooth, np.float32)), Pf], name="/aggregate/eps_over_P")],
+    keep = g.one("Sub", [g.init("aggregate.one", np.array(1.0, np.float32)), AGG_INPUTS[4]], name="/aggregate/keep_weight")
+    w = g.one("Add", [g.one("Mul", [w, keep], name="/aggregate/keep"),
+                      g.one("Div", [AGG_INPUTS[4], Pf], name="/aggregate/eps_over_P")],
               name="/aggregate/smoothed")
     wt = g.one("Unsqueeze", [g.one("Transpose", [w], name="/aggregate/w_t", perm=[0, 2, 1]), minus1],
                name="/aggregate/w_u")  # [B, P, K, 1]

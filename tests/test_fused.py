@@ -247,3 +247,23 @@ def test_a_later_chunk_equals_one_prefill_for_a_single_row(tmp_path, P):
     st = rt.new_state(1, 12)
     parts = [rt.step(st, ids[:, a:b], None, np.arange(b - a)[None]) for a, b in ((0, 4), (4, 11), (11, 12))]
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, atol=1e-4)
+
+
+def test_each_p_runs_with_its_own_smoothing_over_a_shared_backbone(tmp_path):
+    """The aggregator's smoothing epsilon comes with each P's parts: a dense backbone whose config
+    keeps the authors' class default 0.01 must not impose it on a P=2 adapter trained with 0.1."""
+    import torch
+
+    from edge.loading import convert_to_parscale
+
+    dense = tiny_model("llama", P=1, tie=True, seed=9)
+    dense.model.config.parscale_attn_smooth = 0.01
+    p2 = convert_to_parscale(dense, 2, n_tokens=3)
+    assert p2.model.config.parscale_attn_smooth == 0.1
+    with torch.no_grad():  # a trained-looking, non-uniform aggregator
+        for prm in p2.model.model.aggregate_layer.parameters():
+            prm.copy_(torch.randn_like(prm))
+    shared = OnnxCausalLM(export_model(dense, tmp_path / "shared", graph="fused", also=[p2]), device="cpu", threads=1)
+    alone = OnnxCausalLM(export_model(p2, tmp_path / "alone", graph="reference"), device="cpu", threads=1)
+    ids = np.random.default_rng(2).integers(4, 97, (1, 9))
+    np.testing.assert_allclose(shared.score(ids, parallel=2), alone.score(ids), atol=1e-4)
