@@ -7,13 +7,26 @@ An export folder holds::
     manifest.json         :class:`Manifest` (P, shapes, eos ids, precision, source and its hash)
     tokenizer.json, tokenizer_config.json (chat template), generation_config.json
 
-Graph inputs: ``input_ids`` int64 [B, S]; ``attention_mask`` int64 [B, past+S] (1 = real token);
+Two graphs (``Manifest.graph``), both writing the cache tensors in the dtype ``Manifest.cache_dtype``
+names (float32 for fp32 and quantized exports, float16 for fp16, bfloat16 for bf16) and ``logits``
+in float32 for every precision (B user rows, S new tokens, P streams):
+
+``reference`` (export.onnx_export: the TorchScript trace; prefix and aggregator inside the graph).
+Inputs: ``input_ids`` int64 [B, S]; ``attention_mask`` int64 [B, past+S] (1 = real token);
 ``position_ids`` int64 [B, S]; ``past_key_values.{i}.key`` / ``.value`` [P*B, kv_heads, past, head_dim].
-Graph outputs: ``logits`` float32 [B, S, vocab]; ``present.{i}.key`` / ``.value`` [P*B, kv_heads, past+S, head_dim].
-The cache tensors (inputs and outputs) have the dtype ``Manifest.cache_dtype`` names: float32 for
-fp32 and quantized exports, float16 for ``precision`` fp16, bfloat16 for bf16; ``logits`` is
-float32 for every precision.
-Rows of the cache are stream-major (row p*B + b); the ParScale prefix lives inside the graph.
+Outputs: ``logits`` [B, S, vocab]; ``present.{i}.key`` / ``.value`` [P*B, kv_heads, past+S, head_dim].
+Cache rows are stream-major (row p*B + b).
+
+``fused`` (export.onnx_builder: GroupQueryAttention over one preallocated cache bound as both past
+and present; format 3). Inputs: ``input_ids`` int64 [B, S] (right-padded); ``seqlens_k`` int32 [B]
+(cache tokens after the step, prefix included, minus 1); ``total_sequence_length`` int32 [] (n_prefix
++ S on a first prompt, else the cache's slots C); ``logits_index`` int64 [B, K]; :data:`AGG_INPUTS`;
+``past_key_values.{i}.key`` / ``.value`` [P*B, kv_heads, C, head_dim]; :func:`prefix_row_names`;
+:data:`ROPE_INPUTS`. Outputs: ``logits`` [B, K, vocab]; ``present.{i}.*`` (the past's buffer).
+Cache rows are batch-major (row b*P + p); the first n_prefix slots of stream p's rows hold its
+ParScale prefix (at most :data:`MAX_PREFIX_SLOTS`); the parts of each P > 1 live in the part file
+``parallel_options[P]`` (an edge.adapter file: prefixes, aggregator, smoothing). docs/parscale.md
+has the semantics.
 """
 from __future__ import annotations
 
