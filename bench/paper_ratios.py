@@ -1,6 +1,6 @@
 """The paper's inference-cost ratios from a profile: ParScale against parameter scaling.
 
-The paper (Chen et al. 2025, Sec. 4 and Fig. 4; PARSCALE.md "The headline inference claim")
+The paper (Chen et al. 2025, Sec. 4 and Fig. 4; docs/parscale.md "The headline inference claim")
 compares, for the same predicted loss, the *increase* over the P=1 model of
 
 * P streams (ParScale), and

@@ -1,7 +1,7 @@
 """Read GGUF checkpoints (llama.cpp's format) with the ``gguf`` package: config, weights, tokenizer.
 
 No torch and no transformers: transformers' GGUF path needs accelerate, spends 8-11 s converting
-the tokenizer and produces a model that ``save_pretrained`` refuses (FINDINGS.md). Here a GGUF
+the tokenizer and produces a model that ``save_pretrained`` refuses (docs/parscale.md, "GGUF without transformers"). Here a GGUF
 becomes the three things the rest of parscale-edge uses:
 
 * :func:`read_gguf_config` -> :class:`edge.config.ParScaleConfig` (dense, ``parscale_n = 1``);

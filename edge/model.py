@@ -2,7 +2,7 @@
 
 Reads top to bottom like nanoGPT. The dense model is a standard pre-norm decoder (RMSNorm,
 RoPE, grouped-query attention, SwiGLU MLP). ParScale (Chen et al. 2025, arXiv 2505.10475, Sec. 2;
-semantics in PARSCALE.md) adds three named blocks, each marked ``# ParScale:`` below:
+semantics in docs/parscale.md, "The model") adds three named blocks, each marked ``# ParScale:`` below:
 
 1. **replicate**: the B embedded rows are copied P times along the batch axis, stream-major
    (row ``p*B + b`` is stream p of sample b);
@@ -288,7 +288,7 @@ class ParScaleForCausalLM(nn.Module):
         else:
             w = torch.ones((B, S, 1), dtype=torch.float32, device=x.device)
         # Tied: a 2-D input and a (zero) bias make the ONNX exporter emit Gemm(transB=1) on the
-        # embedding itself, instead of a transposed copy of it (FINDINGS.md: stored twice otherwise).
+        # embedding itself, instead of a transposed copy of it (docs/parscale.md, "Tied embeddings in ONNX": stored twice otherwise).
         bias = self.lm_head_zero_bias if cfg.tie_word_embeddings else None
         head = self.lm_head_weight
         logits = F.linear(_cast(x.reshape(-1, cfg.hidden_size), head.dtype), head, bias).view(B, S, -1)

@@ -174,7 +174,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     """Left-pad token lists into (input_ids, attention_mask, position_ids), each int64 [B, S_max].
 
     position_ids = clamp(cumsum(mask) - 1, 0): real tokens keep positions 0..len-1, exactly as when
-    each prompt runs alone (required for P > 1, PARSCALE.md "padding").
+    each prompt runs alone (required for P > 1, docs/parscale.md "Padding").
     Raises RuntimeInputError for an empty prompt."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise RuntimeInputError("every prompt needs at least one token")

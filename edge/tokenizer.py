@@ -26,7 +26,7 @@ from tokenizers import Tokenizer as HFTokenizer
 __all__ = ["Tokenizer", "StreamDecoder", "CHATML_TEMPLATE", "END_OF_TURN_TOKENS", "render_chat_template"]
 
 #: Tokens that end an assistant turn in common chat formats. A chat model must stop on them as
-#: well as on its eos token, or it goes on to invent the next user turn (FINDINGS.md).
+#: well as on its eos token, or it goes on to invent the next user turn (docs/parscale.md, "End-of-turn tokens").
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>")
 
 #: Fallback template (ChatML, the format of Qwen2 and SmolLM2) for tokenizers without one; this is

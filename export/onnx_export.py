@@ -65,7 +65,7 @@ def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = F
     and ``logits``. fp32 also casts ``lm.model`` to float32 in place.
 
     The graph is traced with the TorchScript exporter (the dynamo exporter took minutes per model
-    here, FINDINGS.md), re-saved with all weights in ``model.onnx.data`` (relative location), checked
+    here, docs/parscale.md "TorchScript exporter"), re-saved with all weights in ``model.onnx.data`` (relative location), checked
     with the path-based ONNX checker, and the whole folder is renamed into place at the end.
 
     Raises:

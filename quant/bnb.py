@@ -1,7 +1,7 @@
 """PyTorch-side reference quantization with bitsandbytes (LLM.int8 and NF4) on our own model.
 
 A quality reference to compare ONNX Runtime's quantization against, not a speed path: on CPU,
-bitsandbytes 0.50 ran NF4 about 9x and int8 about 2.7x slower than fp32 Linear (FINDINGS.md).
+bitsandbytes 0.50 ran NF4 about 9x and int8 about 2.7x slower than fp32 Linear (docs/parscale.md, "bitsandbytes on CPU").
 bitsandbytes is optional (``pip install "parscale-edge[bnb]"``).
 """
 from __future__ import annotations

@@ -498,7 +498,7 @@ def choose_accuracy_levels(folder: Path, tokens: list[int], positions: int, thre
     """Pick per-node accuracy levels for the quantized graph in ``folder`` (edited in place).
 
     accuracy_level 4 quantizes activations to int8 per block at run time: fast on CPU, slightly
-    inexact (FINDINGS.md). Candidates, cheapest first: every MatMulNBits at level 4; 4-bit down_proj
+    inexact (docs/parscale.md, "MatMulNBits accuracy level 4"). Candidates, cheapest first: every MatMulNBits at level 4; 4-bit down_proj
     at 0; MLP 4-bit nodes at 0; every 4-bit node at 0; every node at 0. 8-bit nodes keep level 4 until the last step,
     since 8-bit MatMulNBits at level 0 ran 7-25x slower here. The first candidate whose top-1
     agreement with the all-level-0 graph reaches :data:`MIN_LEVEL4_AGREEMENT` and whose perplexity

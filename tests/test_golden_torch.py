@@ -1,4 +1,4 @@
-"""Our PyTorch model against logits of the authors' implementation (PARSCALE.md semantics), 1e-4."""
+"""Our PyTorch model against logits of the authors' implementation (docs/parscale.md semantics), 1e-4."""
 import numpy as np
 import pytest
 import torch
