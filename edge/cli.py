@@ -208,13 +208,19 @@ def _named() -> set[str]:
     return set(MODELS)
 
 
-def _check_output(out: str, overwrite: bool) -> None:
-    """Fail before any slow work when ``out`` cannot be written."""
+def _check_output(out: str, overwrite: bool, sources: Sequence[str] = ()) -> None:
+    """Fail before any slow work when ``out`` cannot be written, or ``--overwrite`` may not replace it
+    (:func:`edge.atomic.check_replaceable`: only this toolkit's folders, never one that is or holds a
+    source)."""
+    from .atomic import check_replaceable
+
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise CLIError(f"{p} exists and is not a folder; choose another output path")
     if p.exists() and not overwrite:
         raise CLIError(f"{p} exists; pass --overwrite or choose another folder")
+    if overwrite:
+        check_replaceable(p, [s for s in sources if s and Path(s).exists()])
     parent = p.resolve().parent
     while not parent.exists():
         parent = parent.parent
@@ -235,7 +241,7 @@ EXPORT_PRECISIONS = FLOAT_PRECISIONS + ("int4", "int8", "int8-dynamic")
 def cmd_export(a) -> None:
     if a.precision not in EXPORT_PRECISIONS:
         raise CLIError(f"unknown precision {a.precision!r}; use one of {', '.join(EXPORT_PRECISIONS)}")
-    _check_output(a.output, a.overwrite)  # before the (slow) load and export
+    _check_output(a.output, a.overwrite, [a.model, *(a.adapter or []), a.calibration, a.text])  # before the slow work
     if a.precision not in FLOAT_PRECISIONS:
         _quant_config(a).validate()
     parallels = _ints(a.parallel, "parallel") if a.parallel else [None]
@@ -273,7 +279,7 @@ def cmd_export(a) -> None:
 def cmd_convert(a) -> None:
     if a.parallel < 2:
         raise CLIError(f"--parallel must be >= 2 for a ParScale model, got {a.parallel}")
-    _check_output(a.output, a.overwrite)
+    _check_output(a.output, a.overwrite, [a.model])
     lm = load_for_export(a.model, None, a.threads, progress=not a.quiet)
     from .loading import convert_to_parscale, save_hf_folder
 
@@ -305,7 +311,7 @@ def cmd_convert(a) -> None:
 
 def cmd_train(a) -> None:
     _import_export_stack()
-    from .train import TrainConfig, check_run_folder, close_distributed, init_distributed, train
+    from .train import TrainConfig, check_run_folder, close_distributed, init_distributed
 
     cfg = TrainConfig(parallel=a.parallel, prefix_tokens=a.prefix_tokens, steps=a.steps or 1, seq_len=a.seq_len, batch=a.batch,
                       grad_accum=a.grad_accum, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup,
@@ -317,49 +323,71 @@ def cmd_train(a) -> None:
         raise CLIError(f"--tokens must be >= 1, got {a.tokens}")
     out = Path(a.output)
     check_run_folder(out, a.resume, a.overwrite)  # fail before the slow load
+    if a.overwrite and not a.resume:  # only a run folder of ours, never the model or the data
+        from .atomic import check_replaceable
+        from .train import ADAPTER_FILE, CHECKPOINT_FILE, CURVES_FILE, HISTORY_FILE
+
+        check_replaceable(out, [s for s in [a.model, *a.data, *a.eval] if Path(s).exists()],
+                          own_files={CHECKPOINT_FILE, ADAPTER_FILE, HISTORY_FILE, CURVES_FILE, "model"})
     train_files, eval_files, eval_text, eval_desc = _training_files(a.data, a.eval)
+    new_folder = not out.exists()
     dist = init_distributed(a.device)
     try:
-        if dist.device.type == "cpu":
-            _set_torch_threads(a.threads)
-        from .corpus import read_texts, tokenize_texts
-        from .loading import load_model
-
-        lm = load_model(a.model, progress=not a.quiet and dist.main)
-        if lm.tokenizer is None:
-            raise CLIError(f"{a.model} has no tokenizer (tokenizer.json); training text cannot be tokenized")
-        t0 = time.perf_counter()
-        train_tokens = tokenize_texts(lm.tokenizer, read_texts(train_files))
-        eval_tokens = None
-        if eval_text is not None:
-            import numpy as np
-
-            eval_tokens = np.asarray(lm.tokenizer.encode(eval_text), dtype=np.int64)
-        steps = a.steps or -(-a.tokens // cfg.tokens_per_step(dist.world))
-        cfg.steps = steps
-        if dist.main:
-            _log(f"data: {len(train_files)} files, {train_tokens.size} tokens (tokenized in "
-                 f"{time.perf_counter() - t0:.1f} s); eval: {eval_desc}"
-                 + (f", {eval_tokens.size} tokens" if eval_tokens is not None else ""))
-            _log(f"training {'all weights' if cfg.full else 'prefixes + aggregator (backbone frozen)'} of "
-                 f"{a.model} at P={cfg.parallel}: {steps} steps x {cfg.tokens_per_step(dist.world)} tokens = "
-                 f"{steps * cfg.tokens_per_step(dist.world)} tokens ({steps * cfg.tokens_per_step(dist.world) / max(1, train_tokens.size):.2f} "
-                 f"epochs), {dist.world} process(es) on {dist.device}")
-        r = train(lm, cfg, train_tokens, out, eval_tokens=eval_tokens, resume=a.resume, overwrite=a.overwrite,
-                  dist=dist, progress=not a.quiet)
-        if dist.main:
-            h = r.history
-            wall = sum(s["wall_seconds"] for s in h.get("sessions", []))
-            print(f"trained {h['tokens_trained']} tokens in {wall:.0f} s wall ({h['train_seconds']:.0f} s in steps) -> "
-                  f"{r.adapter or r.model_dir}")
-            if h.get("evals"):
-                first, last = h["evals"][0], h["evals"][-1]
-                line = f"held-out perplexity ({last['positions']} positions): "
-                if "dense" in h:
-                    line += f"dense P=1 {h['dense']['perplexity']:.4f}, "
-                print(line + f"untrained P={cfg.parallel} {first['perplexity']:.4f}, trained {last['perplexity']:.4f}")
+        _train_run(a, cfg, out, train_files, eval_text, eval_desc, dist)
+    except BaseException:
+        if new_folder and dist.main and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no empty folder
+        raise
     finally:
         close_distributed(dist)
+
+
+def _train_run(a, cfg, out, train_files, eval_text, eval_desc, dist) -> None:
+    """The body of :func:`cmd_train` once the output and the data are checked."""
+    from .train import train
+
+    if dist.device.type == "cpu":
+        _set_torch_threads(a.threads)
+    from .corpus import read_texts, tokenize_texts
+    from .loading import load_model
+
+    lm = load_model(a.model, progress=not a.quiet and dist.main)
+    if lm.tokenizer is None:
+        raise CLIError(f"{a.model} has no tokenizer (tokenizer.json); training text cannot be tokenized")
+    context = lm.model.config.max_position_embeddings
+    if cfg.seq_len > context:
+        raise CLIError(f"--seq-len {cfg.seq_len} is longer than {a.model}'s context of {context} tokens; "
+                       f"use --seq-len {context} or less")
+    t0 = time.perf_counter()
+    train_tokens = tokenize_texts(lm.tokenizer, read_texts(train_files))
+    eval_tokens = None
+    if eval_text is not None:
+        import numpy as np
+
+        eval_tokens = np.asarray(lm.tokenizer.encode(eval_text), dtype=np.int64)
+    steps = a.steps or -(-a.tokens // cfg.tokens_per_step(dist.world))
+    cfg.steps = steps
+    if dist.main:
+        _log(f"data: {len(train_files)} files, {train_tokens.size} tokens (tokenized in "
+             f"{time.perf_counter() - t0:.1f} s); eval: {eval_desc}"
+             + (f", {eval_tokens.size} tokens" if eval_tokens is not None else ""))
+        _log(f"training {'all weights' if cfg.full else 'prefixes + aggregator (backbone frozen)'} of "
+             f"{a.model} at P={cfg.parallel}: {steps} steps x {cfg.tokens_per_step(dist.world)} tokens = "
+             f"{steps * cfg.tokens_per_step(dist.world)} tokens ({steps * cfg.tokens_per_step(dist.world) / max(1, train_tokens.size):.2f} "
+             f"epochs), {dist.world} process(es) on {dist.device}")
+    r = train(lm, cfg, train_tokens, out, eval_tokens=eval_tokens, resume=a.resume, overwrite=a.overwrite,
+              dist=dist, progress=not a.quiet)
+    if dist.main:
+        h = r.history
+        wall = sum(s["wall_seconds"] for s in h.get("sessions", []))
+        print(f"trained {h['tokens_trained']} tokens in {wall:.0f} s wall ({h['train_seconds']:.0f} s in steps) -> "
+              f"{r.adapter or r.model_dir}")
+        if h.get("evals"):
+            first, last = h["evals"][0], h["evals"][-1]
+            line = f"held-out perplexity ({last['positions']} positions): "
+            if "dense" in h:
+                line += f"dense P=1 {h['dense']['perplexity']:.4f}, "
+            print(line + f"untrained P={cfg.parallel} {first['perplexity']:.4f}, trained {last['perplexity']:.4f}")
 
 
 def _training_files(data: list[str], evals: list[str]):
@@ -443,7 +471,7 @@ def _run_quantize(src: Path, out: Path, a) -> None:
 
 def cmd_quantize(a) -> None:
     _quant_config(a).validate()
-    _check_output(a.output, a.overwrite)
+    _check_output(a.output, a.overwrite, [a.model, a.calibration, a.text])
     if not _is_export_folder(a.model):
         raise CLIError(f"{a.model} is not an export folder (no {MANIFEST_FILE}); run `parscale export` first, "
                        "or use `parscale export MODEL --precision ...` to do both")

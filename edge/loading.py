@@ -209,7 +209,8 @@ def save_hf_folder(lm: LoadedModel, out: str | os.PathLike, overwrite: bool = Fa
     the authors' format (tensor names of PARSCALE.md), atomically: a temporary sibling folder is
     renamed into place, so a failure leaves nothing half-written.
 
-    Raises FileExistsError when ``out`` exists and ``overwrite`` is False.
+    Raises FileExistsError when ``out`` exists and ``overwrite`` is False, edge.atomic.OutputPathError
+    when ``overwrite`` may not replace it (not this toolkit's folder, or it is or holds the source).
     """
     from safetensors.torch import save_file
 
@@ -218,7 +219,7 @@ def save_hf_folder(lm: LoadedModel, out: str | os.PathLike, overwrite: bool = Fa
     if cfg.family != "qwen2" and cfg.parscale_n > 1:
         warnings.warn("the authors' ParScale format is defined for Qwen2; a Llama backbone is saved with the "
                       "same ParScale fields, which only parscale-edge reads", stacklevel=2)
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, sources=[lm.source]) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in lm.model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

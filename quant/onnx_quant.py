@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edge.atomic import atomic_folder, folder_size_mib
+from edge.atomic import atomic_folder, check_replaceable, folder_size_mib
 from edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE, PACKED_WIDTHS_KEY, TOKEN_ROWS_KEY, Manifest
 
 PRECISIONS = ("int4", "int8", "int8-dynamic")
@@ -359,6 +359,8 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
         QuantizationError: bad settings, an already quantized source, a block size that does not
             divide a weight's input dimension.
         ManifestError: ``src`` is not an export folder. FileExistsError: ``out`` exists.
+        edge.atomic.OutputPathError: ``overwrite`` may not replace ``out`` (it is or holds ``src``, or
+            holds files this toolkit did not write).
     """
     cfg.validate()
     src, out = Path(src), Path(out)
@@ -370,6 +372,8 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
         raise QuantizationError("int8-dynamic needs an fp32 export; use --precision int4 or int8 on an fp16 export")
     if out.exists() and not overwrite:  # fail before the slow load
         raise FileExistsError(f"{out} exists; pass --overwrite or choose another folder")
+    if overwrite:
+        check_replaceable(out, [src])  # never the source, nor a folder of other files
     model = onnx.load(str(src / MODEL_FILE), load_external_data=True)
     untied = cfg.quantize_lm_head and cfg.precision != "int8-dynamic" and untie_lm_head(model)
     head = head_node_name(model, man.vocab_size)
@@ -404,7 +408,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
         raise QuantizationError(f"block size {cfg.block_size} does not divide the input dimension of "
                                 f"{len(bad)} weights (e.g. {bad[0][0]}: {bad[0][1]}); choose a block size that divides it")
     exclude = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and _keep_float(n.name, cfg, head)]
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, sources=[src]) as tmp:
         if cfg.precision == "int8-dynamic":
             warnings.warn("per-tensor dynamic int8 is fragile for language models (measured here: +70% "
                           "perplexity on smollm2-135m); prefer --precision int8 (block-wise)", stacklevel=2)
