@@ -55,6 +55,22 @@ def _is_export_folder(spec: str) -> bool:
     return (Path(spec) / MANIFEST_FILE).exists()
 
 
+def _input_stamps(p: Path) -> list[str]:
+    """What an export of the file or folder ``p`` depends on: its path and, for the file or each file
+    in the folder (weights, config, tokenizer, chat template; links followed), name, size, mtime and
+    inode, plus the content hash of files under 16 MiB (config and tokenizer files: cheap to read).
+    Replacing or editing any of them in place changes the stamps, so the cache exports again."""
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+    stamps = [str(p)]
+    for f in files:
+        st = f.stat()
+        stamp = f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        if st.st_size < 16 * 2**20:
+            stamp += ":" + hashlib.sha256(f.read_bytes()).hexdigest()
+        stamps.append(stamp)
+    return stamps
+
+
 def _cache_key(spec: str, parallel: int | Sequence[int] | None, precision: str = "fp32") -> str:
     """Cache folder name: ``<model>-p<P>-<precision>``; several P (one backbone): ``<model>-p1-2-4-fp32``."""
     from .hub import resolve_model
@@ -64,8 +80,7 @@ def _cache_key(spec: str, parallel: int | Sequence[int] | None, precision: str =
         base = ref
     else:
         p = Path(ref).resolve()
-        st = p.stat()
-        digest = hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        digest = hashlib.sha256("|".join(_input_stamps(p)).encode()).hexdigest()[:12]
         base = f"{p.stem or p.name}-{digest}"
     if isinstance(parallel, Sequence):
         parallel = "-".join(str(P) for P in sorted(set(parallel)))
