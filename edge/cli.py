@@ -730,11 +730,18 @@ def cmd_scaling_law(a) -> None:
 
 
 def _sampling(a):
+    """SamplingConfig of the flags: greedy unless --do-sample, --temperature > 0, --top-k or --top-p
+    asks for sampling; the temperature is then 1 unless given (``--temperature 0`` stays greedy)."""
     from .runtime import SamplingConfig
 
-    sample = a.temperature > 0 and (a.do_sample or a.temperature != 1.0 or a.top_k or a.top_p < 1.0)
-    return SamplingConfig(max_new_tokens=a.max_new_tokens, do_sample=bool(a.do_sample or sample),
-                          temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    t = a.temperature
+    sample = bool(a.do_sample or a.top_k or a.top_p < 1.0 or (t is not None and t != 0))
+    if t is None:
+        t = 1.0 if sample else 0.0
+    if a.seed is not None and (not sample or t == 0):
+        _log("note: --seed has no effect on greedy decoding; add --do-sample (temperature 1) to sample")
+    return SamplingConfig(max_new_tokens=a.max_new_tokens, do_sample=sample and t > 0,
+                          temperature=t, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
 
 
 def _open_runtime(a):
@@ -766,6 +773,12 @@ def cmd_generate(a) -> None:
         n += 1
         print(piece, end="", flush=True)
     print(flush=True)  # the text ends before the stats line on stderr
+    if n == 0:  # said on stderr: an empty answer with exit 0 looks like a hang or a crash
+        why = "the model ended at once (its first token was an end token) and wrote nothing"
+        if not a.chat and rt.tokenizer.chat_template:
+            why += ("; it has a chat template, so it is probably a chat (instruct) model: try --chat, which wraps "
+                    "the prompt in its template")
+        _log(f"warning: {why}")
     if a.verbose:
         _log(f"[{n} pieces in {time.perf_counter() - t0:.2f} s, P={rt.P}, {rt.folder}]")
 
@@ -843,11 +856,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", "-P", type=int, default=None,
                    help="P streams: converts a dense model to P streams before exporting (cached)")
     p.add_argument("--max-new-tokens", "-n", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (> 0 samples; 0 = greedy). Default: greedy, or 1 when --do-sample, "
+                        "--top-k or --top-p asks for sampling")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability")
     p.add_argument("--do-sample", action="store_true", help="sample (temperature 1 unless given)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (sampling only)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
 
@@ -1017,7 +1032,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate from a prompt (streams to stdout)")
     _add_run_args(p)
     p.add_argument("--prompt", "-p", default=None, help="prompt text (default: read stdin)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template (instruct models; without it the prompt is "
+                        "continued as raw text, and an answer that ends at once is reported on stderr)")
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=cmd_generate)
 
