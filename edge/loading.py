@@ -65,7 +65,7 @@ def build_model(cfg: ParScaleConfig, state: dict[str, torch.Tensor], source: str
 
     Raises:
         CheckpointError: missing tensors (naming them), P>1 without ``prefix_k``/``prefix_v``,
-            wrong shapes, or non-finite ParScale tensors.
+            wrong shapes, integer-typed tensors, or NaN/Inf in any tensor.
     """
     state = dict(state)
     emb, head = state.get("model.embed_tokens.weight"), state.get("lm_head.weight")
@@ -106,6 +106,10 @@ def build_model(cfg: ParScaleConfig, state: dict[str, torch.Tensor], source: str
             if tuple(t.shape) != tuple(p.shape):
                 raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config "
                                       f"implies {tuple(p.shape)}")
+            if not t.is_floating_point():
+                raise CheckpointError(f"{source}: tensor {name} is stored as {str(t.dtype).removeprefix('torch.')}, "
+                                      "not as floating point; quantized or integer weight files are not supported "
+                                      "(use the float16/bfloat16/float32 checkpoint, or a GGUF file)")
             p.copy_(t.to(p.dtype))
     if cfg.parscale_n > 1:
         for name, p in model.named_parameters():
@@ -113,6 +117,11 @@ def build_model(cfg: ParScaleConfig, state: dict[str, torch.Tensor], source: str
                 raise CheckpointError(
                     f"{source}: {name} holds NaN/Inf (the authors' code leaves prefixes uninitialised). "
                     "Re-create the ParScale parts with `parscale convert`")
+    for name, p in model.named_parameters():  # every weight, once (a NaN norm weight gave empty answers)
+        if not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
+            raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN/Inf value(s) of {p.numel()}; the "
+                                  "checkpoint is damaged (download it again) or was saved from a diverged run")
     return model.to(dtype).eval()
 
 
