@@ -234,7 +234,7 @@ def _check_external(folder: Path, model_file: str, g: GraphSummary) -> int:
 
 
 def _check_graph_matches_manifest(folder: Path, model_file: str, g: GraphSummary, m: Manifest) -> None:
-    """P, layers, KV heads, head_dim and vocabulary of the manifest agree with the graph."""
+    """P, cache dtype, graph kind, layers, KV heads, head_dim and vocabulary of the manifest agree with the graph."""
     def fail(what: str, man_value, graph_value, where: str) -> None:
         raise ExportFolderError(
             f"{folder / MANIFEST_FILE} does not belong to {folder / model_file}: the manifest says {what} "
@@ -244,6 +244,9 @@ def _check_graph_matches_manifest(folder: Path, model_file: str, g: GraphSummary
     meta = g.metadata
     if meta.get("parscale_n", "").isdigit() and int(meta["parscale_n"]) != m.parscale_n:
         fail("P =", m.parscale_n, int(meta["parscale_n"]), "metadata parscale_n")
+    for key, value in (("cache_dtype", m.cache_dtype), ("graph", m.graph)):
+        if key in meta and meta[key] != value:
+            fail(f"{key} =", value, meta[key], f"metadata {key}")
     past = [n for n in g.inputs if n.startswith("past_key_values.")]
     if len(past) != 2 * m.num_layers:
         fail("num_layers =", m.num_layers, len(past) // 2, f"{len(past)} past_key_values inputs")
