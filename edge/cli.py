@@ -87,11 +87,24 @@ def _cache_key(spec: str, parallel: int | Sequence[int] | None, precision: str =
     return f"{base}-p{parallel}-{precision}" if parallel else f"{base}-{precision}"
 
 
+def _check_P(P: int | None, flag: str = "--parallel") -> None:
+    """Raises CLIError for P < 1 or above :data:`edge.config.MAX_PARALLEL` (before any slow work)."""
+    from .config import MAX_PARALLEL
+
+    if P is None:
+        return
+    if P < 1:
+        raise CLIError(f"{flag} must be >= 1, got {P}")
+    if P > MAX_PARALLEL:
+        raise CLIError(f"{flag} {P} is above the supported {MAX_PARALLEL}: every stream adds its own prefix to "
+                       f"every layer (a part file growing with P) and P multiplies the KV cache and the compute of "
+                       f"every token; the paper uses P <= 8")
+
+
 def load_for_export(spec: str, parallel: int | None, threads: int | None, progress: bool = True, seed: int = 0):
     """Load ``spec`` into PyTorch; convert a dense model to ``parallel`` streams when asked
-    (trained adapters go through :func:`load_several`)."""
-    if parallel is not None and parallel < 1:
-        raise CLIError(f"--parallel must be >= 1, got {parallel}")
+    (trained adapters go through :func:`load_several`). Raises CLIError for a P out of range."""
+    _check_P(parallel)
     _import_export_stack()
     _set_torch_threads(threads)
     from .loading import convert_to_parscale, load_model
@@ -155,8 +168,7 @@ def _normalize_parallel(parallel: int | Sequence[int] | None, adapters: Sequence
     if several is not None and len(several) == 1:
         parallel, several = several[0], None
     for P in several or [parallel]:
-        if P is not None and P < 1:
-            raise CLIError(f"--parallel must be >= 1, got {P}")
+        _check_P(P)
     return parallel, several
 
 
@@ -260,6 +272,8 @@ def cmd_export(a) -> None:
     if a.precision not in FLOAT_PRECISIONS:
         _quant_config(a).validate()
     parallels = _ints(a.parallel, "parallel") if a.parallel else [None]
+    for P in parallels:
+        _check_P(P)
     adapters = a.adapter or []
     also = []
     if adapters:  # trained ParScale parts over the frozen backbone, plus the backbone itself (P=1)
@@ -294,6 +308,7 @@ def cmd_export(a) -> None:
 def cmd_convert(a) -> None:
     if a.parallel < 2:
         raise CLIError(f"--parallel must be >= 2 for a ParScale model, got {a.parallel}")
+    _check_P(a.parallel)
     _check_output(a.output, a.overwrite, [a.model])
     lm = load_for_export(a.model, None, a.threads, progress=not a.quiet)
     from .loading import convert_to_parscale, save_hf_folder
@@ -326,6 +341,7 @@ def cmd_convert(a) -> None:
 
 def cmd_train(a) -> None:
     _import_export_stack()
+    _check_P(a.parallel)
     from .train import TrainConfig, check_run_folder, close_distributed, init_distributed
 
     cfg = TrainConfig(parallel=a.parallel, prefix_tokens=a.prefix_tokens, steps=a.steps or 1, seq_len=a.seq_len, batch=a.batch,
@@ -592,6 +608,8 @@ def cmd_profile(a) -> None:
     if a.gen_len < 1 or a.repeat < 1 or a.warmup < 0:
         raise CLIError("--gen-len and --repeat must be >= 1 and --warmup >= 0")
     parallels, batches = _ints(a.parallel, "parallel"), _ints(a.batch, "batch")
+    for P in parallels:
+        _check_P(P)
     prompt_lens = _ints(a.prompt_len, "prompt-len")
     precisions = [p.strip() for p in a.precision.split(",")]
     bad = [p for p in precisions if p not in ("fp32", "fp16", "bf16", "int8", "int4")]

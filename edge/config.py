@@ -14,6 +14,8 @@ from typing import Any
 
 #: model_type values we can build; anything else is refused with :class:`UnsupportedModelError`.
 SUPPORTED_MODEL_TYPES = ("qwen2_parscale", "qwen2", "llama")
+#: largest P (parscale_n) accepted: P multiplies the KV cache and the compute, and each stream adds a prefix
+MAX_PARALLEL = 64
 
 
 class UnsupportedModelError(ValueError):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import MODEL_FILE, Manifest, ManifestError, past_names, present_names
-from .validate import check_export_folder
+from .validate import check_export_folder, check_kv_memory
 
 #: Prefix slots a fused graph's RoPE table allows on top of the context (authors: 48 prefix tokens).
 MAX_PREFIX_SLOTS = 128
@@ -461,10 +461,12 @@ class OnnxCausalLM:
         zeros with each stream's prefix (rounded to the cache dtype) in the first n_prefix slots:
         numpy arrays on the CPU, device OrtValues on CUDA (filled through one reused host staging
         array of one tensor's size, which is dropped afterwards).
-        Raises RuntimeInputError for batch < 1 or capacity < 1."""
+        Raises RuntimeInputError for batch < 1 or capacity < 1, edge.validate.MemoryCheckError
+        (before allocating) when the cache would not fit in the available memory."""
         if batch < 1 or capacity < 1:
             raise RuntimeInputError(f"batch and capacity must be >= 1, got {batch} and {capacity}")
         P = self._check_parallel(self.P if parallel is None else int(parallel))
+        self._check_kv_memory(batch, capacity, P)
         if not self.fused:
             return DecodeState(batch, P)
         parts = self._parallel_parts(P)
@@ -485,6 +487,19 @@ class OnnxCausalLM:
         io.bind_cpu_input("total_sequence_length", np.array(n + capacity, dtype=np.int32))
         st.binding = io
         return st
+
+    def _check_kv_memory(self, batch: int, capacity: int, P: int) -> None:
+        """The request's KV cache (P*batch rows of prefix + ``capacity`` slots, every layer, key and
+        value) fits in the free host memory (CPU sessions; edge.validate.check_kv_memory)."""
+        if self._device != "cpu":
+            return
+        m = self.manifest
+        n = m.parscale_n_tokens if P > 1 else 0
+        slots = n + capacity
+        item = 2 if m.cache_dtype in ("float16", "bfloat16") else 4
+        need = 2 * self.L * P * batch * m.num_key_value_heads * slots * m.head_dim * item
+        check_kv_memory(need, f"P={P} x {batch} row(s) x {slots} slots x {self.L} layers, {m.cache_dtype}",
+                        f"ask for fewer new tokens (-n / max_new_tokens) or a smaller P")
 
     def step(self, state: DecodeState, input_ids: np.ndarray, query_lens: np.ndarray | None = None,
              logits_index: np.ndarray | None = None) -> np.ndarray:

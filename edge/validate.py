@@ -296,6 +296,23 @@ def _check_memory(folder: Path, weight_bytes: int) -> None:
                       "the process may run out of memory", stacklevel=3)
 
 
+def check_kv_memory(nbytes: int, what: str, fix: str) -> None:
+    """Raise ExportFolderError before allocating a KV cache of ``nbytes`` that does not fit in the
+    available memory (``what`` describes its shape, ``fix`` how to ask for less);
+    :data:`SKIP_MEMORY_CHECK_ENV` = 1 skips the check."""
+    if os.environ.get(SKIP_MEMORY_CHECK_ENV) == "1":
+        return
+    free = available_memory_bytes()
+    if free is not None and nbytes > free:
+        raise MemoryCheckError(f"the KV cache of this request needs {nbytes / 2**20:,.0f} MiB ({what}) but only "
+                               f"{free / 2**20:,.0f} MiB of memory is available; {fix}. Set "
+                               f"{SKIP_MEMORY_CHECK_ENV}=1 to try anyway")
+
+
+class MemoryCheckError(ValueError):
+    """A request or a model would not fit in the available memory (raised before allocating it)."""
+
+
 def check_export_folder(folder: str | os.PathLike, manifest: Manifest, model_file: str = MODEL_FILE) -> GraphSummary:
     """Check an export folder before creating an ONNX Runtime session on it.
 
