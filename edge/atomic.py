@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -257,19 +258,45 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False,
 
 def write_json(path: str | os.PathLike, obj) -> Path:
     """Write ``obj`` as indented JSON through a unique temporary sibling and a rename (never
-    half-written, also with concurrent writers)."""
+    half-written, also with concurrent writers). Raises OutputPathError naming ``path`` (not the
+    temporary file) when it cannot be written: a folder, no permission, no space."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(p), suffix=".partial", dir=p.parent)
+    if p.is_dir():
+        raise OutputPathError(f"{p} is a folder; give a file name, e.g. {p / 'result.json'}")
+    tmp = None
     try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(p), suffix=".partial", dir=p.parent)
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(obj, indent=2) + "\n")
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
+    except OSError as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise OutputPathError(f"cannot write {p}: {e.strerror or e}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+#: a temporary sibling's name: ``.<name>.tmp-<host>-<pid>.<random>[.partial]`` (or ``.old-``)
+_TEMP_PART = re.compile(r"^\.(.+)\.(?:tmp|old)-.+?\.[^.]+(?:\.partial)?$")
+
+
+def public_path(path: str | os.PathLike) -> Path:
+    """``path`` with a temporary sibling of this module (``.<name>.tmp-<host>-<pid>.<random>``,
+    ``.old-``, ``.partial``) replaced by the destination it stands for, for messages: the user
+    knows the folder they asked for, not the hidden one."""
+    p = Path(path)
+    parts = list(p.parts)
+    for i, part in enumerate(parts):
+        m = _TEMP_PART.match(part)
+        if m:
+            parts[i] = m.group(1)
+    return Path(*parts) if parts else p
 
 
 def folder_size_mib(folder: str | os.PathLike) -> float:

@@ -1096,13 +1096,58 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(a, "threads", None) is not None and a.threads < 1:
             raise CLIError(f"--threads must be >= 1, got {a.threads} (leave it out for ONNX Runtime's default)")
+        _check_paths(a)
         a.func(a)
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - only the environment's failures become one line; the rest re-raise
+        msg = _environment_error(e)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _check_paths(a) -> None:
+    """Before any work: every output file (``--json``) can be written, every input file a flag names
+    (``--text``, ``--calibration``) exists, naming the flag (OutputPathError / CLIError)."""
+    from .atomic import check_output_file
+
+    if getattr(a, "json", None):
+        check_output_file(a.json, "--json")
+    if a.command == "profile":
+        check_output_file(Path(a.output) / "profile.json", "-o")
+    for flag in ("text", "calibration"):
+        f = getattr(a, flag, None)
+        if f is not None and not Path(f).is_file():
+            what = "is a folder, not a text file" if Path(f).is_dir() else "does not exist"
+            raise CLIError(f"--{flag} {f} {what}; give a UTF-8 text file")
+
+
+def _environment_error(e: BaseException) -> str | None:
+    """One line for a failure of the machine rather than of the input: no space left, no permission,
+    a read-only disk, no network to the package index; None for anything else (a bug: traceback)."""
+    import errno
+
+    from .atomic import public_path
+    from .hub import DownloadError
+
+    if isinstance(e, DownloadError):
+        return str(e).splitlines()[0]
+    text = str(e)
+    code = getattr(e, "errno", None)
+    where = getattr(e, "filename", None)
+    where = f" ({public_path(where)})" if where else ""
+    if code == errno.ENOSPC or "No space left on device" in text or "StorageFull" in text:
+        return (f"no space left on the device{where}; nothing was kept. Free space there, or write to another "
+                "disk (-o, or PARSCALE_EDGE_CACHE for the cache)")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{e.strerror or text}{where}; choose a folder you can write (-o, or PARSCALE_EDGE_CACHE for the cache)"
+    return None
 
 
 if __name__ == "__main__":
