@@ -391,6 +391,9 @@ def _train_run(a, cfg, out, train_files, eval_text, eval_desc, dist) -> None:
                        f"use --seq-len {context} or less")
     t0 = time.perf_counter()
     train_tokens = tokenize_texts(lm.tokenizer, read_texts(train_files))
+    from .corpus import BlockOrder
+
+    BlockOrder(train_tokens, cfg.seq_len)  # the data check (one block at least) before anything is said or made
     eval_tokens = None
     if eval_text is not None:
         import numpy as np
@@ -403,7 +406,7 @@ def _train_run(a, cfg, out, train_files, eval_text, eval_desc, dist) -> None:
              f"{time.perf_counter() - t0:.1f} s); eval: {eval_desc}"
              + (f", {eval_tokens.size} tokens" if eval_tokens is not None else ""))
         _log(f"training {'all weights' if cfg.full else 'prefixes + aggregator (backbone frozen)'} of "
-             f"{a.model} at P={cfg.parallel}: {steps} steps x {cfg.tokens_per_step(dist.world)} tokens = "
+             f"{a.model} at P={cfg.parallel}: {steps} step{'s' if steps != 1 else ''} x {cfg.tokens_per_step(dist.world)} tokens = "
              f"{steps * cfg.tokens_per_step(dist.world)} tokens ({steps * cfg.tokens_per_step(dist.world) / max(1, train_tokens.size):.2f} "
              f"epochs), {dist.world} process(es) on {dist.device}")
     r = train(lm, cfg, train_tokens, out, eval_tokens=eval_tokens, resume=a.resume, overwrite=a.overwrite,
