@@ -843,6 +843,25 @@ def cmd_chat(a) -> None:
         history += [{"role": "user", "content": msg}, {"role": "assistant", "content": "".join(answer)}]
 
 
+def _check_port(host: str, port: int) -> None:
+    """Raises CLIError when ``host:port`` cannot be served (busy, or an address of another machine)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise CLIError(f"--host {host}: cannot resolve it ({e.strerror or e}); use 127.0.0.1 or 0.0.0.0") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        if os.name != "nt":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise CLIError(f"cannot serve on {host}:{port} ({e.strerror or e}): the port is in use or not allowed; "
+                           "choose another --port, or leave it out for a free one") from None
+
+
 def cmd_demo(a) -> None:
     from demo.models import PRECISIONS
 
@@ -855,6 +874,8 @@ def cmd_demo(a) -> None:
         raise CLIError(f"--concurrency and --max-new-tokens must be >= 1, got {a.concurrency} and {a.max_new_tokens}")
     if a.port is not None and not 0 < a.port < 65536:
         raise CLIError(f"--port must be in 1..65535, got {a.port}")
+    if a.port is not None:
+        _check_port(a.host, a.port)  # before loading the models (minutes)
     try:
         import gradio  # noqa: F401
     except ImportError:
