@@ -110,6 +110,9 @@ def load_for_export(spec: str, parallel: int | None, threads: int | None, progre
     from .loading import convert_to_parscale, load_model
 
     lm = load_model(spec, progress=progress)
+    if lm.tokenizer is None:
+        _log(f"warning: {spec} has no tokenizer.json: the export runs on token ids only, and generate, chat and "
+             "eval will refuse it; copy tokenizer.json (and tokenizer_config.json) into the model folder first")
     P = lm.model.config.parscale_n
     if parallel and parallel != P:
         if P != 1:
@@ -207,7 +210,10 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
     if (out / MANIFEST_FILE).exists():
         from .manifest import FORMAT_VERSION
 
-        if Manifest.read(out).format_version == FORMAT_VERSION:
+        cached = Manifest.read(out)
+        if cached.format_version == FORMAT_VERSION:
+            for msg in cached.extra.get("load_warnings") or []:  # said at the export: say them on every use
+                _log(f"warning: {msg}")
             return out
         _log(f"cached export {out} was made by another parscale-edge version; exporting again")
     if several:
@@ -475,12 +481,13 @@ def _run_quantize(src: Path, out: Path, a) -> None:
     quantize_folder(src, out, cfg, overwrite=a.overwrite, calibration_text=calib, text=text,
                     check_positions=a.check_positions, compare_positions=a.compare_positions, threads=a.threads)
     q = Manifest.read(out).quantization
+    base = Manifest.read(src).precision  # fp32 or fp16: what the sizes and the quality are compared with
     n = q.get("gguf_repacked_nodes") or 0
     rest = q["quantized_nodes"] - n
     # the settings apply to the weights that are re-rounded; GGUF blocks are copied as they are
     how = f"{'sym' if a.symmetric else 'asym'}, block {a.block_size}, {a.algorithm}"
     line = (f"{a.precision} ({how if rest > 0 else 'GGUF blocks'}) -> {out}: "
-            f"{q['size_mib']:.1f} MiB (fp32 {q['source_size_mib']:.1f} MiB, "
+            f"{q['size_mib']:.1f} MiB ({base} {q['source_size_mib']:.1f} MiB, "
             f"{q['size_mib'] / q['source_size_mib']:.0%}) in {time.perf_counter() - t0:.1f} s")
     print(line)
     if n:
@@ -498,7 +505,7 @@ def _run_quantize(src: Path, out: Path, a) -> None:
                  f"{c['agreement_level4_vs_level0']:.1%}) or use --precision int4")
     if "quality_vs_fp32" in q:
         r = q["quality_vs_fp32"]
-        print(f"  quality cost vs fp32 ({r['positions']} positions): perplexity {r['ref_perplexity']:.3f} -> "
+        print(f"  quality cost vs {base} ({r['positions']} positions): perplexity {r['ref_perplexity']:.3f} -> "
               f"{r['cand_perplexity']:.3f} ({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%}), "
               f"KL mean {r['kl_mean']:.4f} p99 {r['kl_p99']:.4f}, top-1 agreement {r['top1_agreement']:.2%}")
 

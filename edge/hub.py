@@ -346,7 +346,12 @@ def resolve_model(spec: str | os.PathLike) -> tuple[Literal["named", "gguf", "hf
         with open(p, "rb") as f:
             if f.read(4) == b"GGUF":
                 return "gguf", p
-        raise ValueError(f"{p} is neither a .gguf file nor a folder with config.json")
+        folder = p.parent
+        kind = ("an export folder" if (folder / "manifest.json").is_file() else
+                "a Hugging Face folder" if (folder / "config.json").is_file() else None)
+        raise ValueError(f"{p} is a file, but a model is a .gguf file, a parscale-edge export folder (with "
+                         "manifest.json) or a Hugging Face folder (with config.json)"
+                         + (f": pass the folder that holds it, {folder} ({kind})" if kind else ""))
     import difflib
 
     close = difflib.get_close_matches(s, list(MODELS), n=1)

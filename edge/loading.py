@@ -162,6 +162,9 @@ def read_safetensors_folder(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{f}: cannot read safetensors file ({e}); it is corrupt or truncated, "
                                   "download it again") from None
+    if not state:
+        raise CheckpointError(f"{path}: {', '.join(files)} hold(s) no tensors; the download is incomplete or a "
+                              "placeholder: download the weights again")
     return state
 
 
@@ -192,10 +195,15 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progr
     """Load a GGUF file (llama or qwen2), dequantized to ``dtype``, with its tokenizer."""
     from .gguf_io import read_gguf
 
-    cfg, arrays, tok = read_gguf(path, progress=progress)  # one open: GGUF metadata parsing is slow
+    with warnings.catch_warnings(record=True) as caught:  # kept in the notes: a cached export says them again
+        warnings.simplefilter("always")
+        cfg, arrays, tok = read_gguf(path, progress=progress)  # one open: GGUF metadata parsing is slow
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=2)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     model = build_model(cfg, state, source=str(path), dtype=dtype)
-    return LoadedModel(model, tok, str(path), sha256_file(path), {})
+    notes = {"load_warnings": [str(w.message) for w in caught]} if caught else {}
+    return LoadedModel(model, tok, str(path), sha256_file(path), {}, notes)
 
 
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:

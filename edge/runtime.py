@@ -82,6 +82,26 @@ def request_capacity(prompt_tokens: int, max_new_tokens: int, context: int) -> i
     return min(context, prompt_tokens + max(1, max_new_tokens))
 
 
+def _load_failure(path: Path, error: str, ort_version: str) -> str:
+    """One line for an ONNX Runtime session that could not load ``path``: a graph newer than this
+    onnxruntime (opset or IR version) asks for a newer onnxruntime; anything else for a re-export.
+    ORT's text is shortened at a sentence end (its C++ signature prefix dropped), never mid-word."""
+    import re
+
+    text = " ".join(error.split())
+    found = re.findall(r"(Opset \d+ is under development|Current official support for domain \S+ is till opset "
+                       r"\d+|Unsupported model IR version: \d+, max supported IR version: \d+)", text)
+    if found:
+        return (f"{path} was made for a newer ONNX Runtime than this one (onnxruntime {ort_version}: "
+                f"{'; '.join(found)}); upgrade it: pip install -U onnxruntime (or onnxruntime-gpu)")
+    text = re.sub(r"^.*?\) (?=[A-Z])", "", text) if ") " in text[:400] else text  # drop "file.cc:12 void f(...)"
+    if len(text) > 300:
+        cut = text[:300].rfind(". ")
+        text = text[:cut + 1] if cut > 80 else text[:300].rsplit(" ", 1)[0] + " ..."
+    return (f"{path}: ONNX Runtime cannot load the model ({text}); the file or its model.onnx.data is missing or "
+            "corrupt: copy the folder again or re-export it")
+
+
 class RuntimeInputError(ValueError):
     """Inputs that the graph cannot run on (wrong shapes, batch sizes, lengths)."""
 
@@ -309,8 +329,7 @@ class OnnxCausalLM:
         try:
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            raise ManifestError(f"{path}: ONNX Runtime cannot load the model ({str(e).strip()[:300]}); "
-                                "the file or its model.onnx.data is missing or corrupt: re-export it") from None
+            raise ManifestError(_load_failure(path, str(e), ort.__version__)) from None
         m = self.manifest
         self.fused = m.graph == "fused"
         self.L = m.num_layers

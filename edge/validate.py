@@ -221,6 +221,11 @@ def _check_external(folder: Path, model_file: str, g: GraphSummary) -> int:
             if not f.is_file():
                 raise ExportFolderError(f"{f} is missing ({model_file} keeps its weights there): copy the whole "
                                         f"folder again or {_REEXPORT}")
+            real = f.resolve()
+            if folder.resolve() not in real.parents:  # ONNX Runtime refuses data that escapes the folder
+                raise ExportFolderError(f"{f} is a link to {real}, outside the model folder; ONNX Runtime reads "
+                                        "external data only from inside the folder: copy the file in instead of "
+                                        f"linking it (e.g. cp --remove-destination {real} {f})")
             sizes[loc] = f.stat().st_size
         end = ref.offset + (ref.length or 0)
         if end > need.get(loc, (0, ""))[0]:

@@ -365,9 +365,12 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
     cfg.validate()
     src, out = Path(src), Path(out)
     man = Manifest.read(src)
-    if man.precision not in ("fp32", "fp16") or man.quantization:
-        raise QuantizationError(f"{src} is already quantized or not float (precision {man.precision}); quantize the "
-                                "fp32 export (or an fp16 one, for int4/int8 with fp16 activations on a GPU)")
+    if man.quantization or man.precision not in ("fp32", "fp16", "bf16"):
+        raise QuantizationError(f"{src} is already quantized (precision {man.precision}); quantize the fp32 export "
+                                "it was made from (or an fp16 one, for int4/int8 with fp16 activations on a GPU)")
+    if man.precision == "bf16":
+        raise QuantizationError(f"{src} is a bf16 export, which the quantizer does not read (bfloat16 weights); "
+                                "quantize the fp32 export of the model (or an fp16 one, for a GPU)")
     if man.precision == "fp16" and cfg.precision == "int8-dynamic":
         raise QuantizationError("int8-dynamic needs an fp32 export; use --precision int4 or int8 on an fp16 export")
     if out.exists() and not overwrite:  # fail before the slow load
