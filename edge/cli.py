@@ -1130,7 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_paths(a)
         a.func(a)
     except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_environment_error(e) or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -1169,15 +1169,17 @@ def _environment_error(e: BaseException) -> str | None:
 
     if isinstance(e, DownloadError):
         return str(e).splitlines()[0]
+    cause = e.__cause__ if isinstance(e.__cause__, OSError) else e  # e.g. ExportError from an OSError
     text = str(e)
-    code = getattr(e, "errno", None)
-    where = getattr(e, "filename", None)
+    code = getattr(cause, "errno", None)
+    where = getattr(cause, "filename", None)
     where = f" ({public_path(where)})" if where else ""
     if code == errno.ENOSPC or "No space left on device" in text or "StorageFull" in text:
         return (f"no space left on the device{where}; nothing was kept. Free space there, or write to another "
                 "disk (-o, or PARSCALE_EDGE_CACHE for the cache)")
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{e.strerror or text}{where}; choose a folder you can write (-o, or PARSCALE_EDGE_CACHE for the cache)"
+        return (f"{cause.strerror or text}{where}; choose a folder you can write (-o, or PARSCALE_EDGE_CACHE for the "
+                "cache)")
     return None
 
 
