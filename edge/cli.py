@@ -257,6 +257,8 @@ def _check_output(out: str, overwrite: bool, sources: Sequence[str] = ()) -> Non
     parent = p.resolve().parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"cannot create {p}: {parent} is a file, not a folder; choose another output path")
     if not os.access(parent, os.W_OK):
         raise CLIError(f"cannot create {p}: {parent} is not writable")
 
@@ -533,6 +535,14 @@ def _eval_setup(a):
     return text, desc
 
 
+def _check_window(window: int, *rts) -> None:
+    """Raises CLIError when ``--window`` does not fit in a model's context."""
+    ctx = min(rt.manifest.max_position_embeddings for rt in rts)
+    if window > ctx:
+        raise CLIError(f"--window {window} is longer than the model's context of {ctx} tokens; use --window {ctx} "
+                       "or less")
+
+
 def cmd_eval(a) -> None:
     from .evaluate import onnx_logits_fn, perplexity
     from .runtime import OnnxCausalLM
@@ -541,6 +551,7 @@ def cmd_eval(a) -> None:
     rt = OnnxCausalLM(ensure_export(a.model, a.parallel, a.threads, progress=not a.quiet), device=a.device,
                       parallel=_fused_parallel(a.model, a.parallel),
                       threads=a.threads)
+    _check_window(a.window, rt)
     tokens = rt.tokenizer.encode(text)
     r = perplexity(onnx_logits_fn(rt), tokens, window=a.window, stride=a.stride, max_positions=a.max_positions)
     r.update(model=str(a.model), folder=str(rt.folder), precision=rt.manifest.precision, P=rt.P, text=desc,
@@ -559,6 +570,7 @@ def cmd_compare(a) -> None:
                        device=a.device, threads=a.threads, parallel=_fused_parallel(a.reference, a.reference_parallel))
     cand = OnnxCausalLM(ensure_export(a.candidate, a.candidate_parallel, a.threads, progress=not a.quiet),
                         device=a.device, threads=a.threads, parallel=_fused_parallel(a.candidate, a.candidate_parallel))
+    _check_window(a.window, ref, cand)
     tokens = ref.tokenizer.encode(text)
     if cand.tokenizer.encode(text) != tokens:
         raise CLIError("the two models tokenize the text differently; compare models of the same tokenizer")
@@ -1177,6 +1189,8 @@ def _environment_error(e: BaseException) -> str | None:
     if code == errno.ENOSPC or "No space left on device" in text or "StorageFull" in text:
         return (f"no space left on the device{where}; nothing was kept. Free space there, or write to another "
                 "disk (-o, or PARSCALE_EDGE_CACHE for the cache)")
+    if code in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
+        return f"{cause.strerror or text}{where}; choose another path"
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return (f"{cause.strerror or text}{where}; choose a folder you can write (-o, or PARSCALE_EDGE_CACHE for the "
                 "cache)")

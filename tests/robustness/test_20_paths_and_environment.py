@@ -93,3 +93,14 @@ def test_a_fetch_without_network_or_space_is_one_line(tmp_path, monkeypatch, std
     monkeypatch.setattr(hub.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr))
     one_line(capsys, ["-q", "generate", "-p", "hi"], *words)
     assert not (tmp_path / "cache" / "gguf" / "smollm2-135m.gguf").exists()
+
+
+def test_an_output_under_a_file_is_refused_before_the_work(tmp_path, no_work, capsys):
+    (tmp_path / "afile").write_text("x")
+    one_line(capsys, ["-q", "export", "smollm2-135m", "-o", str(tmp_path / "afile" / "out")], "is a file, not a folder")
+
+
+@pytest.mark.parametrize("cmd", [["eval", "{m}"], ["compare", "{m}", "{m}"]])
+def test_a_window_beyond_the_context_is_refused_before_scoring(text_export, cmd, capsys):
+    one_line(capsys, [c.format(m=text_export.folder) for c in cmd] + ["--window", "1000"],
+             "--window 1000 is longer than the model's context of 256 tokens")
