@@ -27,7 +27,10 @@ from typing import Any
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 2  # 2: fused graphs (GroupQueryAttention, ParScale parts as inputs)
+#: 2: fused graphs (GroupQueryAttention, ParScale parts as inputs); 3: fused graphs without
+#: GroupQueryAttention's ``query_seqlens`` (onnxruntime 1.31, the GPU build): a prefill is a first
+#: prompt that carries the ParScale prefix as rows in front of the chunk (:func:`prefix_row_names`)
+FORMAT_VERSION = 3
 #: export precision -> dtype of the KV cache inputs/outputs (ONNX / numpy name); logits are always float32.
 CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: model.onnx metadata key: JSON {packed MatMul node name: output widths of its parts} (fused graphs)
@@ -35,6 +38,24 @@ PACKED_WIDTHS_KEY = "packed_widths"
 #: model.onnx metadata key, "1" when every weight MatMul of the graph reads 2-D token rows [N*S, in]
 #: (fused graphs; the quantizer then writes each GGUF Q4_1 correction as one Gemm)
 TOKEN_ROWS_KEY = "token_rows_2d"
+
+
+#: Fused graphs: inputs carrying the ParScale aggregator (the MLP of the paper's Sec. 2 "aggregate").
+AGG_INPUTS = ("parscale.aggregate.w1", "parscale.aggregate.b1", "parscale.aggregate.w2", "parscale.aggregate.b2")
+#: Fused graphs: prefix slots a request may hold on top of the context (authors: 48 prefix tokens).
+MAX_PREFIX_SLOTS = 128
+#: Fused graphs: GroupQueryAttention's RoPE tables, graph inputs [slots, head_dim/2] of the cache dtype,
+#: indexed by cache slot: identity rows for the n prefix slots, then position p at slot n + p
+#: (:func:`edge.runtime.rope_tables`). GroupQueryAttention then takes every position from the slot.
+ROPE_INPUTS = ("rope.cos_cache", "rope.sin_cache")
+
+
+def prefix_row_names(num_layers: int) -> list[str]:
+    """Fused graphs: ``parscale.prefix_rows.{i}``, one per layer, [P*B, M, (heads + 2*kv_heads)*head_dim]
+    of the cache dtype. A first prompt (a chunk into a cache holding only the prefix) feeds M = n_prefix
+    rows per stream, zero queries then the stream's prefix keys and values, which GroupQueryAttention
+    writes into the first cache slots; every other step feeds M = 0 rows (the prefix is in the cache)."""
+    return [f"parscale.prefix_rows.{i}" for i in range(num_layers)]
 
 
 def past_names(num_layers: int) -> list[str]:

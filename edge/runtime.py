@@ -14,16 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import MODEL_FILE, Manifest, ManifestError, past_names, present_names
+from .manifest import (AGG_INPUTS, FORMAT_VERSION, MAX_PREFIX_SLOTS, MODEL_FILE, ROPE_INPUTS, Manifest, ManifestError,
+                       past_names, prefix_row_names, present_names)
 from .validate import check_export_folder, check_kv_memory
 
-#: Prefix slots a fused graph's RoPE table allows on top of the context (authors: 48 prefix tokens).
-MAX_PREFIX_SLOTS = 128
-#: Graph inputs of the fused graph carrying the ParScale aggregator (export.onnx_builder).
-AGG_INPUTS = ("parscale.aggregate.w1", "parscale.aggregate.b1", "parscale.aggregate.w2", "parscale.aggregate.b2")
-#: Fused graphs pass GroupQueryAttention's ``query_seqlens`` (input 16, right-padded chunks of several
-#: rows), which ONNX Runtime has from 1.32 on (CPU and CUDA); older versions refuse the graph.
-FUSED_MIN_ORT = (1, 32)
+#: The oldest ONNX Runtime the fused graph is tested on: .ci/ort_compat.sh runs the fused-graph tests
+#: under 1.31.1 (onnxruntime-gpu's newest release as this is written), the main suite under 1.32.
+#: (1.30.0 passed a spot check on tiny fp32 models; it is not tested, so it is refused.)
+FUSED_MIN_ORT = (1, 31)
 
 
 def ort_version(version: str) -> tuple[int, int]:
@@ -62,6 +60,22 @@ def cache_host_array(x: np.ndarray, cache_dtype: str) -> np.ndarray:
     float16, or uint16 bfloat16 bits; same shape. Raises ManifestError for another cache dtype."""
     host = cache_types(cache_dtype)[1]
     return bfloat16_bits(x) if host is np.uint16 else np.ascontiguousarray(x, dtype=host)
+
+
+def rope_tables(slots: int, n_prefix: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """GroupQueryAttention's RoPE tables for a fused-graph cache of ``slots`` slots whose first
+    ``n_prefix`` hold the ParScale prefix: cos and sin, float32 [slots, head_dim/2] (half-split RoPE,
+    frequencies theta^(-2i/head_dim) as in the dense model).
+
+    GroupQueryAttention rotates the token in cache slot s by row s. Rows 0..n_prefix-1 are the
+    identity (cos 1, sin 0 exactly), so prefix keys enter the cache unrotated (the authors' prefix
+    takes no position); row n_prefix + p rotates by position p, so real tokens keep the positions
+    0..S-1 of the dense model whatever P is (docs/parscale.md, "positions")."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    freqs = np.arange(max(0, slots - n_prefix), dtype=np.float32)[:, None] * inv_freq[None]
+    ident = np.zeros((min(slots, n_prefix), head_dim // 2), np.float32)
+    return (np.concatenate([ident + 1.0, np.cos(freqs)]).astype(np.float32),
+            np.concatenate([ident, np.sin(freqs)]).astype(np.float32))
 
 
 def cache_nbytes(values: Sequence) -> int:
@@ -267,6 +281,8 @@ class DecodeState:
         self.binding = None
         self.decode_io: dict[str, np.ndarray] | None = None  # fused, CPU: decode-step arrays bound once
         self.decode_bound = False
+        self.prefix_rows: list[np.ndarray] = []  # fused: per layer [P, n, .] fed by a first prompt
+        self.rope: list = []  # fused: the cos/sin OrtValues bound for this cache (edge.runtime.rope_tables)
         self.closed = False
 
     @property
@@ -277,6 +293,7 @@ class DecodeState:
     def close(self) -> None:
         """Free the cache now (idempotent)."""
         self.buffers, self.past, self.binding, self.decode_io, self.closed = [], None, None, None, True
+        self.rope = []
 
 
 class OnnxCausalLM:
@@ -318,8 +335,12 @@ class OnnxCausalLM:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.manifest.graph == "fused" and ort_version(ort.__version__) < FUSED_MIN_ORT:
             raise ManifestError(f"{self.folder} is a fused graph, which needs onnxruntime >= "
-                                f"{'.'.join(map(str, FUSED_MIN_ORT))} (GroupQueryAttention's query_seqlens input); "
-                                f"this is onnxruntime {ort.__version__}: upgrade it, or export with --graph reference")
+                                f"{'.'.join(map(str, FUSED_MIN_ORT))}; this is onnxruntime {ort.__version__}: "
+                                "upgrade onnxruntime, or export with --graph reference")
+        if self.manifest.graph == "fused" and self.manifest.format_version < FORMAT_VERSION:
+            raise ManifestError(f"{self.folder} is a fused graph of export format {self.manifest.format_version} "
+                                f"(GroupQueryAttention's query_seqlens, onnxruntime >= 1.32 only); this parscale-edge "
+                                f"runs format {FORMAT_VERSION}: export the model again")
         self.providers = select_providers(device)
         first = self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]
         if self.manifest.cache_dtype == "bfloat16" and first != "CUDAExecutionProvider":
@@ -335,6 +356,7 @@ class OnnxCausalLM:
         self.L = m.num_layers
         self._past_names = past_names(self.L)
         self._present_names = present_names(self.L)
+        self._prefix_names = prefix_row_names(self.L) if self.fused else []
         self._outputs = ["logits", *self._present_names]
         self._tokenizer = None
         self._ort = ort
@@ -395,11 +417,31 @@ class OnnxCausalLM:
             dt = self.manifest.cache_dtype
             prefix = [(cache_host_array(k, dt), cache_host_array(v, dt)) for k, v in prefix]
         ov = self._ort.OrtValue.ortvalue_from_numpy
-        parts = {"P": P, "n_prefix": n, "prefix": prefix,
+        parts = {"P": P, "n_prefix": n, "prefix": prefix, "rows": self._prefix_rows(prefix, P),
                  "agg": {name: ov(np.ascontiguousarray(a, dtype=np.float32), self._device, 0)
                          for name, a in zip(AGG_INPUTS, agg)}}
         self._parts[P] = parts
         return parts
+
+    def _prefix_rows(self, prefix: Sequence[tuple[np.ndarray, np.ndarray]], P: int) -> list[np.ndarray]:
+        """Per layer, the rows a first prompt feeds as ``parscale.prefix_rows.{i}`` for one sample:
+        [P, n, (heads + 2*kv_heads)*head_dim] in the cache's host representation, packed like the
+        graph's q|k|v (zero queries, then stream p's prefix keys and values, head-major); [P, 0, .]
+        for P = 1 (:func:`edge.manifest.prefix_row_names`)."""
+        m = self.manifest
+        width = next(i for i in self.session.get_inputs() if i.name == self._prefix_names[0]).shape[2]
+        kvw = m.num_key_value_heads * m.head_dim
+        host = cache_types(m.cache_dtype)[1]
+        if not prefix:
+            return [np.zeros((P, 0, width), host)] * self.L
+        rows = []
+        for k, v in prefix:  # [P, kv_heads, n, head_dim] -> [P, n, kv_heads*head_dim]
+            n = k.shape[2]
+            r = np.zeros((P, n, width), host)
+            r[:, :, width - 2 * kvw:width - kvw] = k.transpose(0, 2, 1, 3).reshape(P, n, kvw)
+            r[:, :, width - kvw:] = v.transpose(0, 2, 1, 3).reshape(P, n, kvw)
+            rows.append(r)
+        return rows
 
     def _check_token_ids(self, input_ids: np.ndarray) -> None:
         """Raises RuntimeInputError for ids outside [0, vocab): the embedding Gather would read
@@ -503,9 +545,23 @@ class OnnxCausalLM:
             io.bind_ortvalue_output(present_name, v)  # GroupQueryAttention writes in place
         for name, v in parts["agg"].items():
             io.bind_ortvalue_input(name, v)
-        io.bind_cpu_input("total_sequence_length", np.array(n + capacity, dtype=np.int32))
+        if m.rope_theta is None:
+            raise ManifestError(f"{self.folder}: the manifest has no rope_theta; export the model again")
+        st.rope = [self._ort.OrtValue.ortvalue_from_numpy(cache_host_array(t, m.cache_dtype), self._device, 0)
+                   for t in rope_tables(n + capacity, n, m.head_dim, m.rope_theta)]
+        for name, v in zip(ROPE_INPUTS, st.rope):
+            io.bind_ortvalue_input(name, v)
         st.binding = io
+        st.prefix_rows = parts["rows"]
+        self._bind_steps(st)
         return st
+
+    def _bind_steps(self, st: DecodeState) -> None:
+        """Bind what every step after a first prompt feeds: no prefix rows (the prefix is in the cache)
+        and ``total_sequence_length`` = the cache's size, so GroupQueryAttention reads the past."""
+        for name, r in zip(self._prefix_names, st.prefix_rows):
+            self._bind_cache_input(st.binding, name, np.zeros((st.P * st.batch, 0, r.shape[2]), r.dtype))
+        st.binding.bind_cpu_input("total_sequence_length", np.array(st.capacity, dtype=np.int32))
 
     def _check_kv_memory(self, batch: int, capacity: int, P: int) -> None:
         """The request's KV cache (P*batch rows of prefix + ``capacity`` slots, every layer, key and
@@ -518,15 +574,23 @@ class OnnxCausalLM:
         item = 2 if m.cache_dtype in ("float16", "bfloat16") else 4
         need = 2 * self.L * P * batch * m.num_key_value_heads * slots * m.head_dim * item
         check_kv_memory(need, f"P={P} x {batch} row(s) x {slots} slots x {self.L} layers, {m.cache_dtype}",
-                        f"ask for fewer new tokens (-n / max_new_tokens) or a smaller P")
+                        "ask for fewer new tokens (-n / max_new_tokens) or a smaller P")
 
     def step(self, state: DecodeState, input_ids: np.ndarray, query_lens: np.ndarray | None = None,
              logits_index: np.ndarray | None = None) -> np.ndarray:
         """Fused graphs: append a right-padded chunk to every row and return the requested logits.
 
+        Three kinds of graph call, as GroupQueryAttention allows them on onnxruntime 1.31 and later:
+        a chunk into a fresh state (only the prefix in the cache) is a *first prompt* that carries
+        the ParScale prefix as rows in front (:func:`edge.manifest.prefix_row_names`); one token per
+        row is a decode step; a later chunk of several tokens runs as one call when the cache has a
+        single row (P*B = 1), else token by token through decode steps (GroupQueryAttention takes a
+        multi-token chunk after a past for batch 1 only), with the same logits.
+
         Args:
             input_ids: int64 [B, S]; row b's first ``query_lens[b]`` tokens are real (default all S),
-                the rest padding. A row with ``query_lens[b] == 0`` is idle (its cache is unchanged).
+                the rest padding. A row with ``query_lens[b] == 0`` is idle (its length is unchanged;
+                a decode step writes a scratch entry into its next free slot, which is never read).
             logits_index: int64 [B, K] positions in the chunk to return logits for (default: each
                 row's last real token, K = 1).
         Returns:
@@ -551,6 +615,12 @@ class OnnxCausalLM:
                                     f"{(state.lengths - state.n_prefix).tolist()}; make a state with a larger capacity")
         if logits_index is None:
             logits_index = np.maximum(q - 1, 0)[:, None]
+        fresh = bool((state.lengths == state.n_prefix).all())
+        if S > 1 and not fresh:
+            if state.P * B > 1 or not 0 <= int(logits_index.max()) < int(q[0]):
+                return self._step_tokenwise(state, input_ids, q, logits_index)
+            S = int(q[0])  # one cache row: GroupQueryAttention takes its real tokens after the past
+            input_ids = input_ids[:, :S]
         io = state.binding
         K = logits_index.shape[1]
         if S == 1 and K == 1 and self._device == "cpu":
@@ -558,17 +628,14 @@ class OnnxCausalLM:
             d = state.decode_io
             if d is None:
                 V = self.manifest.vocab_size
-                d = state.decode_io = {"input_ids": np.zeros((B, 1), np.int64), "position_ids": np.zeros((B, 1), np.int64),
-                                       "seqlens_k": np.zeros(B, np.int32), "query_seqlens": np.zeros(B, np.int32),
+                d = state.decode_io = {"input_ids": np.zeros((B, 1), np.int64), "seqlens_k": np.zeros(B, np.int32),
                                        "logits_index": np.zeros((B, 1), np.int64), "logits": np.zeros((B, 1, V), np.float32)}
             d["input_ids"][:] = input_ids
-            d["position_ids"][:, 0] = state.lengths - state.n_prefix
-            d["seqlens_k"][:] = state.lengths + q - 1
-            d["query_seqlens"][:] = q
+            d["seqlens_k"][:] = state.lengths  # the new token's slot; an idle row's scratch entry goes there too
             d["logits_index"][:] = logits_index
             if not state.decode_bound:
                 ov = self._ort.OrtValue.ortvalue_from_numpy
-                for name in ("input_ids", "position_ids", "seqlens_k", "query_seqlens", "logits_index"):
+                for name in ("input_ids", "seqlens_k", "logits_index"):
                     io.bind_ortvalue_input(name, ov(d[name]))
                 io.bind_ortvalue_output("logits", ov(d["logits"]))
                 state.decode_bound = True
@@ -576,11 +643,17 @@ class OnnxCausalLM:
             state.lengths += q
             return d["logits"].copy()
         state.decode_bound = False
-        pos = (state.lengths - state.n_prefix)[:, None] + np.arange(S, dtype=np.int64)[None]
+        first = fresh and S > 1
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        io.bind_cpu_input("position_ids", pos)
-        io.bind_cpu_input("seqlens_k", (state.lengths + q - 1).astype(np.int32))
-        io.bind_cpu_input("query_seqlens", q.astype(np.int32))
+        if first:  # a first prompt: right-padded rows, the prefix rows in front, nothing read from the cache
+            io.bind_cpu_input("seqlens_k", (state.n_prefix + np.maximum(q, 1) - 1).astype(np.int32))
+            io.bind_cpu_input("total_sequence_length", np.array(state.n_prefix + S, dtype=np.int32))
+            rows = [np.ascontiguousarray(np.broadcast_to(r[None], (B, *r.shape)).reshape(B * r.shape[0], *r.shape[1:]))
+                    for r in state.prefix_rows]  # [P, n, .] -> [B*P, n, .], batch-major
+            for name, r in zip(self._prefix_names, rows):
+                self._bind_cache_input(io, name, r)
+        else:
+            io.bind_cpu_input("seqlens_k", (state.lengths + np.maximum(q, 1) - 1).astype(np.int32))
         io.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, dtype=np.int64))
         shape = (B, K, self.manifest.vocab_size)
         if self._device == "cpu":  # ORT writes straight into this array
@@ -589,9 +662,35 @@ class OnnxCausalLM:
         else:  # a device buffer; only the requested logits travel to the host
             dev = self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self._device, 0)
             io.bind_ortvalue_output("logits", dev)
-        self.session.run_with_iobinding(io)
+        try:
+            self.session.run_with_iobinding(io)
+        finally:
+            if first:
+                self._bind_steps(state)
         state.lengths = state.lengths + q
         return out if self._device == "cpu" else dev.numpy()
+
+    def _step_tokenwise(self, state: DecodeState, input_ids: np.ndarray, q: np.ndarray,
+                        logits_index: np.ndarray) -> np.ndarray:
+        """A multi-token chunk after a past with several cache rows, as one decode step per token
+        (:meth:`step`'s third case): row b takes part in the first ``q[b]`` steps. Returns the
+        logits of ``logits_index`` float32 [B, K, vocab]; positions past a row's real tokens hold
+        the logits of a scratch step."""
+        B, S = input_ids.shape
+        K = logits_index.shape[1]
+        out = np.empty((B, K, self.manifest.vocab_size), dtype=np.float32)
+        for t in range(S):
+            logits = self.step(state, input_ids[:, t:t + 1], (q > t).astype(np.int64), np.zeros((B, 1), np.int64))
+            b, k = np.nonzero(logits_index == t)
+            out[b, k] = logits[b, 0]
+        return out
+
+    def _bind_cache_input(self, io, name: str, host: np.ndarray) -> None:
+        """Bind a host array of the cache's representation (uint16 bits for bfloat16) as input ``name``."""
+        if host.dtype == np.uint16:
+            io.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(host, 16))
+        else:
+            io.bind_cpu_input(name, host)
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 parallel: int | None = None) -> tuple[DecodeState, np.ndarray]:

@@ -4,34 +4,45 @@ The TorchScript export (:mod:`export.onnx_export`) is the reference: it mirrors 
 node for node (unfused attention, ~2600 Constant nodes for smollm2-135m, past and present
 concatenated every step). This builder writes the graph a runtime wants, in the way
 onnxruntime-genai's model builder does: ``SkipSimplifiedLayerNormalization`` (plus two plain RMSNorms that ONNX Runtime fuses) for the RMSNorms and residual adds, ``GroupQueryAttention``
-(RoPE inside, past and present sharing one preallocated buffer), plain ``MatMul`` weights that
+(RoPE inside from tables the runtime feeds, past and present sharing one preallocated buffer), plain ``MatMul`` weights that
 ``parscale quantize`` turns into ``MatMulNBits``, and logits only for the positions asked for.
 
 ParScale (Chen et al. 2025, Sec. 2) in this graph:
 
-* **replicate**: the embedded rows and the per-row lengths/positions are expanded to P*B rows,
-  batch-major (row ``b*P + p`` is stream p of sample b), so one sample's streams are contiguous;
-* **prefix**: the runtime writes each stream's per-layer prefix keys/values into the first
-  ``n_prefix`` slots of its KV-cache rows once per request (prefix keys carry no RoPE, so they sit
-  in the cache as they are); ``seqlens_k`` counts them, ``position_ids`` do not;
+* **replicate**: the embedded rows and the per-row lengths are expanded to P*B rows, batch-major
+  (row ``b*P + p`` is stream p of sample b), so one sample's streams are contiguous;
+* **prefix**: each stream's per-layer prefix keys/values occupy the first ``n_prefix`` slots of its
+  KV-cache rows. The runtime writes them there when it allocates the cache, and a *first prompt*
+  (a chunk into a cache holding only the prefix) also carries them as ``parscale.prefix_rows.{i}``
+  in front of its packed q|k|v (zero queries, dropped after attention), because GroupQueryAttention
+  reads no past on a first prompt. Every other step feeds zero prefix rows;
+* **positions**: GroupQueryAttention rotates the token in cache slot s by row s of the RoPE tables,
+  which are graph inputs (``rope.cos_cache``/``rope.sin_cache``, :func:`edge.runtime.rope_tables`):
+  identity rows for the prefix slots (prefix keys carry no RoPE), then position p at slot
+  n_prefix + p, so real tokens keep the dense model's positions for every P;
 * **aggregate**: after the last layer only the requested positions are gathered, then the final
   RMSNorm, the aggregator MLP (its weights are graph *inputs*, ``parscale.aggregate.*``) and one
   ``lm_head`` over B*K rows.
 
-Because the prefix and the aggregator are inputs, the graph does not depend on P: one backbone
-export serves every P for which the folder has a ParScale part file (dynamic parallel scaling).
-P = 1 feeds a zero aggregator: softmax over one stream is exactly 1.
+Because the prefix, the RoPE tables and the aggregator are inputs, the graph does not depend on P:
+one backbone export serves every P for which the folder has a ParScale part file (dynamic parallel
+scaling). P = 1 feeds a zero aggregator (softmax over one stream is exactly 1) and no prefix.
 
-Graph inputs (B user rows, S new tokens, K gathered positions, N = P*B, C = cache capacity):
-``input_ids`` int64 [B, S]; ``position_ids`` int64 [B, S] (RoPE positions of the new tokens);
-``seqlens_k`` int32 [B] (tokens in the cache after this step, prefix included, minus 1);
-``query_seqlens`` int32 [B] (valid tokens of this right-padded chunk); ``total_sequence_length``
-int32 [] (an upper bound of seqlens_k + 1: the capacity C); ``logits_index`` int64 [B, K];
-``parscale.aggregate.w1`` float32 [P*H, A], ``.b1`` [A], ``.w2`` [A, P], ``.b2`` [P] (A = H; the
-runtime feeds A = 1 for P = 1, a zero aggregator whose softmax over one stream is exactly 1);
-``past_key_values.{i}.key/.value`` [N, kv_heads, C, head_dim] of the cache dtype (float32, float16
-or bfloat16 for precision fp32/fp16/bf16; bound to the same buffer as the matching ``present``).
-Outputs: ``logits`` float32 [B, K, vocab]; ``present.{i}.key/.value``.
+Every GroupQueryAttention call is of a kind onnxruntime 1.31 (the newest onnxruntime-gpu as this is
+written) accepts for any batch: a right-padded first prompt, or one token per row after a past.
+A later multi-token chunk runs in one call only for a single cache row; the runtime steps it token
+by token otherwise (:meth:`edge.runtime.OnnxCausalLM.step`). No ``position_ids`` input is used:
+CUDA GroupQueryAttention refuses it in some releases and the CPU kernel ignores it on a first prompt.
+
+Graph inputs (B user rows, S new tokens, K gathered positions, N = P*B, C = cache slots, M prefix rows):
+``input_ids`` int64 [B, S]; ``seqlens_k`` int32 [B] (tokens in the cache after this step, prefix
+included, minus 1); ``total_sequence_length`` int32 [] (M + S for a first prompt, else C);
+``logits_index`` int64 [B, K]; ``parscale.aggregate.w1`` float32 [P*H, A], ``.b1`` [A], ``.w2``
+[A, P], ``.b2`` [P] (A = H; the runtime feeds A = 1 for P = 1); ``past_key_values.{i}.key/.value``
+[N, kv_heads, C, head_dim] of the cache dtype (float32, float16 or bfloat16 for precision
+fp32/fp16/bf16; bound to the same buffer as the matching ``present``); ``parscale.prefix_rows.{i}``
+[N, M, (heads + 2*kv_heads)*head_dim] of the cache dtype; ``rope.cos_cache``/``rope.sin_cache``
+[>= C, head_dim/2] of the cache dtype. Outputs: ``logits`` float32 [B, K, vocab]; ``present.{i}.key/.value``.
 
 Half precision (fp16/bf16, the CUDA path): weights, matmuls, GroupQueryAttention and the KV cache in
 half; the residual stream, norms, aggregator and logits in float32 (:func:`build_fused_graph`).
@@ -50,8 +61,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edge.adapter import backbone_sha256, is_parscale_tensor, save_adapter
 from edge.atomic import atomic_folder
 from edge.loading import LoadedModel
-from edge.manifest import CACHE_DTYPES, PACKED_WIDTHS_KEY, TOKEN_ROWS_KEY, past_names, present_names
-from edge.runtime import AGG_INPUTS, MAX_PREFIX_SLOTS
+from edge.manifest import (AGG_INPUTS, CACHE_DTYPES, PACKED_WIDTHS_KEY, ROPE_INPUTS, TOKEN_ROWS_KEY, past_names,
+                           prefix_row_names, present_names)
 
 OPSET = 17
 GRAPH_KIND = "fused"
@@ -111,13 +122,6 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def rope_tables(max_positions: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """GroupQueryAttention's cos/sin caches: float32 [max_positions, head_dim/2] each (half-split RoPE)."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
-    freqs = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None]
-    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
-
-
 def fused_unsupported(cfg) -> str | None:
     """Why the fused graph cannot run ``cfg`` (a ParScaleConfig) on ONNX Runtime, or None."""
     if cfg.head_dim % 16:
@@ -129,10 +133,10 @@ def fused_unsupported(cfg) -> str | None:
 PACKED = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}
 
 
-def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32") -> onnx.ModelProto:
+def build_fused_graph(lm: LoadedModel, precision: str = "fp32") -> onnx.ModelProto:
     """The fused decoder graph of ``lm`` (weights as initializers; see the module docstring).
-    ``pack``: q/k/v as one MatMul feeding GroupQueryAttention's packed input, gate/up as one MatMul
-    and a Split (:data:`PACKED`).
+    q/k/v are one MatMul feeding GroupQueryAttention's packed input, gate/up one MatMul and a Split
+    (:data:`PACKED`).
 
     ``precision`` fp32, fp16 or bf16 (:data:`ELEM_TYPES`). fp16/bf16 (the CUDA path: ONNX Runtime's
     CUDA GroupQueryAttention is half precision only) store the embedding, every projection, the
@@ -161,9 +165,7 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
     g = _Graph()
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
-              helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"]),
               helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
-              helper.make_tensor_value_info("query_seqlens", i32, ["batch"]),
               helper.make_tensor_value_info("total_sequence_length", i32, []),
               helper.make_tensor_value_info("logits_index", i64, ["batch", "gathered"]),
               # the aggregator's hidden width is H for P > 1; P = 1 feeds width 1 (its softmax is 1 anyway)
@@ -173,6 +175,10 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
               helper.make_tensor_value_info(AGG_INPUTS[3], f32, ["parallel"])]
     cache_shape = ["stream_batch", kv, "capacity", hd]
     inputs += [helper.make_tensor_value_info(n, ht, cache_shape) for n in past_names(L)]
+    qkv_width = (nh + 2 * kv) * hd
+    inputs += [helper.make_tensor_value_info(n, ht, ["stream_batch", "prefix_rows", qkv_width])
+               for n in prefix_row_names(L)]
+    inputs += [helper.make_tensor_value_info(n, ht, ["rope_slots", hd // 2]) for n in ROPE_INPUTS]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "gathered", V])]
     outputs += [helper.make_tensor_value_info(n, ht, cache_shape) for n in present_names(L)]
 
@@ -211,15 +217,12 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
     # the quantizer's Q4_1 corrections (MatMul + Add) into one Gemm each; attention sees [N, S, .]
     x = replicate(x, [S, Hc], "hidden", rows=g.const_i64([-1, H], "token_rows_shape"))  # [N*S, H]
     nsd = g.one("Concat", [N, S, minus1], name="/sizes/N_S_minus1", axis=0)  # token rows -> [N, S, -1]
-    pos = replicate("position_ids", [S], "position_ids")  # [N, S]
+    # ParScale prefix rows of a first prompt (M = 0 rows in every other step); dropped after attention
+    M = g.one("Gather", [g.one("Shape", [prefix_row_names(L)[0]], name="/prefix/shape"), one],
+              name="/prefix/M", axis=0)  # [1]
     seqlens = g.one("Cast", [replicate(g.one("Cast", ["seqlens_k"], name="/replicate/seqlens_k/to64", to=TensorProto.INT64),
                                        [], "seqlens_k")], name="/replicate/seqlens_k/to32", to=TensorProto.INT32)
-    qlens = g.one("Cast", [replicate(g.one("Cast", ["query_seqlens"], name="/replicate/query_seqlens/to64",
-                                           to=TensorProto.INT64), [], "query_seqlens")],
-                  name="/replicate/query_seqlens/to32", to=TensorProto.INT32)
-    # GroupQueryAttention checks the table against total_sequence_length, which counts prefix slots
-    cos, sin = rope_tables(cfg.max_position_embeddings + MAX_PREFIX_SLOTS, hd, cfg.rope_theta)
-    cos_c, sin_c = g.init_typed("rope.cos_cache", cos, ht), g.init_typed("rope.sin_cache", sin, ht)
+    big = g.const_i64([np.iinfo(np.int64).max], "int64_max")
 
     def linear(inp: str, layer: int, block: str, names: tuple[str, ...]) -> str:
         """One MatMul over the concatenated weights ``names`` of one block (output width the sum),
@@ -264,19 +267,20 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
             h, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [pending, residual, w_in], n_out=4,
                                        name=f"/model/layers.{i}/input_layernorm", domain="com.microsoft", epsilon=eps)
         h = to_half(h, f"/model/layers.{i}/input_layernorm/to_half")
-        if pack:  # one MatMul; GroupQueryAttention takes packed QKV (key and value inputs empty)
-            q, k, v = linear(h, i, "self_attn", ("q_proj", "k_proj", "v_proj")), "", ""
-        else:
-            q, k, v = (linear(h, i, "self_attn", (f"{n}_proj",)) for n in ("q", "k", "v"))
-        q, k, v = (t and g.one("Reshape", [t, nsd], name=f"/model/layers.{i}/self_attn/{n}_3d")
-                   for t, n in ((q, "q"), (k, "k"), (v, "v")))
+        # one MatMul; GroupQueryAttention takes packed QKV (key and value inputs empty)
+        qkv = g.one("Reshape", [linear(h, i, "self_attn", ("q_proj", "k_proj", "v_proj")), nsd],
+                    name=f"/model/layers.{i}/self_attn/qkv_3d")  # [N, S, (nh+2kv)*hd]
+        # ParScale: prefix. A first prompt carries the prefix rows in front ([N, M+S, .]: zero
+        # queries, the prefix keys and values); later steps find the prefix in the cache (M = 0)
+        qkv = g.one("Concat", [prefix_row_names(L)[i], qkv], name=f"/model/layers.{i}/self_attn/prefix_rows", axis=1)
         o, _, _ = g.node("GroupQueryAttention",
-                         [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
-                          "total_sequence_length", cos_c, sin_c, pos, "", "", "", "", "", "", qlens],
+                         [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
+                          "total_sequence_length", *ROPE_INPUTS],
                          name=f"/model/layers.{i}/self_attn/GroupQueryAttention", domain="com.microsoft",
                          outputs=[f"/model/layers.{i}/self_attn/attn_out", f"present.{i}.key", f"present.{i}.value"],
                          num_heads=nh, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0,
                          scale=float(1.0 / np.sqrt(hd)))
+        o = g.one("Slice", [o, M, big, one], name=f"/model/layers.{i}/self_attn/drop_prefix_rows")  # [N, S, .]
         o = g.one("Reshape", [o, g.const_i64([-1, nh * hd], "attn_rows_shape")], name=f"/model/layers.{i}/self_attn/rows")
         a = to_f32(linear(o, i, "self_attn", ("o_proj",)), f"/model/layers.{i}/self_attn/to_f32")
         w_post = g.init(f"{pre}.post_attention_layernorm.weight", _np(sd[f"{pre}.post_attention_layernorm.weight"]))
@@ -284,11 +288,8 @@ def build_fused_graph(lm: LoadedModel, pack: bool = True, precision: str = "fp32
                                     name=f"/model/layers.{i}/post_attention_layernorm", domain="com.microsoft",
                                     epsilon=eps)
         h2 = to_half(h2, f"/model/layers.{i}/post_attention_layernorm/to_half")
-        if pack:
-            gate, up = g.node("Split", [linear(h2, i, "mlp", ("gate_proj", "up_proj")), inter2], n_out=2,
-                              name=f"/model/layers.{i}/mlp/gate_up_split", axis=-1)
-        else:
-            gate, up = (linear(h2, i, "mlp", (n,)) for n in ("gate_proj", "up_proj"))
+        gate, up = g.node("Split", [linear(h2, i, "mlp", ("gate_proj", "up_proj")), inter2], n_out=2,
+                          name=f"/model/layers.{i}/mlp/gate_up_split", axis=-1)
         act = g.one("Mul", [gate, g.one("Sigmoid", [gate], name=f"/model/layers.{i}/mlp/act/Sigmoid")],
                     name=f"/model/layers.{i}/mlp/act/Mul")
         pending = to_f32(linear(g.one("Mul", [act, up], name=f"/model/layers.{i}/mlp/Mul"), i, "mlp", ("down_proj",)),

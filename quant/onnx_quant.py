@@ -37,6 +37,11 @@ class QuantizationError(ValueError):
     """Settings or input that cannot be quantized; nothing was written."""
 
 
+#: onnxruntime 1.31's quantize_dynamic writes a reference graph that fails its own shape inference
+#: (tested: .ci/ort_compat.sh); 1.32's does not.
+INT8_DYNAMIC_MIN_ORT = (1, 32)
+
+
 @dataclass
 class QuantConfig:
     """What to quantize and how.
@@ -411,6 +416,16 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
         raise QuantizationError(f"block size {cfg.block_size} does not divide the input dimension of "
                                 f"{len(bad)} weights (e.g. {bad[0][0]}: {bad[0][1]}); choose a block size that divides it")
     exclude = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and _keep_float(n.name, cfg, head)]
+    if cfg.precision == "int8-dynamic":
+        import onnxruntime as ort
+
+        from edge.runtime import ort_version
+
+        if ort_version(ort.__version__) < INT8_DYNAMIC_MIN_ORT:
+            raise QuantizationError(
+                f"--precision int8-dynamic needs onnxruntime >= {'.'.join(map(str, INT8_DYNAMIC_MIN_ORT))}: the "
+                f"quantize_dynamic of onnxruntime {ort.__version__} writes a graph that it cannot load (Add: "
+                "incompatible dimensions); use --precision int8 (block-wise, also on CUDA) or upgrade onnxruntime")
     with atomic_folder(out, overwrite, sources=[src]) as tmp:
         if cfg.precision == "int8-dynamic":
             warnings.warn("per-tensor dynamic int8 is fragile for language models (measured here: +70% "

@@ -12,6 +12,18 @@ from golden import GOLDEN, MODELS, fused_forward, run_cases
 from tiny import tiny_model
 
 
+def test_runs_on_the_onnxruntime_ci_asked_for():
+    """.ci/ort_compat.sh runs this file under onnxruntime 1.31.1 (PARSCALE_EXPECT_ORT): make sure it did."""
+    import os
+
+    import onnxruntime
+
+    want = os.environ.get("PARSCALE_EXPECT_ORT")
+    if want is None:
+        pytest.skip("PARSCALE_EXPECT_ORT not set (only .ci/ort_compat.sh pins the onnxruntime version)")
+    assert onnxruntime.__version__ == want
+
+
 @pytest.fixture(scope="module")
 def golden_fused(tmp_path_factory):
     root = tmp_path_factory.mktemp("fused")
@@ -177,3 +189,61 @@ def test_damaged_fused_folder_is_refused_at_load(tmp_path, damage):
         rt = OnnxCausalLM(d, device="cpu", threads=1)
         rt.generate([[5, 6]], SamplingConfig(max_new_tokens=2))
     assert str(d) in str(e.value) or "p2.safetensors" in str(e.value)
+
+
+# ------------------------------------------------------------- onnxruntime 1.31 (the GPU build)
+def test_graph_feeds_group_query_attention_only_what_onnxruntime_1_31_takes(tmp_path):
+    """No query_seqlens (new in 1.32) and no position_ids (refused by some CUDA releases, ignored by
+    the CPU kernel on a first prompt): positions come from the cache slot and the RoPE tables."""
+    import onnx
+
+    from edge.manifest import ROPE_INPUTS, prefix_row_names
+
+    d = export_model(tiny_model("qwen2", P=2, seed=1), tmp_path / "f", graph="fused")
+    g = onnx.load(str(d / "model.onnx"), load_external_data=False).graph
+    names = [i.name for i in g.input]
+    assert "query_seqlens" not in names and "position_ids" not in names
+    assert set(ROPE_INPUTS) <= set(names) and set(prefix_row_names(2)) <= set(names)
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert gqa and all(len(n.input) == 9 and list(n.input[7:]) == list(ROPE_INPUTS) for n in gqa)
+
+
+def test_rope_tables_are_identity_on_prefix_slots_then_the_dense_positions():
+    from edge.runtime import rope_tables
+
+    cos, sin = rope_tables(20, 6, 16, 10000.0)
+    cos0, sin0 = rope_tables(14, 0, 16, 10000.0)
+    assert cos.shape == sin.shape == (20, 8) and cos.dtype == np.float32
+    assert (cos[:6] == 1).all() and (sin[:6] == 0).all()
+    assert np.array_equal(cos[6:], cos0) and np.array_equal(sin[6:], sin0)
+    p = np.arange(14)[:, None] / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    np.testing.assert_allclose(cos0, np.cos(p), atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_first_prompt_leaves_the_prefix_in_the_cache_bit_exact(tmp_path, precision):
+    """A first prompt writes the prefix rows through GroupQueryAttention at RoPE row 0..n-1, the
+    identity: the cache's prefix slots must hold exactly what new_state put there."""
+    lm = tiny_model("qwen2", P=2, seed=4)
+    rt = OnnxCausalLM(export_model(lm, tmp_path / "f", graph="fused", precision=precision), device="cpu", threads=1)
+    st = rt.new_state(2, 12)
+    n = st.n_prefix
+    assert n > 0
+    before = [b[:, :, :n].copy() for b in st.buffers]
+    rt.step(st, np.random.default_rng(0).integers(4, 97, (2, 9)), np.array([9, 4]))
+    for a, b in zip(before, st.buffers):
+        assert np.array_equal(a, b[:, :, :n])
+    assert st.lengths.tolist() == [n + 9, n + 4]
+
+
+@pytest.mark.parametrize("P", [1, 2])
+def test_a_later_chunk_equals_one_prefill_for_a_single_row(tmp_path, P):
+    """After a first prompt, a multi-token chunk runs in one call for one cache row (P = 1, B = 1) and
+    token by token otherwise (P = 2): both give the logits of one prefill at every position."""
+    lm = tiny_model("llama", P=P, tie=False, seed=6)
+    rt = OnnxCausalLM(export_model(lm, tmp_path / "f", graph="fused"), device="cpu", threads=1)
+    ids = np.random.default_rng(1).integers(4, 97, (1, 12))
+    full = rt.score(ids)
+    st = rt.new_state(1, 12)
+    parts = [rt.step(st, ids[:, a:b], None, np.arange(b - a)[None]) for a, b in ((0, 4), (4, 11), (11, 12))]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, atol=1e-4)

@@ -296,15 +296,24 @@ def test_fused_export_metadata_names_precision_and_cache_dtype(tmp_path):
 
 
 def test_fused_graph_on_an_older_onnxruntime_is_refused_with_the_version(tmp_path, monkeypatch):
-    """GroupQueryAttention's query_seqlens input is new in ONNX Runtime 1.32 (onnxruntime-gpu's newest
-    release is 1.31.1 as this is written); older versions reject the graph as invalid."""
+    """Fused graphs are tested on onnxruntime 1.31 (onnxruntime-gpu's newest release as this is
+    written) and later; an older one is refused in one line naming both versions, and a fused
+    folder of export format 2 (GroupQueryAttention's query_seqlens, 1.32 only) asks for a re-export."""
+    import json
+
     import onnxruntime as ort
 
-    from edge.runtime import ort_version
+    from edge.runtime import FUSED_MIN_ORT, ort_version
 
     assert ort_version("1.31.1") == (1, 31) and ort_version("1.33.0.dev20260101") == (1, 33) and ort_version("2") == (2, 0)
+    assert FUSED_MIN_ORT == (1, 31)
     d = export_model(tiny_model(seed=2), tmp_path / "f", graph="fused", precision="fp16")
-    monkeypatch.setattr(ort, "__version__", "1.31.1")
-    with pytest.raises(ManifestError, match=r"fused graph, which needs onnxruntime >= 1.32 .GroupQueryAttention's "
-                                            r"query_seqlens input.; this is onnxruntime 1.31.1"):
+    monkeypatch.setattr(ort, "__version__", "1.30.0")
+    with pytest.raises(ManifestError, match=r"fused graph, which needs onnxruntime >= 1.31; this is onnxruntime "
+                                            r"1.30.0: upgrade onnxruntime"):
+        OnnxCausalLM(d, device="cpu")
+    monkeypatch.undo()
+    man = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**man, "format_version": 2}))
+    with pytest.raises(ManifestError, match=r"fused graph of export format 2 .* export the model again"):
         OnnxCausalLM(d, device="cpu")

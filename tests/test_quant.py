@@ -84,10 +84,30 @@ def test_already_quantized_and_non_export_inputs(golden_exports, tmp_path):
 
 
 def test_dynamic_int8_warns(golden_exports, tmp_path):
+    import onnxruntime as ort
+
+    from edge.runtime import ort_version
+    from quant.onnx_quant import INT8_DYNAMIC_MIN_ORT
+
     _, rt = golden_exports["p1_dense"]
+    if ort_version(ort.__version__) < INT8_DYNAMIC_MIN_ORT:  # .ci/ort_compat.sh (onnxruntime 1.31)
+        with pytest.raises(QuantizationError, match=r"int8-dynamic needs onnxruntime >= 1.32: .* use --precision int8"):
+            _q(rt.folder, tmp_path / "d", precision="int8-dynamic")
+        assert not (tmp_path / "d").exists()
+        return
     with pytest.warns(UserWarning, match="fragile"):
         out = _q(rt.folder, tmp_path / "d", precision="int8-dynamic")
     assert any(n.op_type == "MatMulInteger" for n in _ops(out).node)
+
+
+def test_dynamic_int8_on_onnxruntime_1_31_is_refused_before_any_work(golden_exports, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    _, rt = golden_exports["p1_dense"]
+    monkeypatch.setattr(ort, "__version__", "1.31.1")
+    with pytest.raises(QuantizationError, match=r"quantize_dynamic of onnxruntime 1.31.1 writes a graph"):
+        _q(rt.folder, tmp_path / "d", precision="int8-dynamic")
+    assert not (tmp_path / "d").exists()
 
 
 def test_accuracy_level_check_records_its_choice(golden_exports, tmp_path):
