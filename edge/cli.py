@@ -535,12 +535,16 @@ def _eval_setup(a):
     return text, desc
 
 
-def _check_window(window: int, *rts) -> None:
-    """Raises CLIError when ``--window`` does not fit in a model's context."""
+def _check_window(window: int | None, *rts) -> int:
+    """``--window``, default 512 capped at the models' context; raises CLIError when a window given
+    does not fit in it."""
     ctx = min(rt.manifest.max_position_embeddings for rt in rts)
+    if window is None:
+        return min(512, ctx)
     if window > ctx:
         raise CLIError(f"--window {window} is longer than the model's context of {ctx} tokens; use --window {ctx} "
                        "or less")
+    return window
 
 
 def cmd_eval(a) -> None:
@@ -551,7 +555,7 @@ def cmd_eval(a) -> None:
     rt = OnnxCausalLM(ensure_export(a.model, a.parallel, a.threads, progress=not a.quiet), device=a.device,
                       parallel=_fused_parallel(a.model, a.parallel),
                       threads=a.threads)
-    _check_window(a.window, rt)
+    a.window = _check_window(a.window, rt)
     tokens = rt.tokenizer.encode(text)
     r = perplexity(onnx_logits_fn(rt), tokens, window=a.window, stride=a.stride, max_positions=a.max_positions)
     r.update(model=str(a.model), folder=str(rt.folder), precision=rt.manifest.precision, P=rt.P, text=desc,
@@ -570,7 +574,7 @@ def cmd_compare(a) -> None:
                        device=a.device, threads=a.threads, parallel=_fused_parallel(a.reference, a.reference_parallel))
     cand = OnnxCausalLM(ensure_export(a.candidate, a.candidate_parallel, a.threads, progress=not a.quiet),
                         device=a.device, threads=a.threads, parallel=_fused_parallel(a.candidate, a.candidate_parallel))
-    _check_window(a.window, ref, cand)
+    a.window = _check_window(a.window, ref, cand)
     tokens = ref.tokenizer.encode(text)
     if cand.tokenizer.encode(text) != tokens:
         raise CLIError("the two models tokenize the text differently; compare models of the same tokenizer")
@@ -1000,7 +1004,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--candidate-parallel", type=int, default=None, metavar="P",
                            help="P to run the candidate at")
         p.add_argument("--text", default=None, help="UTF-8 text file (default: held-out Python stdlib code)")
-        p.add_argument("--window", type=int, default=512)
+        p.add_argument("--window", type=int, default=None, help="tokens per window (default 512, at most the context)")
         p.add_argument("--stride", type=int, default=None, help="default window/2")
         p.add_argument("--max-positions", type=int, default=4096)
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
