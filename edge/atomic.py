@@ -51,8 +51,8 @@ def check_replaceable(out: str | os.PathLike, sources: Sequence[str | os.PathLik
 
     Allowed: an empty folder, or a folder this toolkit wrote holding nothing else: listed in its
     :data:`OWNER_FILE`, an older export / profile folder (:data:`_LEGACY`), or, with ``own_files``,
-    only those names (e.g. a training run's files). Refused: ``out`` is a link, or is, holds or lies
-    inside one of ``sources`` (the inputs of the work, links resolved)."""
+    only those names (e.g. a training run's files). Refused: ``out`` is a link, or is or holds one
+    of ``sources`` (the inputs of the work, links resolved)."""
     out = Path(out)
     if out.is_symlink():
         raise OutputPathError(f"{out} is a link; --overwrite replaces only folders this toolkit wrote, not links "
@@ -65,8 +65,8 @@ def check_replaceable(out: str | os.PathLike, sources: Sequence[str | os.PathLik
         if not s.exists():
             continue
         s = s.resolve()
-        if _inside(s, real) or _inside(real, s):
-            what = "is" if s == real else ("holds" if _inside(s, real) else "lies inside")
+        if _inside(s, real):  # an output inside the source is fine: replacing it deletes nothing of the source
+            what = "is" if s == real else "holds"
             raise OutputPathError(f"{out} {what} the source {src}; --overwrite would delete it. Choose another "
                                   "output folder")
     if not out.is_dir():

@@ -128,3 +128,10 @@ def test_an_empty_folder_may_be_replaced(hf_src, tmp_path):
     out.mkdir()
     assert main(["-q", "export", str(hf_src), "-o", str(out), "--overwrite"]) == 0
     assert (out / MANIFEST_FILE).exists() and os.listdir(out)
+
+
+def test_an_export_inside_the_source_folder_may_be_replaced(tmp_path):
+    src = save_hf_folder(tiny_model("qwen2", 1), tmp_path / "src")
+    assert main(["-q", "export", str(src), "-o", str(src / "onnx")]) == 0
+    assert main(["-q", "export", str(src), "-o", str(src / "onnx"), "--overwrite"]) == 0
+    assert (src / "config.json").exists() and (src / "onnx" / MANIFEST_FILE).exists()
