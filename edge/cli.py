@@ -254,6 +254,12 @@ def _check_output(out: str, overwrite: bool, sources: Sequence[str] = ()) -> Non
         raise CLIError(f"{p} exists; pass --overwrite or choose another folder")
     if overwrite:
         check_replaceable(p, [s for s in sources if s and Path(s).exists()])
+    _check_parent(p)
+
+
+def _check_parent(p: Path) -> None:
+    """Raises CLIError when the folder ``p`` cannot be created: its nearest existing parent is a file
+    or not writable."""
     parent = p.resolve().parent
     while not parent.exists():
         parent = parent.parent
@@ -362,6 +368,7 @@ def cmd_train(a) -> None:
         raise CLIError(f"--tokens must be >= 1, got {a.tokens}")
     out = Path(a.output)
     check_run_folder(out, a.resume, a.overwrite)  # fail before the slow load
+    _check_parent(out)
     if a.overwrite and not a.resume:  # only a run folder of ours, never the model or the data
         from .atomic import check_replaceable
         from .train import ADAPTER_FILE, CHECKPOINT_FILE, CURVES_FILE, HISTORY_FILE

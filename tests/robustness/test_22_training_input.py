@@ -44,3 +44,13 @@ def test_a_run_that_fails_its_data_checks_leaves_no_folder(gguf, tmp_path, capsy
     existing.mkdir()  # a folder the user made stays, even empty
     assert train(gguf, data, existing, "--seq-len", "64") == 2
     assert existing.is_dir()
+
+
+def test_a_run_folder_under_a_file_is_refused_before_loading(gguf, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("edge.loading.load_model", lambda *a, **k: pytest.fail("must fail before loading"))
+    (tmp_path / "afile").write_text("x")
+    data = tmp_path / "d.txt"
+    data.write_text("hello world " * 200)
+    capsys.readouterr()
+    assert train(gguf, data, tmp_path / "afile" / "run", "--seq-len", "64") == 2
+    one_line(capsys, "is a file, not a folder")
