@@ -205,6 +205,7 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
         if missing:
             raise CLIError(f"{spec} offers P in {offered}, not {', '.join(map(str, missing))}; re-export with "
                            f"--parallel {','.join(map(str, several or [parallel]))}")
+        _say_load_warnings(man)
         return Path(spec)
     out = export_cache_folder(spec, parallel if several is None else several, precision, adapters)
     if (out / MANIFEST_FILE).exists():
@@ -212,8 +213,7 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
 
         cached = Manifest.read(out)
         if cached.format_version == FORMAT_VERSION:
-            for msg in cached.extra.get("load_warnings") or []:  # said at the export: say them on every use
-                _log(f"warning: {msg}")
+            _say_load_warnings(cached)
             return out
         _log(f"cached export {out} was made by another parscale-edge version; exporting again")
     if several:
@@ -228,6 +228,13 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
     export_model(lm, out, overwrite=True, also=also, precision=precision)
     _log(f"exported in {time.perf_counter() - t0:.1f} s")
     return out
+
+
+def _say_load_warnings(man: Manifest) -> None:
+    """The warnings the source gave when it was exported (e.g. an unknown GGUF pre-tokenizer), again on
+    every use of the export: they still apply, and the first run may have been long ago."""
+    for msg in man.extra.get("load_warnings") or []:
+        _log(f"warning: {msg}")
 
 
 def _fused_parallel(spec: str, parallel: int | None) -> int | None:

@@ -203,6 +203,8 @@ def _validate(d, p: Path) -> None:
         bad(f"cache_dtype {cache!r} does not match precision {prec} (its KV cache is {' or '.join(want)})")
     if d.get("quantization") is not None and not isinstance(d["quantization"], dict):
         bad("quantization must be an object")
+    if "extra" in d and not isinstance(d["extra"], dict):
+        bad("extra must be an object")
     opts = d.get("parallel_options")
     if opts is None:
         if graph == "fused":

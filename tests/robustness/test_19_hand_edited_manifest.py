@@ -43,6 +43,7 @@ CASES = [
     (lambda m: m["parallel_options"].update({"2": "/etc/passwd"}), "not a file inside the folder"),
     (lambda m: m["parallel_options"].update({"3": None}), "gives P=3 no part file"),
     (lambda m: m.update(parallel_options={"1": None}), "lacks the default P=2"),
+    (lambda m: m.update(extra=None), "extra must be an object"),
 ]
 
 
