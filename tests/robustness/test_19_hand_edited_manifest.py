@@ -82,3 +82,20 @@ def test_precision_and_cache_dtype_edited_together_disagree_with_the_graph(fused
 
 def test_the_untouched_manifest_reads(fused):
     assert Manifest.read(fused).offered_parallel() == [2]
+
+
+@pytest.mark.parametrize("graph", ["reference", "fused"])
+def test_a_graph_kind_that_disagrees_with_the_graph(fused, tiny_exports, tmp_path, graph, capsys):
+    src = fused if graph == "reference" else tiny_exports[2][1].folder  # the other kind's folder
+    other = "fused" if graph == "reference" else "reference"
+    d = edited(src, tmp_path, lambda m: m.update(graph=graph, parallel_options=m.get("parallel_options") or {"2": None}))
+    if graph == "fused":  # a part file for P=2 so that the manifest itself reads
+        man = json.loads((d / MANIFEST_FILE).read_text())
+        (d / "parscale").mkdir()
+        shutil.copy(fused / "parscale" / "p2.safetensors", d / "parscale" / "p2.safetensors")
+        man["parallel_options"] = {"2": "parscale/p2.safetensors"}
+        (d / MANIFEST_FILE).write_text(json.dumps(man))
+    capsys.readouterr()
+    assert main(["generate", "-m", str(d), "-p", "hi", "-n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"the manifest says graph = {graph}, the graph has {other}" in err and err.count("\n") == 1, err
