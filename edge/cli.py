@@ -929,12 +929,28 @@ def cmd_demo(a) -> None:
 
 
 # ---------------------------------------------------------------------------------------- parser
+def _count_arg(text: str) -> int:
+    """An integer count, also written as ``1e9`` (argparse type)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: write an integer such as 128") from None
+    if not v.is_integer():
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: write an integer such as 128")
+    return int(v)
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"export folder, named model, .gguf or HF folder (default {DEFAULT_MODEL})")
     p.add_argument("--parallel", "-P", type=int, default=None,
                    help="P streams: converts a dense model to P streams before exporting (cached)")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    p.add_argument("--max-new-tokens", "-n", type=_count_arg, default=128,
+                   help="new tokens at most (default 128; capped by the context; 1e3 is accepted)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (> 0 samples; 0 = greedy). Default: greedy, or 1 when --do-sample, "
                         "--top-k or --top-p asks for sampling")
@@ -1139,7 +1155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--concurrency", type=int, default=2, help="answers decoded at once; more requests queue (default 2)")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="initial max new tokens (default 256)")
+    p.add_argument("--max-new-tokens", "-n", type=_count_arg, default=256, help="initial max new tokens (default 256)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_demo)
     return ap

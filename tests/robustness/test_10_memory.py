@@ -81,7 +81,7 @@ def test_cli_names_the_kv_cache_size_and_the_fix(text_export, monkeypatch, capsy
     calls = iter([10**12])  # the weights fit; the cache does not
     monkeypatch.setattr(validate, "available_memory_bytes", lambda: next(calls, 10_000))
     capsys.readouterr()
-    assert main(["generate", "-m", str(text_export.folder), "-p", "hi", "-n", "1000000000"]) == 2
+    assert main(["generate", "-m", str(text_export.folder), "-p", "hi", "-n", "1e9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the KV cache of this request needs") and "fewer new tokens" in err
     assert err.count("\n") == 1 and "Traceback" not in err
