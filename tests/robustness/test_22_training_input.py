@@ -54,3 +54,12 @@ def test_a_run_folder_under_a_file_is_refused_before_loading(gguf, tmp_path, mon
     capsys.readouterr()
     assert train(gguf, data, tmp_path / "afile" / "run", "--seq-len", "64") == 2
     one_line(capsys, "is a file, not a folder")
+
+
+def test_one_step_is_said_in_the_singular(gguf, tmp_path, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text("hello world def return " * 100)
+    capsys.readouterr()
+    assert train(gguf, data, tmp_path / "run", "--seq-len", "32", "--eval-every", "10") == 0
+    err = capsys.readouterr().err
+    assert ": 1 step x 32 tokens" in err and "1 steps" not in err, err
