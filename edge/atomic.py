@@ -10,18 +10,117 @@ never a half-written folder that later loads:
 * the renames run under an exclusive lock on the parent folder (``flock``), so two processes
   writing the same destination at once end with one complete result;
 * temporary siblings left by killed processes (same host, dead pid) are removed by the next write
-  to the same destination.
+  to the same destination;
+* ``overwrite`` only ever replaces a folder this toolkit wrote (:func:`check_replaceable`): every
+  folder made here carries :data:`OWNER_FILE`, which lists what it holds; a folder with other
+  content, a link, or a folder that is or holds the source of the work is refused.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+#: written into every folder :func:`atomic_folder` makes: {"written_by": "parscale-edge", "files": [...]}
+OWNER_FILE = ".parscale-edge.json"
+#: what older parscale-edge folders without :data:`OWNER_FILE` held, recognised by their first file
+#: (export/quantize: manifest.json; the demo's profile folder: profile.json)
+_LEGACY = {"manifest.json": {"model.onnx", "model.onnx.data", "manifest.json", "tokenizer.json",
+                             "tokenizer_config.json", "generation_config.json", "parscale"},
+           "profile.json": None}  # None: profile.json with *.png, *.csv, *.json beside it
+
+
+class OutputPathError(ValueError):
+    """An output path cannot be written or must not be replaced (one line naming the path and the fix)."""
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """True when resolved ``a`` is ``b`` or lies inside it."""
+    return a == b or b in a.parents
+
+
+def check_replaceable(out: str | os.PathLike, sources: Sequence[str | os.PathLike] = (),
+                      own_files: Iterable[str] | None = None) -> None:
+    """Raise :class:`OutputPathError` unless the existing folder ``out`` may be replaced (``--overwrite``).
+
+    Allowed: an empty folder, or a folder this toolkit wrote holding nothing else: listed in its
+    :data:`OWNER_FILE`, an older export / profile folder (:data:`_LEGACY`), or, with ``own_files``,
+    only those names (e.g. a training run's files). Refused: ``out`` is a link, or is or holds one
+    of ``sources`` (the inputs of the work, links resolved)."""
+    out = Path(out)
+    if out.is_symlink():
+        raise OutputPathError(f"{out} is a link; --overwrite replaces only folders this toolkit wrote, not links "
+                              "(remove the link or choose another output folder)")
+    if not out.exists():
+        return
+    real = out.resolve()
+    for src in sources:
+        s = Path(src)
+        if not s.exists():
+            continue
+        s = s.resolve()
+        if _inside(s, real):  # an output inside the source is fine: replacing it deletes nothing of the source
+            what = "is" if s == real else "holds"
+            raise OutputPathError(f"{out} {what} the source {src}; --overwrite would delete it. Choose another "
+                                  "output folder")
+    if not out.is_dir():
+        raise OutputPathError(f"{out} exists and is not a folder; choose another output path")
+    names = {p.name for p in out.iterdir()} - {OWNER_FILE}
+    names = {n for n in names if not (n.startswith(".") and (".tmp-" in n or ".old-" in n))}  # our temp files
+    if not names and not (out / OWNER_FILE).exists():
+        return  # an empty folder: nothing to lose
+    allowed = _owned_names(out, own_files)
+    if allowed is None:
+        raise OutputPathError(f"{out} was not written by parscale-edge (no {OWNER_FILE} or manifest); --overwrite "
+                              "replaces only this toolkit's output folders. Choose another output folder")
+    other = sorted(names - allowed)
+    if other:
+        raise OutputPathError(f"{out} holds files parscale-edge did not write ({', '.join(other[:3])}"
+                              f"{', ...' if len(other) > 3 else ''}); --overwrite would delete them. Move them "
+                              "or choose another output folder")
+
+
+def _owned_names(out: Path, own_files: Iterable[str] | None) -> set[str] | None:
+    """The names ``out`` may hold as this toolkit's folder, or None when it is not one."""
+    try:
+        d = json.loads((out / OWNER_FILE).read_text())
+        if isinstance(d, dict) and d.get("written_by") == "parscale-edge" and isinstance(d.get("files"), list):
+            return {str(f) for f in d["files"]}
+    except (OSError, ValueError):
+        pass
+    if own_files is not None:
+        return set(own_files)
+    if (out / "manifest.json").is_file():
+        try:
+            if isinstance(json.loads((out / "manifest.json").read_text()), dict):
+                return _LEGACY["manifest.json"]
+        except (OSError, ValueError):
+            return None
+    if (out / "profile.json").is_file():
+        return {p.name for p in out.iterdir() if p.is_file() and p.suffix in (".png", ".csv", ".json")}
+    return None
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--json") -> Path:
+    """Fail before any slow work when the file ``path`` (``flag``'s value) cannot be written:
+    it is a folder, or the nearest existing parent is not a writable folder. Raises OutputPathError."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputPathError(f"{flag} {p} is a folder; give a file name, e.g. {p / 'result.json'}")
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{flag} {p}: {parent} is not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{flag} {p}: {parent} is not writable; choose another path")
+    return p
 
 
 def _umask() -> int:
@@ -106,25 +205,32 @@ def staging_folder(out: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``out``; on success it replaces ``out``.
+def atomic_folder(out: str | os.PathLike, overwrite: bool = False,
+                  sources: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``out``; on success it replaces ``out``, with
+    :data:`OWNER_FILE` added (it lists the folder's files, so a later ``overwrite`` knows them).
 
     Permissions follow the umask (mkdtemp alone would leave the folder private, 0700).
     Raises FileExistsError when ``out`` exists and ``overwrite`` is False (also when another
     process created it while this one was writing), NotADirectoryError when ``out`` is an existing
-    file.
+    file, OutputPathError when ``overwrite`` may not replace ``out`` (:func:`check_replaceable`;
+    ``sources``: the work's inputs, never replaced), checked before and again at the rename.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder; choose another output path")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite or choose another folder")
+    if overwrite:
+        check_replaceable(out, sources)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     old = None
     try:
         yield tmp
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / OWNER_FILE).write_text(json.dumps({"written_by": "parscale-edge", "files": files}) + "\n")
         mask = _umask()
         for root, dirs, files in os.walk(tmp):
             for d in dirs:
@@ -139,6 +245,7 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
                                           "pass --overwrite or choose another folder")
                 if not out.is_dir():
                     raise NotADirectoryError(f"{out} exists and is not a folder; choose another output path")
+                check_replaceable(out, sources)
                 old = Path(tempfile.mkdtemp(prefix=temp_prefix(out, "old"), dir=out.parent))
                 os.replace(out, old)  # the old folder leaves in one step (old is empty, so this is allowed)
             os.replace(tmp, out)
@@ -151,19 +258,45 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
 
 def write_json(path: str | os.PathLike, obj) -> Path:
     """Write ``obj`` as indented JSON through a unique temporary sibling and a rename (never
-    half-written, also with concurrent writers)."""
+    half-written, also with concurrent writers). Raises OutputPathError naming ``path`` (not the
+    temporary file) when it cannot be written: a folder, no permission, no space."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(p), suffix=".partial", dir=p.parent)
+    if p.is_dir():
+        raise OutputPathError(f"{p} is a folder; give a file name, e.g. {p / 'result.json'}")
+    tmp = None
     try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(p), suffix=".partial", dir=p.parent)
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(obj, indent=2) + "\n")
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
+    except OSError as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise OutputPathError(f"cannot write {p}: {e.strerror or e}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+#: a temporary sibling's name: ``.<name>.tmp-<host>-<pid>.<random>[.partial]`` (or ``.old-``)
+_TEMP_PART = re.compile(r"^\.(.+)\.(?:tmp|old)-.+?\.[^.]+(?:\.partial)?$")
+
+
+def public_path(path: str | os.PathLike) -> Path:
+    """``path`` with a temporary sibling of this module (``.<name>.tmp-<host>-<pid>.<random>``,
+    ``.old-``, ``.partial``) replaced by the destination it stands for, for messages: the user
+    knows the folder they asked for, not the hidden one."""
+    p = Path(path)
+    parts = list(p.parts)
+    for i, part in enumerate(parts):
+        m = _TEMP_PART.match(part)
+        if m:
+            parts[i] = m.group(1)
+    return Path(*parts) if parts else p
 
 
 def folder_size_mib(folder: str | os.PathLike) -> float:

@@ -55,6 +55,22 @@ def _is_export_folder(spec: str) -> bool:
     return (Path(spec) / MANIFEST_FILE).exists()
 
 
+def _input_stamps(p: Path) -> list[str]:
+    """What an export of the file or folder ``p`` depends on: its path and, for the file or each file
+    in the folder (weights, config, tokenizer, chat template; links followed), name, size, mtime and
+    inode, plus the content hash of files under 16 MiB (config and tokenizer files: cheap to read).
+    Replacing or editing any of them in place changes the stamps, so the cache exports again."""
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+    stamps = [str(p)]
+    for f in files:
+        st = f.stat()
+        stamp = f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        if st.st_size < 16 * 2**20:
+            stamp += ":" + hashlib.sha256(f.read_bytes()).hexdigest()
+        stamps.append(stamp)
+    return stamps
+
+
 def _cache_key(spec: str, parallel: int | Sequence[int] | None, precision: str = "fp32") -> str:
     """Cache folder name: ``<model>-p<P>-<precision>``; several P (one backbone): ``<model>-p1-2-4-fp32``."""
     from .hub import resolve_model
@@ -64,24 +80,39 @@ def _cache_key(spec: str, parallel: int | Sequence[int] | None, precision: str =
         base = ref
     else:
         p = Path(ref).resolve()
-        st = p.stat()
-        digest = hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        digest = hashlib.sha256("|".join(_input_stamps(p)).encode()).hexdigest()[:12]
         base = f"{p.stem or p.name}-{digest}"
     if isinstance(parallel, Sequence):
         parallel = "-".join(str(P) for P in sorted(set(parallel)))
     return f"{base}-p{parallel}-{precision}" if parallel else f"{base}-{precision}"
 
 
+def _check_P(P: int | None, flag: str = "--parallel") -> None:
+    """Raises CLIError for P < 1 or above :data:`edge.config.MAX_PARALLEL` (before any slow work)."""
+    from .config import MAX_PARALLEL
+
+    if P is None:
+        return
+    if P < 1:
+        raise CLIError(f"{flag} must be >= 1, got {P}")
+    if P > MAX_PARALLEL:
+        raise CLIError(f"{flag} {P} is above the supported {MAX_PARALLEL}: every stream adds its own prefix to "
+                       f"every layer (a part file growing with P) and P multiplies the KV cache and the compute of "
+                       f"every token; the paper uses P <= 8")
+
+
 def load_for_export(spec: str, parallel: int | None, threads: int | None, progress: bool = True, seed: int = 0):
     """Load ``spec`` into PyTorch; convert a dense model to ``parallel`` streams when asked
-    (trained adapters go through :func:`load_several`)."""
-    if parallel is not None and parallel < 1:
-        raise CLIError(f"--parallel must be >= 1, got {parallel}")
+    (trained adapters go through :func:`load_several`). Raises CLIError for a P out of range."""
+    _check_P(parallel)
     _import_export_stack()
     _set_torch_threads(threads)
     from .loading import convert_to_parscale, load_model
 
     lm = load_model(spec, progress=progress)
+    if lm.tokenizer is None:
+        _log(f"warning: {spec} has no tokenizer.json: the export runs on token ids only, and generate, chat and "
+             "eval will refuse it; copy tokenizer.json (and tokenizer_config.json) into the model folder first")
     P = lm.model.config.parscale_n
     if parallel and parallel != P:
         if P != 1:
@@ -140,8 +171,7 @@ def _normalize_parallel(parallel: int | Sequence[int] | None, adapters: Sequence
     if several is not None and len(several) == 1:
         parallel, several = several[0], None
     for P in several or [parallel]:
-        if P is not None and P < 1:
-            raise CLIError(f"--parallel must be >= 1, got {P}")
+        _check_P(P)
     return parallel, several
 
 
@@ -175,12 +205,15 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
         if missing:
             raise CLIError(f"{spec} offers P in {offered}, not {', '.join(map(str, missing))}; re-export with "
                            f"--parallel {','.join(map(str, several or [parallel]))}")
+        _say_load_warnings(man)
         return Path(spec)
     out = export_cache_folder(spec, parallel if several is None else several, precision, adapters)
     if (out / MANIFEST_FILE).exists():
         from .manifest import FORMAT_VERSION
 
-        if Manifest.read(out).format_version == FORMAT_VERSION:
+        cached = Manifest.read(out)
+        if cached.format_version == FORMAT_VERSION:
+            _say_load_warnings(cached)
             return out
         _log(f"cached export {out} was made by another parscale-edge version; exporting again")
     if several:
@@ -197,6 +230,13 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
     return out
 
 
+def _say_load_warnings(man: Manifest) -> None:
+    """The warnings the source gave when it was exported (e.g. an unknown GGUF pre-tokenizer), again on
+    every use of the export: they still apply, and the first run may have been long ago."""
+    for msg in man.extra.get("load_warnings") or []:
+        _log(f"warning: {msg}")
+
+
 def _fused_parallel(spec: str, parallel: int | None) -> int | None:
     """The P to run an export folder given on the command line at (None: the folder's default)."""
     return parallel if parallel and _is_export_folder(spec) else None
@@ -208,16 +248,30 @@ def _named() -> set[str]:
     return set(MODELS)
 
 
-def _check_output(out: str, overwrite: bool) -> None:
-    """Fail before any slow work when ``out`` cannot be written."""
+def _check_output(out: str, overwrite: bool, sources: Sequence[str] = ()) -> None:
+    """Fail before any slow work when ``out`` cannot be written, or ``--overwrite`` may not replace it
+    (:func:`edge.atomic.check_replaceable`: only this toolkit's folders, never one that is or holds a
+    source)."""
+    from .atomic import check_replaceable
+
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise CLIError(f"{p} exists and is not a folder; choose another output path")
     if p.exists() and not overwrite:
         raise CLIError(f"{p} exists; pass --overwrite or choose another folder")
+    if overwrite:
+        check_replaceable(p, [s for s in sources if s and Path(s).exists()])
+    _check_parent(p)
+
+
+def _check_parent(p: Path) -> None:
+    """Raises CLIError when the folder ``p`` cannot be created: its nearest existing parent is a file
+    or not writable."""
     parent = p.resolve().parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"cannot create {p}: {parent} is a file, not a folder; choose another output path")
     if not os.access(parent, os.W_OK):
         raise CLIError(f"cannot create {p}: {parent} is not writable")
 
@@ -235,10 +289,12 @@ EXPORT_PRECISIONS = FLOAT_PRECISIONS + ("int4", "int8", "int8-dynamic")
 def cmd_export(a) -> None:
     if a.precision not in EXPORT_PRECISIONS:
         raise CLIError(f"unknown precision {a.precision!r}; use one of {', '.join(EXPORT_PRECISIONS)}")
-    _check_output(a.output, a.overwrite)  # before the (slow) load and export
+    _check_output(a.output, a.overwrite, [a.model, *(a.adapter or []), a.calibration, a.text])  # before the slow work
     if a.precision not in FLOAT_PRECISIONS:
         _quant_config(a).validate()
     parallels = _ints(a.parallel, "parallel") if a.parallel else [None]
+    for P in parallels:
+        _check_P(P)
     adapters = a.adapter or []
     also = []
     if adapters:  # trained ParScale parts over the frozen backbone, plus the backbone itself (P=1)
@@ -273,7 +329,8 @@ def cmd_export(a) -> None:
 def cmd_convert(a) -> None:
     if a.parallel < 2:
         raise CLIError(f"--parallel must be >= 2 for a ParScale model, got {a.parallel}")
-    _check_output(a.output, a.overwrite)
+    _check_P(a.parallel)
+    _check_output(a.output, a.overwrite, [a.model])
     lm = load_for_export(a.model, None, a.threads, progress=not a.quiet)
     from .loading import convert_to_parscale, save_hf_folder
 
@@ -305,7 +362,8 @@ def cmd_convert(a) -> None:
 
 def cmd_train(a) -> None:
     _import_export_stack()
-    from .train import TrainConfig, check_run_folder, close_distributed, init_distributed, train
+    _check_P(a.parallel)
+    from .train import TrainConfig, check_run_folder, close_distributed, init_distributed
 
     cfg = TrainConfig(parallel=a.parallel, prefix_tokens=a.prefix_tokens, steps=a.steps or 1, seq_len=a.seq_len, batch=a.batch,
                       grad_accum=a.grad_accum, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup,
@@ -317,49 +375,75 @@ def cmd_train(a) -> None:
         raise CLIError(f"--tokens must be >= 1, got {a.tokens}")
     out = Path(a.output)
     check_run_folder(out, a.resume, a.overwrite)  # fail before the slow load
+    _check_parent(out)
+    if a.overwrite and not a.resume:  # only a run folder of ours, never the model or the data
+        from .atomic import check_replaceable
+        from .train import ADAPTER_FILE, CHECKPOINT_FILE, CURVES_FILE, HISTORY_FILE
+
+        check_replaceable(out, [s for s in [a.model, *a.data, *a.eval] if Path(s).exists()],
+                          own_files={CHECKPOINT_FILE, ADAPTER_FILE, HISTORY_FILE, CURVES_FILE, "model"})
     train_files, eval_files, eval_text, eval_desc = _training_files(a.data, a.eval)
+    new_folder = not out.exists()
     dist = init_distributed(a.device)
     try:
-        if dist.device.type == "cpu":
-            _set_torch_threads(a.threads)
-        from .corpus import read_texts, tokenize_texts
-        from .loading import load_model
-
-        lm = load_model(a.model, progress=not a.quiet and dist.main)
-        if lm.tokenizer is None:
-            raise CLIError(f"{a.model} has no tokenizer (tokenizer.json); training text cannot be tokenized")
-        t0 = time.perf_counter()
-        train_tokens = tokenize_texts(lm.tokenizer, read_texts(train_files))
-        eval_tokens = None
-        if eval_text is not None:
-            import numpy as np
-
-            eval_tokens = np.asarray(lm.tokenizer.encode(eval_text), dtype=np.int64)
-        steps = a.steps or -(-a.tokens // cfg.tokens_per_step(dist.world))
-        cfg.steps = steps
-        if dist.main:
-            _log(f"data: {len(train_files)} files, {train_tokens.size} tokens (tokenized in "
-                 f"{time.perf_counter() - t0:.1f} s); eval: {eval_desc}"
-                 + (f", {eval_tokens.size} tokens" if eval_tokens is not None else ""))
-            _log(f"training {'all weights' if cfg.full else 'prefixes + aggregator (backbone frozen)'} of "
-                 f"{a.model} at P={cfg.parallel}: {steps} steps x {cfg.tokens_per_step(dist.world)} tokens = "
-                 f"{steps * cfg.tokens_per_step(dist.world)} tokens ({steps * cfg.tokens_per_step(dist.world) / max(1, train_tokens.size):.2f} "
-                 f"epochs), {dist.world} process(es) on {dist.device}")
-        r = train(lm, cfg, train_tokens, out, eval_tokens=eval_tokens, resume=a.resume, overwrite=a.overwrite,
-                  dist=dist, progress=not a.quiet)
-        if dist.main:
-            h = r.history
-            wall = sum(s["wall_seconds"] for s in h.get("sessions", []))
-            print(f"trained {h['tokens_trained']} tokens in {wall:.0f} s wall ({h['train_seconds']:.0f} s in steps) -> "
-                  f"{r.adapter or r.model_dir}")
-            if h.get("evals"):
-                first, last = h["evals"][0], h["evals"][-1]
-                line = f"held-out perplexity ({last['positions']} positions): "
-                if "dense" in h:
-                    line += f"dense P=1 {h['dense']['perplexity']:.4f}, "
-                print(line + f"untrained P={cfg.parallel} {first['perplexity']:.4f}, trained {last['perplexity']:.4f}")
+        _train_run(a, cfg, out, train_files, eval_text, eval_desc, dist)
+    except BaseException:
+        if new_folder and dist.main and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no empty folder
+        raise
     finally:
         close_distributed(dist)
+
+
+def _train_run(a, cfg, out, train_files, eval_text, eval_desc, dist) -> None:
+    """The body of :func:`cmd_train` once the output and the data are checked."""
+    from .train import train
+
+    if dist.device.type == "cpu":
+        _set_torch_threads(a.threads)
+    from .corpus import read_texts, tokenize_texts
+    from .loading import load_model
+
+    lm = load_model(a.model, progress=not a.quiet and dist.main)
+    if lm.tokenizer is None:
+        raise CLIError(f"{a.model} has no tokenizer (tokenizer.json); training text cannot be tokenized")
+    context = lm.model.config.max_position_embeddings
+    if cfg.seq_len > context:
+        raise CLIError(f"--seq-len {cfg.seq_len} is longer than {a.model}'s context of {context} tokens; "
+                       f"use --seq-len {context} or less")
+    t0 = time.perf_counter()
+    train_tokens = tokenize_texts(lm.tokenizer, read_texts(train_files))
+    from .corpus import BlockOrder
+
+    BlockOrder(train_tokens, cfg.seq_len)  # the data check (one block at least) before anything is said or made
+    eval_tokens = None
+    if eval_text is not None:
+        import numpy as np
+
+        eval_tokens = np.asarray(lm.tokenizer.encode(eval_text), dtype=np.int64)
+    steps = a.steps or -(-a.tokens // cfg.tokens_per_step(dist.world))
+    cfg.steps = steps
+    if dist.main:
+        _log(f"data: {len(train_files)} files, {train_tokens.size} tokens (tokenized in "
+             f"{time.perf_counter() - t0:.1f} s); eval: {eval_desc}"
+             + (f", {eval_tokens.size} tokens" if eval_tokens is not None else ""))
+        _log(f"training {'all weights' if cfg.full else 'prefixes + aggregator (backbone frozen)'} of "
+             f"{a.model} at P={cfg.parallel}: {steps} step{'s' if steps != 1 else ''} x {cfg.tokens_per_step(dist.world)} tokens = "
+             f"{steps * cfg.tokens_per_step(dist.world)} tokens ({steps * cfg.tokens_per_step(dist.world) / max(1, train_tokens.size):.2f} "
+             f"epochs), {dist.world} process(es) on {dist.device}")
+    r = train(lm, cfg, train_tokens, out, eval_tokens=eval_tokens, resume=a.resume, overwrite=a.overwrite,
+              dist=dist, progress=not a.quiet)
+    if dist.main:
+        h = r.history
+        wall = sum(s["wall_seconds"] for s in h.get("sessions", []))
+        print(f"trained {h['tokens_trained']} tokens in {wall:.0f} s wall ({h['train_seconds']:.0f} s in steps) -> "
+              f"{r.adapter or r.model_dir}")
+        if h.get("evals"):
+            first, last = h["evals"][0], h["evals"][-1]
+            line = f"held-out perplexity ({last['positions']} positions): "
+            if "dense" in h:
+                line += f"dense P=1 {h['dense']['perplexity']:.4f}, "
+            print(line + f"untrained P={cfg.parallel} {first['perplexity']:.4f}, trained {last['perplexity']:.4f}")
 
 
 def _training_files(data: list[str], evals: list[str]):
@@ -413,12 +497,13 @@ def _run_quantize(src: Path, out: Path, a) -> None:
     quantize_folder(src, out, cfg, overwrite=a.overwrite, calibration_text=calib, text=text,
                     check_positions=a.check_positions, compare_positions=a.compare_positions, threads=a.threads)
     q = Manifest.read(out).quantization
+    base = Manifest.read(src).precision  # fp32 or fp16: what the sizes and the quality are compared with
     n = q.get("gguf_repacked_nodes") or 0
     rest = q["quantized_nodes"] - n
     # the settings apply to the weights that are re-rounded; GGUF blocks are copied as they are
     how = f"{'sym' if a.symmetric else 'asym'}, block {a.block_size}, {a.algorithm}"
     line = (f"{a.precision} ({how if rest > 0 else 'GGUF blocks'}) -> {out}: "
-            f"{q['size_mib']:.1f} MiB (fp32 {q['source_size_mib']:.1f} MiB, "
+            f"{q['size_mib']:.1f} MiB ({base} {q['source_size_mib']:.1f} MiB, "
             f"{q['size_mib'] / q['source_size_mib']:.0%}) in {time.perf_counter() - t0:.1f} s")
     print(line)
     if n:
@@ -436,14 +521,14 @@ def _run_quantize(src: Path, out: Path, a) -> None:
                  f"{c['agreement_level4_vs_level0']:.1%}) or use --precision int4")
     if "quality_vs_fp32" in q:
         r = q["quality_vs_fp32"]
-        print(f"  quality cost vs fp32 ({r['positions']} positions): perplexity {r['ref_perplexity']:.3f} -> "
+        print(f"  quality cost vs {base} ({r['positions']} positions): perplexity {r['ref_perplexity']:.3f} -> "
               f"{r['cand_perplexity']:.3f} ({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%}), "
               f"KL mean {r['kl_mean']:.4f} p99 {r['kl_p99']:.4f}, top-1 agreement {r['top1_agreement']:.2%}")
 
 
 def cmd_quantize(a) -> None:
     _quant_config(a).validate()
-    _check_output(a.output, a.overwrite)
+    _check_output(a.output, a.overwrite, [a.model, a.calibration, a.text])
     if not _is_export_folder(a.model):
         raise CLIError(f"{a.model} is not an export folder (no {MANIFEST_FILE}); run `parscale export` first, "
                        "or use `parscale export MODEL --precision ...` to do both")
@@ -464,6 +549,18 @@ def _eval_setup(a):
     return text, desc
 
 
+def _check_window(window: int | None, *rts) -> int:
+    """``--window``, default 512 capped at the models' context; raises CLIError when a window given
+    does not fit in it."""
+    ctx = min(rt.manifest.max_position_embeddings for rt in rts)
+    if window is None:
+        return min(512, ctx)
+    if window > ctx:
+        raise CLIError(f"--window {window} is longer than the model's context of {ctx} tokens; use --window {ctx} "
+                       "or less")
+    return window
+
+
 def cmd_eval(a) -> None:
     from .evaluate import onnx_logits_fn, perplexity
     from .runtime import OnnxCausalLM
@@ -472,6 +569,7 @@ def cmd_eval(a) -> None:
     rt = OnnxCausalLM(ensure_export(a.model, a.parallel, a.threads, progress=not a.quiet), device=a.device,
                       parallel=_fused_parallel(a.model, a.parallel),
                       threads=a.threads)
+    a.window = _check_window(a.window, rt)
     tokens = rt.tokenizer.encode(text)
     r = perplexity(onnx_logits_fn(rt), tokens, window=a.window, stride=a.stride, max_positions=a.max_positions)
     r.update(model=str(a.model), folder=str(rt.folder), precision=rt.manifest.precision, P=rt.P, text=desc,
@@ -490,6 +588,7 @@ def cmd_compare(a) -> None:
                        device=a.device, threads=a.threads, parallel=_fused_parallel(a.reference, a.reference_parallel))
     cand = OnnxCausalLM(ensure_export(a.candidate, a.candidate_parallel, a.threads, progress=not a.quiet),
                         device=a.device, threads=a.threads, parallel=_fused_parallel(a.candidate, a.candidate_parallel))
+    a.window = _check_window(a.window, ref, cand)
     tokens = ref.tokenizer.encode(text)
     if cand.tokenizer.encode(text) != tokens:
         raise CLIError("the two models tokenize the text differently; compare models of the same tokenizer")
@@ -549,6 +648,8 @@ def cmd_profile(a) -> None:
     if a.gen_len < 1 or a.repeat < 1 or a.warmup < 0:
         raise CLIError("--gen-len and --repeat must be >= 1 and --warmup >= 0")
     parallels, batches = _ints(a.parallel, "parallel"), _ints(a.batch, "batch")
+    for P in parallels:
+        _check_P(P)
     prompt_lens = _ints(a.prompt_len, "prompt-len")
     precisions = [p.strip() for p in a.precision.split(",")]
     bad = [p for p in precisions if p not in ("fp32", "fp16", "bf16", "int8", "int4")]
@@ -687,11 +788,18 @@ def cmd_scaling_law(a) -> None:
 
 
 def _sampling(a):
+    """SamplingConfig of the flags: greedy unless --do-sample, --temperature > 0, --top-k or --top-p
+    asks for sampling; the temperature is then 1 unless given (``--temperature 0`` stays greedy)."""
     from .runtime import SamplingConfig
 
-    sample = a.temperature > 0 and (a.do_sample or a.temperature != 1.0 or a.top_k or a.top_p < 1.0)
-    return SamplingConfig(max_new_tokens=a.max_new_tokens, do_sample=bool(a.do_sample or sample),
-                          temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    t = a.temperature
+    sample = bool(a.do_sample or a.top_k or a.top_p < 1.0 or (t is not None and t != 0))
+    if t is None:
+        t = 1.0 if sample else 0.0
+    if a.seed is not None and (not sample or t == 0):
+        _log("note: --seed has no effect on greedy decoding; add --do-sample (temperature 1) to sample")
+    return SamplingConfig(max_new_tokens=a.max_new_tokens, do_sample=sample and t > 0,
+                          temperature=t, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
 
 
 def _open_runtime(a):
@@ -723,6 +831,12 @@ def cmd_generate(a) -> None:
         n += 1
         print(piece, end="", flush=True)
     print(flush=True)  # the text ends before the stats line on stderr
+    if n == 0:  # said on stderr: an empty answer with exit 0 looks like a hang or a crash
+        why = "the model ended at once (its first token was an end token) and wrote nothing"
+        if not a.chat and rt.tokenizer.chat_template:
+            why += ("; it has a chat template, so it is probably a chat (instruct) model: try --chat, which wraps "
+                    "the prompt in its template")
+        _log(f"warning: {why}")
     if a.verbose:
         _log(f"[{n} pieces in {time.perf_counter() - t0:.2f} s, P={rt.P}, {rt.folder}]")
 
@@ -766,6 +880,25 @@ def cmd_chat(a) -> None:
         history += [{"role": "user", "content": msg}, {"role": "assistant", "content": "".join(answer)}]
 
 
+def _check_port(host: str, port: int) -> None:
+    """Raises CLIError when ``host:port`` cannot be served (busy, or an address of another machine)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise CLIError(f"--host {host}: cannot resolve it ({e.strerror or e}); use 127.0.0.1 or 0.0.0.0") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        if os.name != "nt":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise CLIError(f"cannot serve on {host}:{port} ({e.strerror or e}): the port is in use or not allowed; "
+                           "choose another --port, or leave it out for a free one") from None
+
+
 def cmd_demo(a) -> None:
     from demo.models import PRECISIONS
 
@@ -778,6 +911,8 @@ def cmd_demo(a) -> None:
         raise CLIError(f"--concurrency and --max-new-tokens must be >= 1, got {a.concurrency} and {a.max_new_tokens}")
     if a.port is not None and not 0 < a.port < 65536:
         raise CLIError(f"--port must be in 1..65535, got {a.port}")
+    if a.port is not None:
+        _check_port(a.host, a.port)  # before loading the models (minutes)
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -794,17 +929,35 @@ def cmd_demo(a) -> None:
 
 
 # ---------------------------------------------------------------------------------------- parser
+def _count_arg(text: str) -> int:
+    """An integer count, also written as ``1e9`` (argparse type)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: write an integer such as 128") from None
+    if not v.is_integer():
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: write an integer such as 128")
+    return int(v)
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"export folder, named model, .gguf or HF folder (default {DEFAULT_MODEL})")
     p.add_argument("--parallel", "-P", type=int, default=None,
                    help="P streams: converts a dense model to P streams before exporting (cached)")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", "-n", type=_count_arg, default=128,
+                   help="new tokens at most (default 128; capped by the context; 1e3 is accepted)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (> 0 samples; 0 = greedy). Default: greedy, or 1 when --do-sample, "
+                        "--top-k or --top-p asks for sampling")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability")
     p.add_argument("--do-sample", action="store_true", help="sample (temperature 1 unless given)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (sampling only)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
 
@@ -881,7 +1034,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--candidate-parallel", type=int, default=None, metavar="P",
                            help="P to run the candidate at")
         p.add_argument("--text", default=None, help="UTF-8 text file (default: held-out Python stdlib code)")
-        p.add_argument("--window", type=int, default=512)
+        p.add_argument("--window", type=int, default=None, help="tokens per window (default 512, at most the context)")
         p.add_argument("--stride", type=int, default=None, help="default window/2")
         p.add_argument("--max-positions", type=int, default=4096)
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -974,7 +1127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate from a prompt (streams to stdout)")
     _add_run_args(p)
     p.add_argument("--prompt", "-p", default=None, help="prompt text (default: read stdin)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template (instruct models; without it the prompt is "
+                        "continued as raw text, and an answer that ends at once is reported on stderr)")
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -1000,7 +1155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--concurrency", type=int, default=2, help="answers decoded at once; more requests queue (default 2)")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="initial max new tokens (default 256)")
+    p.add_argument("--max-new-tokens", "-n", type=_count_arg, default=256, help="initial max new tokens (default 256)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_demo)
     return ap
@@ -1018,13 +1173,62 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(a, "threads", None) is not None and a.threads < 1:
             raise CLIError(f"--threads must be >= 1, got {a.threads} (leave it out for ONNX Runtime's default)")
+        _check_paths(a)
         a.func(a)
     except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_environment_error(e) or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - only the environment's failures become one line; the rest re-raise
+        msg = _environment_error(e)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _check_paths(a) -> None:
+    """Before any work: every output file (``--json``) can be written, every input file a flag names
+    (``--text``, ``--calibration``) exists, naming the flag (OutputPathError / CLIError)."""
+    from .atomic import check_output_file
+
+    if getattr(a, "json", None):
+        check_output_file(a.json, "--json")
+    if a.command == "profile":
+        check_output_file(Path(a.output) / "profile.json", "-o")
+    for flag in ("text", "calibration"):
+        f = getattr(a, flag, None)
+        if f is not None and not Path(f).is_file():
+            what = "is a folder, not a text file" if Path(f).is_dir() else "does not exist"
+            raise CLIError(f"--{flag} {f} {what}; give a UTF-8 text file")
+
+
+def _environment_error(e: BaseException) -> str | None:
+    """One line for a failure of the machine rather than of the input: no space left, no permission,
+    a read-only disk, no network to the package index; None for anything else (a bug: traceback)."""
+    import errno
+
+    from .atomic import public_path
+    from .hub import DownloadError
+
+    if isinstance(e, DownloadError):
+        return str(e).splitlines()[0]
+    cause = e.__cause__ if isinstance(e.__cause__, OSError) else e  # e.g. ExportError from an OSError
+    text = str(e)
+    code = getattr(cause, "errno", None)
+    where = getattr(cause, "filename", None)
+    where = f" ({public_path(where)})" if where else ""
+    if code == errno.ENOSPC or "No space left on device" in text or "StorageFull" in text:
+        return (f"no space left on the device{where}; nothing was kept. Free space there, or write to another "
+                "disk (-o, or PARSCALE_EDGE_CACHE for the cache)")
+    if code in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
+        return f"{cause.strerror or text}{where}; choose another path"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"{cause.strerror or text}{where}; choose a folder you can write (-o, or PARSCALE_EDGE_CACHE for the "
+                "cache)")
+    return None
 
 
 if __name__ == "__main__":

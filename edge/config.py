@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 #: model_type values we can build; anything else is refused with :class:`UnsupportedModelError`.
 SUPPORTED_MODEL_TYPES = ("qwen2_parscale", "qwen2", "llama")
+#: largest P (parscale_n) accepted: P multiplies the KV cache and the compute, and each stream adds a prefix
+MAX_PARALLEL = 64
+#: largest context accepted: RoPE tables, KV caches and masks grow with it (1M tokens is beyond every
+#: released Qwen2/Llama model; 1e8 failed deep in the ONNX export)
+MAX_CONTEXT = 1 << 20
+#: fields that must be integers >= 1 (``head_dim`` when given)
+_POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim", "max_position_embeddings", "parscale_n")
 
 
 class UnsupportedModelError(ValueError):
@@ -52,6 +62,7 @@ class ParScaleConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise UnsupportedModelError(
@@ -67,22 +78,67 @@ class ParScaleConfig:
         if self.parscale_n > 1 and self.parscale_n_tokens < 1:
             raise ValueError("a ParScale model with parscale_n > 1 needs parscale_n_tokens >= 1")
 
+    def _check_types(self) -> None:
+        """Raises UnsupportedModelError naming the field for a value of the wrong type or range
+        (a hand-edited config.json: "3" for 3, 0 KV heads, a negative size, a non-positive epsilon)."""
+        def bad(name: str, want: str):
+            v = getattr(self, name)
+            raise UnsupportedModelError(f"{name} must be {want}, got {v!r}"
+                                        + (f" ({type(v).__name__})" if isinstance(v, str) else ""))
+
+        def is_int(v) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        for name in _POSITIVE_INT_FIELDS:
+            v = getattr(self, name)
+            if not (v is None and name == "head_dim") and not (is_int(v) and v >= 1):
+                bad(name, "a positive integer")
+        if self.max_position_embeddings > MAX_CONTEXT:
+            bad("max_position_embeddings", f"at most {MAX_CONTEXT} (the context, in tokens)")
+        if self.parscale_n > MAX_PARALLEL:
+            bad("parscale_n", f"at most {MAX_PARALLEL}")
+        if not (is_int(self.parscale_n_tokens) and self.parscale_n_tokens >= 0):
+            bad("parscale_n_tokens", "an integer >= 0")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+                bad(name, "a positive number")
+        v = self.parscale_attn_smooth
+        if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v < 1):
+            bad("parscale_attn_smooth", "a number in [0, 1)")
+        for name in ("tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "true or false")
+        if self.bos_token_id is not None and not (is_int(self.bos_token_id) and self.bos_token_id >= 0):
+            bad("bos_token_id", "a token id")
+        e = self.eos_token_id
+        if e is not None and not (is_int(e) and e >= 0) and not (
+                isinstance(e, list) and all(is_int(t) and t >= 0 for t in e)):
+            bad("eos_token_id", "a token id or a list of them")
+
     # ------------------------------------------------------------------ HF config.json round trip
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ParScaleConfig":
         """Build from a Hugging Face ``config.json`` dict (model_type qwen2_parscale, qwen2, llama).
 
         Raises:
-            UnsupportedModelError: unknown model_type, or a setting we do not implement
-                (rope_scaling other than none/default, sliding-window attention, MoE ...).
+            UnsupportedModelError: not an object, unknown model_type, a value of the wrong type or
+                range (:meth:`_check_types`), or a setting we do not implement (rope_scaling other than
+                none/default, also one without a type; sliding-window attention, MoE ...).
         """
+        if not isinstance(d, dict):
+            raise UnsupportedModelError(f"the config is a JSON {type(d).__name__}, not an object")
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"unsupported model_type {mt!r} (architectures {d.get('architectures')}); "
                 f"parscale-edge supports {', '.join(SUPPORTED_MODEL_TYPES)}")
         rs = d.get("rope_scaling")
-        if rs and (rs.get("rope_type") or rs.get("type")) not in (None, "default"):
+        if rs is not None and not isinstance(rs, dict):
+            raise UnsupportedModelError(f"rope_scaling must be an object or null, got {rs!r}; only plain RoPE "
+                                        "(rope_scaling null) is supported")
+        if rs and (rs.get("rope_type") or rs.get("type")) != "default":
+            # a scaling without a type (e.g. {"factor": 4}) is refused too: ignoring it would change the model
             raise UnsupportedModelError(
                 f"rope_scaling {rs} is not supported; only plain RoPE (rope_scaling null) is")
         if d.get("use_sliding_window"):
@@ -121,13 +177,17 @@ class ParScaleConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "ParScaleConfig":
-        """Read ``config.json``. Raises FileNotFoundError / UnsupportedModelError."""
+        """Read ``config.json``. Raises FileNotFoundError / UnsupportedModelError (naming the file and
+        the field: not JSON, not an object, a value of the wrong type or range, an unsupported setting)."""
         with open(path, encoding="utf-8") as f:
             try:
                 d = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise UnsupportedModelError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf_dict(d)
+        try:
+            return cls.from_hf_dict(d)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{path}: {e}") from None
 
     @property
     def eos_ids(self) -> list[int]:

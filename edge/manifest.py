@@ -152,14 +152,94 @@ class Manifest:
     def read(cls, folder: str | os.PathLike) -> "Manifest":
         """Read ``manifest.json`` from an export folder.
 
-        Raises ManifestError naming the folder when the file is missing or malformed."""
+        Raises ManifestError naming the folder when the file is missing, malformed or fails
+        :func:`_validate` (wrong types, unknown graph or precision, a cache dtype that does not
+        match, part files outside the folder)."""
         p = Path(folder) / MANIFEST_FILE
         if not p.exists():
             raise ManifestError(f"{folder}: no {MANIFEST_FILE}; this is not a parscale-edge export folder "
                                 "(create one with `parscale export MODEL -o DIR`)")
         try:
-            d = json.loads(p.read_text())
-            names = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in d.items() if k in names})
-        except (json.JSONDecodeError, TypeError) as e:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ManifestError(f"{p}: unreadable manifest ({e}); re-export the model") from None
+        except OSError as e:
+            raise ManifestError(f"{p}: cannot read the manifest ({e.strerror}); check the file's permissions") from None
+        _validate(d, p)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+#: manifest fields that must be positive integers
+_POSITIVE_INTS = ("parscale_n", "num_layers", "num_key_value_heads", "head_dim", "hidden_size", "vocab_size",
+                  "max_position_embeddings", "opset", "format_version")
+_PRECISIONS = (*CACHE_DTYPES, "int4", "int8", "int8-dynamic")
+
+
+def _validate(d, p: Path) -> None:
+    """Raise ManifestError (one line naming ``p``, the field and the fix) unless the parsed manifest
+    ``d`` is a JSON object with every required field of the right type and range, a known graph kind
+    and precision, a cache dtype that matches the precision, and ParScale part files that are
+    relative paths inside the folder (never ``..``, absolute paths or links out of it)."""
+    fix = "restore the manifest.json written with this model, or re-export it"
+
+    def bad(what: str):
+        raise ManifestError(f"{p}: {what}; {fix}")
+
+    if not isinstance(d, dict):
+        bad(f"the manifest is a JSON {type(d).__name__}, not an object")
+    required = [f.name for f in dataclasses.fields(Manifest)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in d]
+    if missing:
+        bad(f"field(s) {', '.join(missing)} missing")
+    for k in _POSITIVE_INTS:
+        v = d.get(k, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            bad(f"{k} must be a positive integer, got {v!r}")
+    if not isinstance(d.get("parscale_n_tokens"), int) or d["parscale_n_tokens"] < 0:
+        bad(f"parscale_n_tokens must be an integer >= 0, got {d.get('parscale_n_tokens')!r}")
+    eos = d["eos_token_ids"]
+    if not isinstance(eos, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t for t in eos):
+        bad(f"eos_token_ids must be a list of token ids, got {eos!r}")
+    for k in ("tie_word_embeddings",):
+        if not isinstance(d[k], bool):
+            bad(f"{k} must be true or false, got {d[k]!r}")
+    for k in ("source", "source_sha256", "family"):
+        if not isinstance(d[k], str):
+            bad(f"{k} must be a string, got {d[k]!r}")
+    graph = d.get("graph", "reference")
+    if graph not in ("reference", "fused"):
+        bad(f"unknown graph kind {graph!r} (reference or fused)")
+    prec = d["precision"]
+    if prec not in _PRECISIONS:
+        bad(f"unknown precision {prec!r} ({', '.join(_PRECISIONS)})")
+    cache = d.get("cache_dtype", "float32")
+    want = (CACHE_DTYPES[prec],) if prec in CACHE_DTYPES else ("float32", "float16")
+    if cache not in want:
+        bad(f"cache_dtype {cache!r} does not match precision {prec} (its KV cache is {' or '.join(want)})")
+    if d.get("quantization") is not None and not isinstance(d["quantization"], dict):
+        bad("quantization must be an object")
+    if "extra" in d and not isinstance(d["extra"], dict):
+        bad("extra must be an object")
+    opts = d.get("parallel_options")
+    if opts is None:
+        if graph == "fused":
+            bad("a fused graph needs parallel_options (P -> ParScale part file)")
+        return
+    if not isinstance(opts, dict) or not opts:
+        bad(f"parallel_options must be an object P -> part file, got {opts!r}")
+    if str(d["parscale_n"]) not in opts:
+        bad(f"parallel_options {sorted(opts)} lacks the default P={d['parscale_n']}")
+    folder = p.parent.resolve()
+    for k, rel in opts.items():
+        if not k.isdigit() or int(k) < 1:
+            bad(f"parallel_options key {k!r} is not a P >= 1")
+        if rel is None:
+            if int(k) != 1:
+                bad(f"parallel_options gives P={k} no part file")
+            continue
+        if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts \
+                or folder not in (folder / rel).resolve().parents:
+            bad(f"parallel_options P={k} names {rel!r}, which is not a file inside the folder; a manifest's paths "
+                "stay in its folder")

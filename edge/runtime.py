@@ -16,7 +16,7 @@ import numpy as np
 
 from .manifest import (AGG_INPUTS, FORMAT_VERSION, MAX_PREFIX_SLOTS, MODEL_FILE, ROPE_INPUTS, Manifest, ManifestError,
                        past_names, prefix_row_names, present_names)
-from .validate import check_export_folder
+from .validate import check_export_folder, check_kv_memory
 
 #: The oldest ONNX Runtime the fused graph is tested on: .ci/ort_compat.sh runs the fused-graph tests
 #: under 1.31.1 (onnxruntime-gpu's newest release as this is written), the main suite under 1.32.
@@ -94,6 +94,26 @@ def request_capacity(prompt_tokens: int, max_new_tokens: int, context: int) -> i
     """Cache slots per row (prefix not counted) that :meth:`OnnxCausalLM.prefill` allocates for a
     prompt of ``prompt_tokens`` and up to ``max_new_tokens`` new tokens, capped by the context."""
     return min(context, prompt_tokens + max(1, max_new_tokens))
+
+
+def _load_failure(path: Path, error: str, ort_version: str) -> str:
+    """One line for an ONNX Runtime session that could not load ``path``: a graph newer than this
+    onnxruntime (opset or IR version) asks for a newer onnxruntime; anything else for a re-export.
+    ORT's text is shortened at a sentence end (its C++ signature prefix dropped), never mid-word."""
+    import re
+
+    text = " ".join(error.split())
+    found = re.findall(r"(Opset \d+ is under development|Current official support for domain \S+ is till opset "
+                       r"\d+|Unsupported model IR version: \d+, max supported IR version: \d+)", text)
+    if found:
+        return (f"{path} was made for a newer ONNX Runtime than this one (onnxruntime {ort_version}: "
+                f"{'; '.join(found)}); upgrade it: pip install -U onnxruntime (or onnxruntime-gpu)")
+    text = re.sub(r"^.*?\) (?=[A-Z])", "", text) if ") " in text[:400] else text  # drop "file.cc:12 void f(...)"
+    if len(text) > 300:
+        cut = text[:300].rfind(". ")
+        text = text[:cut + 1] if cut > 80 else text[:300].rsplit(" ", 1)[0] + " ..."
+    return (f"{path}: ONNX Runtime cannot load the model ({text}); the file or its model.onnx.data is missing or "
+            "corrupt: copy the folder again or re-export it")
 
 
 class RuntimeInputError(ValueError):
@@ -330,8 +350,7 @@ class OnnxCausalLM:
         try:
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            raise ManifestError(f"{path}: ONNX Runtime cannot load the model ({str(e).strip()[:300]}); "
-                                "the file or its model.onnx.data is missing or corrupt: re-export it") from None
+            raise ManifestError(_load_failure(path, str(e), ort.__version__)) from None
         m = self.manifest
         self.fused = m.graph == "fused"
         self.L = m.num_layers
@@ -506,10 +525,12 @@ class OnnxCausalLM:
         zeros with each stream's prefix (rounded to the cache dtype) in the first n_prefix slots:
         numpy arrays on the CPU, device OrtValues on CUDA (filled through one reused host staging
         array of one tensor's size, which is dropped afterwards).
-        Raises RuntimeInputError for batch < 1 or capacity < 1."""
+        Raises RuntimeInputError for batch < 1 or capacity < 1, edge.validate.MemoryCheckError
+        (before allocating) when the cache would not fit in the available memory."""
         if batch < 1 or capacity < 1:
             raise RuntimeInputError(f"batch and capacity must be >= 1, got {batch} and {capacity}")
         P = self._check_parallel(self.P if parallel is None else int(parallel))
+        self._check_kv_memory(batch, capacity, P)
         if not self.fused:
             return DecodeState(batch, P)
         parts = self._parallel_parts(P)
@@ -544,6 +565,19 @@ class OnnxCausalLM:
         for name, r in zip(self._prefix_names, st.prefix_rows):
             self._bind_cache_input(st.binding, name, np.zeros((st.P * st.batch, 0, r.shape[2]), r.dtype))
         st.binding.bind_cpu_input("total_sequence_length", np.array(st.capacity, dtype=np.int32))
+
+    def _check_kv_memory(self, batch: int, capacity: int, P: int) -> None:
+        """The request's KV cache (P*batch rows of prefix + ``capacity`` slots, every layer, key and
+        value) fits in the free host memory (CPU sessions; edge.validate.check_kv_memory)."""
+        if self._device != "cpu":
+            return
+        m = self.manifest
+        n = m.parscale_n_tokens if P > 1 else 0
+        slots = n + capacity
+        item = 2 if m.cache_dtype in ("float16", "bfloat16") else 4
+        need = 2 * self.L * P * batch * m.num_key_value_heads * slots * m.head_dim * item
+        check_kv_memory(need, f"P={P} x {batch} row(s) x {slots} slots x {self.L} layers, {m.cache_dtype}",
+                        "ask for fewer new tokens (-n / max_new_tokens) or a smaller P")
 
     def step(self, state: DecodeState, input_ids: np.ndarray, query_lens: np.ndarray | None = None,
              logits_index: np.ndarray | None = None) -> np.ndarray:

@@ -221,6 +221,11 @@ def _check_external(folder: Path, model_file: str, g: GraphSummary) -> int:
             if not f.is_file():
                 raise ExportFolderError(f"{f} is missing ({model_file} keeps its weights there): copy the whole "
                                         f"folder again or {_REEXPORT}")
+            real = f.resolve()
+            if folder.resolve() not in real.parents:  # ONNX Runtime refuses data that escapes the folder
+                raise ExportFolderError(f"{f} is a link to {real}, outside the model folder; ONNX Runtime reads "
+                                        "external data only from inside the folder: copy the file in instead of "
+                                        f"linking it (e.g. cp --remove-destination {real} {f})")
             sizes[loc] = f.stat().st_size
         end = ref.offset + (ref.length or 0)
         if end > need.get(loc, (0, ""))[0]:
@@ -234,7 +239,7 @@ def _check_external(folder: Path, model_file: str, g: GraphSummary) -> int:
 
 
 def _check_graph_matches_manifest(folder: Path, model_file: str, g: GraphSummary, m: Manifest) -> None:
-    """P, layers, KV heads, head_dim and vocabulary of the manifest agree with the graph."""
+    """P, cache dtype, graph kind, layers, KV heads, head_dim and vocabulary of the manifest agree with the graph."""
     def fail(what: str, man_value, graph_value, where: str) -> None:
         raise ExportFolderError(
             f"{folder / MANIFEST_FILE} does not belong to {folder / model_file}: the manifest says {what} "
@@ -244,6 +249,11 @@ def _check_graph_matches_manifest(folder: Path, model_file: str, g: GraphSummary
     meta = g.metadata
     if meta.get("parscale_n", "").isdigit() and int(meta["parscale_n"]) != m.parscale_n:
         fail("P =", m.parscale_n, int(meta["parscale_n"]), "metadata parscale_n")
+    if meta.get("producer") == "parscale-edge":  # reference graphs carry no "graph" key
+        meta = {"graph": "reference", **meta}
+    for key, value in (("cache_dtype", m.cache_dtype), ("graph", m.graph)):
+        if key in meta and meta[key] != value:
+            fail(f"{key} =", value, meta[key], f"metadata {key}")
     past = [n for n in g.inputs if n.startswith("past_key_values.")]
     if len(past) != 2 * m.num_layers:
         fail("num_layers =", m.num_layers, len(past) // 2, f"{len(past)} past_key_values inputs")
@@ -291,6 +301,23 @@ def _check_memory(folder: Path, weight_bytes: int) -> None:
     if need > free:
         warnings.warn(f"{folder}: loading may need about {mib(need)} and {mib(free)} is available; "
                       "the process may run out of memory", stacklevel=3)
+
+
+def check_kv_memory(nbytes: int, what: str, fix: str) -> None:
+    """Raise ExportFolderError before allocating a KV cache of ``nbytes`` that does not fit in the
+    available memory (``what`` describes its shape, ``fix`` how to ask for less);
+    :data:`SKIP_MEMORY_CHECK_ENV` = 1 skips the check."""
+    if os.environ.get(SKIP_MEMORY_CHECK_ENV) == "1":
+        return
+    free = available_memory_bytes()
+    if free is not None and nbytes > free:
+        raise MemoryCheckError(f"the KV cache of this request needs {nbytes / 2**20:,.0f} MiB ({what}) but only "
+                               f"{free / 2**20:,.0f} MiB of memory is available; {fix}. Set "
+                               f"{SKIP_MEMORY_CHECK_ENV}=1 to try anyway")
+
+
+class MemoryCheckError(ValueError):
+    """A request or a model would not fit in the available memory (raised before allocating it)."""
 
 
 def check_export_folder(folder: str | os.PathLike, manifest: Manifest, model_file: str = MODEL_FILE) -> GraphSummary:

@@ -83,7 +83,7 @@ def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = F
         model.to_mixed_precision(dtype)
     cfg = model.config
     P, L = cfg.parscale_n, cfg.num_hidden_layers
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, sources=[lm.source]) as tmp:
         raw = tmp / "raw"
         raw.mkdir()
         inputs = ["input_ids", "attention_mask", "position_ids", *past_names(L)]

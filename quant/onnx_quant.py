@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edge.atomic import atomic_folder, folder_size_mib
+from edge.atomic import atomic_folder, check_replaceable, folder_size_mib
 from edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE, PACKED_WIDTHS_KEY, TOKEN_ROWS_KEY, Manifest
 
 PRECISIONS = ("int4", "int8", "int8-dynamic")
@@ -364,17 +364,24 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
         QuantizationError: bad settings, an already quantized source, a block size that does not
             divide a weight's input dimension.
         ManifestError: ``src`` is not an export folder. FileExistsError: ``out`` exists.
+        edge.atomic.OutputPathError: ``overwrite`` may not replace ``out`` (it is or holds ``src``, or
+            holds files this toolkit did not write).
     """
     cfg.validate()
     src, out = Path(src), Path(out)
     man = Manifest.read(src)
-    if man.precision not in ("fp32", "fp16") or man.quantization:
-        raise QuantizationError(f"{src} is already quantized or not float (precision {man.precision}); quantize the "
-                                "fp32 export (or an fp16 one, for int4/int8 with fp16 activations on a GPU)")
+    if man.quantization or man.precision not in ("fp32", "fp16", "bf16"):
+        raise QuantizationError(f"{src} is already quantized (precision {man.precision}); quantize the fp32 export "
+                                "it was made from (or an fp16 one, for int4/int8 with fp16 activations on a GPU)")
+    if man.precision == "bf16":
+        raise QuantizationError(f"{src} is a bf16 export, which the quantizer does not read (bfloat16 weights); "
+                                "quantize the fp32 export of the model (or an fp16 one, for a GPU)")
     if man.precision == "fp16" and cfg.precision == "int8-dynamic":
         raise QuantizationError("int8-dynamic needs an fp32 export; use --precision int4 or int8 on an fp16 export")
     if out.exists() and not overwrite:  # fail before the slow load
         raise FileExistsError(f"{out} exists; pass --overwrite or choose another folder")
+    if overwrite:
+        check_replaceable(out, [src])  # never the source, nor a folder of other files
     model = onnx.load(str(src / MODEL_FILE), load_external_data=True)
     untied = cfg.quantize_lm_head and cfg.precision != "int8-dynamic" and untie_lm_head(model)
     head = head_node_name(model, man.vocab_size)
@@ -419,7 +426,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
                 f"--precision int8-dynamic needs onnxruntime >= {'.'.join(map(str, INT8_DYNAMIC_MIN_ORT))}: the "
                 f"quantize_dynamic of onnxruntime {ort.__version__} writes a graph that it cannot load (Add: "
                 "incompatible dimensions); use --precision int8 (block-wise, also on CUDA) or upgrade onnxruntime")
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, sources=[src]) as tmp:
         if cfg.precision == "int8-dynamic":
             warnings.warn("per-tensor dynamic int8 is fragile for language models (measured here: +70% "
                           "perplexity on smollm2-135m); prefer --precision int8 (block-wise)", stacklevel=2)

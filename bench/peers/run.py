@@ -556,7 +556,7 @@ def markdown(doc: dict) -> str:
             return "n/a" if v is None else f"{v:.2e}"
         lines += ["", f"Logit match on the {doc['settings']['prompt_len']}-token prompt (max abs, all positions): "
                   f"ours P=1 fp32 vs optimum fp32 {num('ours_fp32_vs_optimum_max_abs')} (limit {lm['limit']}: "
-                  f"{'pass' if lm.get('pass') else 'FAIL'}); vs PyTorch eager {num('ours_fp32_vs_torch_eager_max_abs')}"]
+                  f"{ {True: 'pass', False: 'FAIL'}.get(lm.get('pass'), 'not measured')}); vs PyTorch eager {num('ours_fp32_vs_torch_eager_max_abs')}"]
     tc = doc.get("preparation", {}).get("transformers_check", {})
     if tc.get("status") == "ok":
         lines.append(f"transformers {tc['transformers']} loads our HF folder as {tc['class']}; "
