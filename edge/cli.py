@@ -47,7 +47,7 @@ def _import_export_stack():
 def _set_torch_threads(threads: int | None) -> None:
     import torch
 
-    # On small shared CPUs PyTorch with several threads was 8-10x slower than with one (FINDINGS.md).
+    # On small shared CPUs PyTorch with several threads was 8-10x slower than with one (docs/parscale.md, "Threads").
     torch.set_num_threads(threads or 1)
 
 

@@ -223,7 +223,7 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, prog
 # ----------------------------------------------------------------------------------------- saving
 def save_hf_folder(lm: LoadedModel, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``config.json``, ``model.safetensors``, ``generation_config.json`` and tokenizer files in
-    the authors' format (tensor names of PARSCALE.md), atomically: a temporary sibling folder is
+    the authors' format (tensor names of docs/parscale.md), atomically: a temporary sibling folder is
     renamed into place, so a failure leaves nothing half-written.
 
     Raises FileExistsError when ``out`` exists and ``overwrite`` is False, edge.atomic.OutputPathError
@@ -258,7 +258,7 @@ def convert_to_parscale(lm: LoadedModel, parallel: int, n_tokens: int = 48, smoo
     The backbone is shared (not copied); the prefixes and the aggregator get the finite
     initialisation of :meth:`ParScaleForCausalLM.init_parscale`, calibrated on the dense model's
     queries for :data:`CALIBRATION_TEXT` (random tokens when there is no tokenizer). Defaults follow the released
-    checkpoints: 48 prefix tokens, smoothing 0.1 (PARSCALE.md).
+    checkpoints: 48 prefix tokens, smoothing 0.1 (docs/parscale.md, "Config fields").
 
     Raises ValueError if the model already has P > 1 or ``parallel`` < 2.
     """
