@@ -37,7 +37,7 @@ class ParScaleConfig:
     ``parscale_n`` (P) = 1 is exactly the dense model. For P > 1 every layer holds a KV prefix of
     ``parscale_n_tokens`` slots per stream, and the P final hidden states are merged by
     ``aggregate_layer`` with softmax weights smoothed by ``parscale_attn_smooth`` (docs/parscale.md,
-    "Exact semantics"; paper Sec. 2).
+    "Aggregation"; paper Sec. 2).
     """
 
     vocab_size: int
