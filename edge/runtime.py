@@ -535,6 +535,8 @@ class OnnxCausalLM:
             return DecodeState(batch, P)
         parts = self._parallel_parts(P)
         m, n = self.manifest, parts["n_prefix"]
+        if m.rope_theta is None:
+            raise ManifestError(f"{self.folder}: the manifest has no rope_theta; export the model again")
         if capacity > m.max_position_embeddings or n > MAX_PREFIX_SLOTS:
             raise RuntimeInputError(f"a request of {capacity} tokens with {n} prefix slots exceeds the model's "
                                     f"context ({m.max_position_embeddings} tokens, at most {MAX_PREFIX_SLOTS} prefix slots)")
@@ -548,8 +550,6 @@ class OnnxCausalLM:
             io.bind_ortvalue_output(present_name, v)  # GroupQueryAttention writes in place
         for name, v in parts["agg"].items():
             io.bind_ortvalue_input(name, v)
-        if m.rope_theta is None:
-            raise ManifestError(f"{self.folder}: the manifest has no rope_theta; export the model again")
         st.rope = [self._ort.OrtValue.ortvalue_from_numpy(cache_host_array(t, m.cache_dtype), self._device, 0)
                    for t in rope_tables(n + capacity, n, m.head_dim, m.rope_theta)]
         for name, v in zip(ROPE_INPUTS, st.rope):
@@ -681,6 +681,9 @@ class OnnxCausalLM:
         the logits of a scratch step."""
         B, S = input_ids.shape
         K = logits_index.shape[1]
+        if logits_index.min() < 0 or logits_index.max() >= S:
+            raise RuntimeInputError(f"logits_index must be positions in the chunk, 0..{S - 1}; got "
+                                    f"{int(logits_index.min())}..{int(logits_index.max())}")
         out = np.empty((B, K, self.manifest.vocab_size), dtype=np.float32)
         for t in range(S):
             logits = self.step(state, input_ids[:, t:t + 1], (q > t).astype(np.int64), np.zeros((B, 1), np.int64))
