@@ -3,12 +3,14 @@ for each thread count (issue 14: edge CPUs have more than the 2 cores of the dev
 
 The model has smollm2-135m's exact shapes (llama, 30 layers, hidden 576, 9 heads / 3 KV heads,
 vocabulary 49152, tied embedding) with random weights: decode time does not depend on the values,
-and the real GGUF (98 MB) or an int4 export of it (about 60 MB with its float32 embedding) does not
-fit next to the repository in one 64 MiB transfer to the GPU machine, where torch builds this one
-in about half a minute. One fused fp32 backbone serves every P (a ParScale part file per P > 1), then
-int4 MatMulNBits (block 32, accuracy_level 4: the CPU int4 path). Each (P, threads) is timed in a
-fresh process (edge.profile.profile_folder), batch 1, most informative first (P=1 and P=4 at every
-thread count, then P=2 and P=8), so a deadline drops the least useful rows.
+and neither the real GGUF (98.4 MB, and the GPU machine has no gguf package) nor an int4 export
+(measured: 199.5 MB backbone with its float32 embedding + 49.6 MB of ParScale parts for P=2,4,8)
+fits a 64 MiB transfer next to the repository; on the GPU machine torch builds this one in about a
+minute (64 s export + 3 s int4 on 2 busy cores here). One fused fp32 backbone serves every P (a part
+file per P > 1), then int4 MatMulNBits (block 32, accuracy_level 4: the CPU int4 path). Each
+(P, threads) is timed in a fresh process (edge.profile.profile_folder), batch 1, most informative
+first (P=1 and P=4 at every thread count, then P=2 and P=8), so a deadline drops the least useful
+rows.
 
     python bench/cpu_threads.py -o OUT [--arch tiny-smollm2] [--threads 1,2,4,8,16] [--parallel 1,2,4,8]
 

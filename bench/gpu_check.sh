@@ -34,9 +34,9 @@
 # Results: bench/results/gpu_check/ there, and in $OUT (<= 8 files: the folder as a .tar.gz, the log,
 # summary.json, paper_ratios.md, cpu_threads.md) for the session to commit.
 #
-# Usage:
-#   bench/gpu_check.sh --prepare     here (PyPI): download, pack, compress, split into .gpu-carry/part-K
-#                                    (git ignores it); prints the plan and the device calls to copy
+# Usage (the device tool sends the checkout its session started in: prepare the parts there):
+#   bench/gpu_check.sh --prepare     here (PyPI, ~7 min, cached after): download, pack, compress, split
+#                                    into .gpu-carry/part-K (git ignores it); prints the device calls
 #   bench/gpu_check.sh --calls       print the device calls again (re-checks the sizes)
 #   bench/gpu_check.sh --resplit     split the prepared archive again for the tree of now (offline)
 #   bench/gpu_check.sh --receive K   (device) check part K's sha256 on arrival
