@@ -1,16 +1,12 @@
 """GPU check: CUDA accuracy, then the profiler on Qwen2.5-Coder shapes, then the paper's ratios.
 
-Run through ``bench/gpu_check.sh`` (it installs the carried wheels first). Subcommands:
+Run through ``bench/gpu_check.sh``: it carries onnxruntime-gpu to the GPU machine in parts, unpacks
+it into an overlay that shadows the machine's onnxruntime (CPU), and gives this check what is left
+of its 7 minutes (its plan is at its top). Subcommands: ``run`` (the check) and ``accuracy`` (step 3
+alone). Steps of ``run``, each recorded in ``summary.json``:
 
-``download``  (a machine with internet) fill ``bench/wheels/`` with the linux x86_64 wheels of
-              onnxruntime-gpu and this project's dependencies for one Python version (torch is not
-              fetched: the GPU machine must have it); ``--split-mib N`` also cuts them into
-              ``carry-NN/`` folders of at most N MiB for transports with a size limit.
-``install``   (the GPU machine, offline) install from those wheels into an overlay folder that
-              shadows the machine's own onnxruntime (CPU) without touching it; prints the folder.
-``run``       the check. Steps, each recorded in ``summary.json``:
-
-  1. environment: GPU (nvidia-smi), onnxruntime version and providers, the CUDA probe;
+  1. environment: GPU (nvidia-smi), onnxruntime version and providers, the CUDA probe; an
+     onnxruntime older than :data:`edge.runtime.FUSED_MIN_ORT` is a one-line error;
   2. golden/export tests with the sessions on CUDA (``PARSCALE_TEST_DEVICE=cuda pytest tests/test_export.py``);
   3. accuracy (``accuracy.json``): the authors' golden models run on the device against CPU fp32:
      the reference graph fp32 (max |logit diff| <= 1e-3), fp16 (top-1 agreement >= 99%) and bf16
@@ -27,13 +23,15 @@ Run through ``bench/gpu_check.sh`` (it installs the carried wheels first). Subco
      activations), batch 1 and 8, as the fused graph (``--graph reference`` for the other one):
      TTFT, decode ms/token, GPU memory (nvidia-smi), KV cache; exports run in parallel processes,
      profiles one at a time in fresh processes;
-  5. the paper's ratios (``paper_ratios.md``) against the paper's 22x / 6x (bench/paper_ratios.py).
+  5. the paper's ratios (``paper_ratios.md``) against the paper's 22x / 6x (bench/paper_ratios.py);
+  6. int4 decode ms/step on the CPU at P=1,2,4,8 and 1,2,4,8,16 threads with smollm2-135m's shapes
+     (``cpu_threads.json``/``.md``, bench/cpu_threads.py; ``cpu_budget_s`` of the deadline is kept for it).
 
-  A deadline (default 420 s) keeps the whole check under 8 minutes: what does not fit is listed
-  as skipped (profiles are ordered so that P=1, P=8 and the 1.5b anchor come first).
-  ``--dry-run`` runs the same steps on the CPU with tiny models and tiny sizes (bf16 is skipped:
-  the CPU provider has no bfloat16 MatMul; fused fp16 and int4 run on the CPU provider) and writes
-  to ``bench/results/gpu_check_dryrun/``.
+  A deadline (default 390 s; bench/gpu_check.sh passes what is left of its 7 minutes) bounds the
+  whole check: what does not fit is listed as skipped (profiles are ordered so that P=1, P=8 and
+  the 1.5b anchor come first). ``--dry-run`` runs the same steps on the CPU with tiny models and
+  tiny sizes (bf16 is skipped: the CPU provider has no bfloat16 MatMul; fused fp16 and int4 run on
+  the CPU provider) and writes to ``bench/results/gpu_check_dryrun/``.
 
 Weights are random for the profile (time and memory do not depend on values; the GPU machine has
 no model files). Units: ms, MiB, tokens/s.
@@ -43,28 +41,20 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for _p in (str(ROOT), str(ROOT / "tests")):
+for _p in (str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-# checked: a CUDA 13.0 / cuDNN 9 build (capi/build_and_package_info.py). It is the newest onnxruntime-gpu
-# release as this is written, and too old for the fused graph (GroupQueryAttention's query_seqlens is
-# new in 1.32, edge.runtime.FUSED_MIN_ORT): the check then reports the fused checks as failed and
-# profiles the reference graph. Once 1.32 is out: --download --onnxruntime-gpu onnxruntime-gpu==1.32.x
-ORT_GPU = "onnxruntime-gpu==1.31.1"
-WHEELS = ROOT / "bench" / "wheels"
-SITE = Path("/tmp/parscale-gpu-site")
+import cpu_threads  # noqa: E402 - bench/cpu_threads.py
 
 #: architectures of the named models as this project loads them from their GGUF files (untied heads)
 QWEN = dict(vocab_size=151936, num_key_value_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
@@ -101,13 +91,19 @@ class Plan:
     warmup: int = 1
     workers: int = 8
     threads: int | None = None
-    deadline_s: float = 420.0
+    deadline_s: float = 390.0  # bench/gpu_check.sh passes what is left of the final command's 7 minutes
+    # last step: int4 decode on the CPU by thread count (bench/cpu_threads.py), with this much reserved
+    cpu_arch: str = "smollm2-135m"
+    cpu_parallel: tuple[int, ...] = (1, 2, 4, 8)
+    cpu_threads: tuple[int, ...] = (1, 2, 4, 8, 16)
+    cpu_budget_s: float = 90.0
 
 
 PLANS = {
     "gpu": Plan(device="cuda", model="qwen2.5-coder-0.5b", anchor="qwen2.5-coder-1.5b"),
     "dry": Plan(device="cpu", model="tiny-0.5b", anchor="tiny-1.5b", batches=(1, 2), prompt_len=16, gen_len=8,
-                repeat=1, workers=2, threads=1, deadline_s=900.0),
+                repeat=1, workers=2, threads=1, deadline_s=900.0, cpu_arch="tiny-smollm2",
+                cpu_threads=tuple(t for t in (1, 2, 4, 8, 16) if t <= (os.cpu_count() or 1)), cpu_budget_s=60.0),
 }
 
 
@@ -120,176 +116,16 @@ def _fail(msg: str) -> int:
     return 2
 
 
-# ------------------------------------------------------------------------------------ download
-def _requirements(ort_gpu: str, cuda_libs: bool) -> list[str]:
-    """pyproject's runtime + export (without torch) + quant + profile dependencies and pytest, with
-    onnxruntime replaced by ``ort_gpu`` (``[cuda,cudnn]`` adds NVIDIA's CUDA 13 / cuDNN 9 wheels)."""
-    import tomllib
-
-    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    extras = proj["optional-dependencies"]
-    reqs = list(proj["dependencies"]) + extras["export"] + extras["quant"] + extras["profile"] + ["pytest>=8"]
-    out = []
-    for r in reqs:
-        name = r.split("[")[0].split("=")[0].split(">")[0].split("<")[0].split("~")[0].strip().lower()
-        if name in ("torch", "onnxruntime") or r.startswith("parscale-edge"):
-            continue
-        if r not in out:
-            out.append(r)
-    gpu = ort_gpu.replace("onnxruntime-gpu", "onnxruntime-gpu[cuda,cudnn]") if cuda_libs else ort_gpu
-    return [gpu, *out, "nvidia-ml-py"]
-
-
-def cmd_download(a) -> int:
-    wheels = Path(a.wheels)
-    wheels.mkdir(parents=True, exist_ok=True)
-    reqs = a.packages or _requirements(a.onnxruntime_gpu, a.with_cuda_libs)
-    plats = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
-    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", a.python_version,
-           "--implementation", "cp", "-d", str(wheels), *[x for p in plats for x in ("--platform", p)],
-           *(["--no-deps"] if a.no_deps else []), *reqs]
-    _log("pip download " + " ".join(reqs))
-    r = subprocess.run(cmd)
-    if r.returncode != 0:
-        return _fail("pip download failed (see above); it needs PyPI and the Python version's wheels")
-    files = sorted(wheels.glob("*.whl"))
-    total = sum(f.stat().st_size for f in files) / 2**20
-    _log(f"{len(files)} wheels, {total:.0f} MiB in {wheels} (git ignores it)")
-    if a.split_mib:
-        parts = split_for_carry(wheels, a.split_mib)
-        _log(f"split into {len(parts)} folders of <= {a.split_mib} MiB: " + ", ".join(p.name for p in parts))
-    return 0
-
-
-def split_for_carry(wheels: Path, limit_mib: int) -> list[Path]:
-    """Pack the wheels of ``wheels`` into ``carry-NN/`` folders of at most ``limit_mib`` MiB,
-    cutting larger files into ``NAME.partNN`` pieces; ``carry.json`` lists every file's sha256.
-    ``install`` puts the pieces back together (from one folder or several)."""
-    limit = limit_mib * 2**20 - 2**16  # 64 KiB left for carry.json
-    for old in wheels.glob("carry-*"):
-        shutil.rmtree(old)
-    files = sorted(wheels.glob("*.whl"), key=lambda f: -f.stat().st_size)
-    index = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
-    folders: list[Path] = []
-    used: list[int] = []
-
-    def place(name: str, data: bytes) -> None:
-        for i, u in enumerate(used):
-            if u + len(data) <= limit:
-                break
-        else:
-            folders.append(wheels / f"carry-{len(folders):02d}")
-            folders[-1].mkdir()
-            used.append(0)
-            i = len(folders) - 1
-        (folders[i] / name).write_bytes(data)
-        used[i] += len(data)
-
-    for f in files:
-        data = f.read_bytes()
-        if len(data) <= limit:
-            place(f.name, data)
-        else:
-            for k in range(0, len(data), limit):
-                place(f"{f.name}.part{k // limit:02d}", data[k:k + limit])
-    pieces = {f.name: -(-f.stat().st_size // limit) for f in files if f.stat().st_size > limit}
-    (folders[0] / "carry.json").write_text(json.dumps({"sha256": index, "pieces": pieces}, indent=2) + "\n")
-    return folders
-
-
-# ------------------------------------------------------------------------------------- install
-def collect_wheels(dirs: list[Path], work: Path) -> list[Path]:
-    """Whole wheels from ``dirs`` (and their ``carry-*`` subfolders), ``.partNN`` pieces joined in
-    order into ``work``, checked against any ``carry.json``. Raises ValueError for a wheel with
-    missing pieces or a wrong sha256."""
-    found: dict[str, Path] = {}
-    pieces: dict[str, dict[int, Path]] = {}
-    sums: dict[str, str] = {}
-    counts: dict[str, int] = {}
-    for d in dirs:
-        for sub in [d, *sorted(d.glob("carry-*"))]:
-            for f in sub.glob("*"):
-                if f.name == "carry.json":
-                    index = json.loads(f.read_text())
-                    sums.update(index["sha256"])
-                    counts.update(index["pieces"])
-                elif f.name.endswith(".whl"):
-                    found[f.name] = f
-                elif ".whl.part" in f.name:
-                    name, k = f.name.rsplit(".part", 1)
-                    pieces.setdefault(name, {})[int(k)] = f
-    work.mkdir(parents=True, exist_ok=True)
-    for name, parts in pieces.items():
-        if name in found:
-            continue
-        n = counts.get(name, max(parts) + 1)
-        if sorted(parts) != list(range(n)):
-            raise ValueError(f"{name}: {len(parts)} of its {n} pieces are here; carry every carry-NN folder")
-        out = work / name
-        with open(out, "wb") as w:
-            for k in sorted(parts):
-                w.write(parts[k].read_bytes())
-        found[name] = out
-    for name, f in found.items():
-        if name in sums and hashlib.sha256(f.read_bytes()).hexdigest() != sums[name]:
-            raise ValueError(f"{name}: sha256 differs from carry.json; the copy is damaged, download again")
-    return sorted(found.values())
-
-
-def _top_level(wheel: Path) -> set[str]:
-    with zipfile.ZipFile(wheel) as z:
-        names = {n.split("/")[0] for n in z.namelist()}
-    return {n.removesuffix(".py") for n in names
-            if not n.endswith((".dist-info", ".data")) and not n.startswith("_") and not n.endswith((".pth", ".libs"))}
-
-
-def cmd_install(a) -> int:
-    import importlib.util
-
-    dirs = [Path(d) for d in a.wheels]
-    missing = [d for d in dirs if not d.is_dir()]
-    hint = "fill it beforehand on a machine with internet: bench/gpu_check.sh --download --python-version 3.12"
-    if missing:
-        return _fail(f"no wheel folder {missing[0]}; {hint}")
-    try:
-        wheels = collect_wheels(dirs, Path(a.target).with_name(Path(a.target).name + "-wheels"))
-    except ValueError as e:
-        return _fail(str(e))
-    gpu = [w for w in wheels if w.name.startswith("onnxruntime_gpu-")]
-    if not gpu:
-        return _fail(f"no onnxruntime_gpu wheel in {', '.join(map(str, dirs))}; {hint}")
-    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    if not any(tag in w.name for w in gpu):
-        return _fail(f"the onnxruntime-gpu wheel is for {gpu[0].name.split('-')[2]}, this Python is {tag}; download "
-                     f"again with --python-version {sys.version_info.major}.{sys.version_info.minor}")
-    need = [w for w in wheels if w in gpu or not all(importlib.util.find_spec(m) for m in _top_level(w) or {"_"})]
-    need = [w for w in need if not w.name.startswith("onnxruntime-") or w in gpu]
-    target = Path(a.target)
-    target.mkdir(parents=True, exist_ok=True)
-    _log(f"installing {len(need)} of {len(wheels)} wheels into {target}: " + ", ".join(w.name.split("-")[0] for w in need))
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--upgrade", "--target", str(target), *map(str, need)])
-    if r.returncode != 0:
-        return _fail("pip install from the carried wheels failed (see above)")
-    env = dict(os.environ, PYTHONPATH=f"{target}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    probe = subprocess.run([sys.executable, "-c", "import onnxruntime as o; print(o.__file__); print(o.get_available_providers())"],
-                           capture_output=True, text=True, env=env)
-    if probe.returncode != 0 or str(target) not in probe.stdout or "CUDAExecutionProvider" not in probe.stdout:
-        return _fail(f"onnxruntime-gpu did not take over: {probe.stdout.strip()} {probe.stderr.strip()[-300:]}")
-    print(target)
-    return 0
-
-
-def fused_graph_runs() -> tuple[bool, str]:
-    """Whether this onnxruntime can run fused graphs (:data:`edge.runtime.FUSED_MIN_ORT`), and why not."""
+def ort_too_old() -> str | None:
+    """Why this onnxruntime cannot run the fused graph (older than :data:`edge.runtime.FUSED_MIN_ORT`), or None."""
     import onnxruntime as ort
 
     from edge.runtime import FUSED_MIN_ORT, ort_version
 
     if ort_version(ort.__version__) >= FUSED_MIN_ORT:
-        return True, f"onnxruntime {ort.__version__}"
-    return False, (f"onnxruntime {ort.__version__} cannot load the fused graph (GroupQueryAttention's query_seqlens "
-                   f"input needs >= {'.'.join(map(str, FUSED_MIN_ORT))})")
+        return None
+    return (f"onnxruntime {ort.__version__} is older than {'.'.join(map(str, FUSED_MIN_ORT))}, which the fused graph "
+            f"needs (on the GPU machine: bench/gpu_check.sh carries onnxruntime-gpu 1.31.1)")
 
 
 # --------------------------------------------------------------------------------- model building
@@ -440,11 +276,6 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
     fused = ["fused-fp16"] + (["fused-bf16"] if device == "cuda" else []) + ["fused-int4"]
     expected = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
     res: dict = {"device": device, "golden": {}, "checks": {}, "skipped": [], "node_providers": {}}
-    fused_ok, why = fused_graph_runs()
-    if not fused_ok:  # a failed check (the GPU path cannot run here), not a silent skip
-        res["checks"]["the fused graph (fp16/bf16/int4) runs on this onnxruntime"] = {"value": why, "limit": True,
-                                                                                       "ok": False}
-        fused = []
     if device != "cuda":
         res["skipped"].append("bf16 (reference and fused): the CPU provider has no bfloat16 MatMul (CUDA only)")
     worst32 = 0.0
@@ -519,7 +350,7 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
     from edge.profile import GraphStepper
 
     ids = np.random.default_rng(0).integers(0, 97, (1, 512))
-    for graph, p in [("reference", q) for q in precisions[1:]] + [("fused", q) for q in precisions[1:] if fused_ok]:
+    for graph, p in [("reference", q) for q in precisions[1:]] + [("fused", q) for q in precisions[1:]]:
         name = f"{graph} {p}: bf16-weighted Qwen2 with massive activations, 512 tokens, no NaN/Inf"
         try:
             folder = export_model(massive_activation_model(), work / f"massive-{graph}-{p}", overwrite=True,
@@ -546,7 +377,7 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
             res["checks"][name] = {"value": f"{type(e).__name__}: {str(e)[:200]}", "limit": True, "ok": False}
     if real_model:
         try:
-            res["real_model"] = r = _real_model(real_model, device, work, "fused" if fused_ok else "reference")
+            res["real_model"] = r = _real_model(real_model, device, work)
             res["checks"][f"{real_model} {r['graph']} fp16 on device: top-1 agreement with CPU fp32 "
                           f"({r['positions']} positions)"] = {
                 "value": r["top1_agreement"], "limit": 0.99, "ok": r["top1_agreement"] >= 0.99}
@@ -597,9 +428,7 @@ def _environment(device: str) -> dict:
 
     info = device_info()
     works, why = cuda_status()
-    fused_ok, fused_why = fused_graph_runs()
     env = {"machine": info, "onnxruntime_file": ort.__file__, "cuda_works": works, "cuda_reason": why,
-           "fused_graph_runs": fused_ok, "fused_graph_reason": fused_why,
            "python": sys.version.split()[0], "device": device}
     try:
         import torch
@@ -627,6 +456,9 @@ def cmd_run(a) -> int:
     if a.parallel:
         plan.parallel = tuple(int(x) for x in a.parallel.split(","))
         plan.twins = tuple(p for p in plan.twins if p in plan.parallel)
+        plan.cpu_parallel = tuple(p for p in plan.cpu_parallel if p in plan.parallel)
+    if a.cpu_threads is not None:
+        plan.cpu_threads = tuple(int(x) for x in a.cpu_threads.split(",") if x)
     if a.graph:
         plan.graph = a.graph
     if a.precisions:
@@ -646,22 +478,23 @@ def cmd_run(a) -> int:
 
     # 1. environment
     t0 = time.perf_counter()
+    too_old = ort_too_old()
+    if too_old:
+        return _fail(too_old)
     env = _environment(plan.device)
     summary["environment"] = env
     if plan.device == "cuda" and not env["cuda_works"]:
         write_json(out / "summary.json", summary)
         return _fail(f"CUDA does not work here: {env['cuda_reason']}")
-    step("environment", t0, cuda_works=env["cuda_works"], onnxruntime=env["machine"]["onnxruntime"],
-         fused_graph_runs=env["fused_graph_runs"])
-    if plan.graph == "fused" and not env["fused_graph_runs"]:  # still measure something on this GPU
-        summary["skipped"].append(f"profile of the fused graph: {env['fused_graph_reason']}; profiled the reference "
-                                  "graph instead")
-        plan.graph = "reference"
+    step("environment", t0, cuda_works=env["cuda_works"], onnxruntime=env["machine"]["onnxruntime"])
 
     # start the exports now: they only need CPUs, and the accuracy steps need the GPU
     jobs = profile_jobs(plan, work / "models")
     pool = cf.ProcessPoolExecutor(max_workers=plan.workers, mp_context=__import__("multiprocessing").get_context("spawn"))
     torch_threads = max(1, (os.cpu_count() or 2) // max(1, plan.workers))
+    # the CPU step's model first: small, and its step must not find it missing
+    cpu_build = pool.submit(cpu_threads.build, plan.cpu_arch, plan.cpu_parallel, work / "models", torch_threads) \
+        if plan.cpu_threads else None
     futures = {pool.submit(_export_job, dict(j, torch_threads=torch_threads)): j for j in jobs}
     t_exports = time.perf_counter()
 
@@ -671,8 +504,8 @@ def cmd_run(a) -> int:
         step("pytest", t0, status="skipped (--skip-pytest)")
     else:
         env_t = dict(os.environ, PARSCALE_TEST_DEVICE=plan.device)
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_export.py"],
-                           cwd=ROOT, env=env_t, capture_output=True, text=True, timeout=max(30, left()))
+        r = _bounded([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_export.py"],
+                     left() - plan.cpu_budget_s - 20, cwd=ROOT, env=env_t)
         (out / "pytest.log").write_text(r.stdout[-20000:] + r.stderr[-5000:])
         step("pytest", t0, ok=r.returncode == 0, last_line=(r.stdout.strip().splitlines() or [""])[-1])
 
@@ -680,7 +513,7 @@ def cmd_run(a) -> int:
     t0 = time.perf_counter()
     cmd = [sys.executable, str(Path(__file__)), "accuracy", "--device", plan.device, "--work", str(work / "accuracy"),
            "--out", str(out / "accuracy.json")] + (["--real-model", a.real_model] if a.real_model else [])
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, left()))
+    r = _bounded(cmd, left() - plan.cpu_budget_s - 20)
     if r.returncode == 0:
         acc = json.loads((out / "accuracy.json").read_text())
         step("accuracy", t0, ok=acc["ok"], checks={k: v["value"] for k, v in acc["checks"].items()})
@@ -716,12 +549,12 @@ def cmd_run(a) -> int:
             folder = built[j["name"]]["folders"].get(prec)
             if folder is None:
                 continue
-            if left() < 20:
+            if left() < 20 + plan.cpu_budget_s:
                 summary["skipped"].append(f"{j['name']} {prec}: profile skipped (deadline)")
                 continue
             try:
                 got = profile_folder(folder, list(plan.batches), [plan.prompt_len], plan.gen_len, plan.threads,
-                                     plan.repeat, plan.warmup, None, timeout_s=max(10.0, left() - 5),
+                                     plan.repeat, plan.warmup, None, timeout_s=max(10.0, left() - plan.cpu_budget_s),
                                      device=plan.device)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 summary["skipped"].append(f"{j['name']} {prec}: profile failed: {str(e)[-300:]}")
@@ -753,15 +586,50 @@ def cmd_run(a) -> int:
         summary["skipped"].append("plots: matplotlib is not installed")
     step("report", t0, ratio_rows=len(ratios["rows"]))
 
+    # 6. int4 decode on the CPU by thread count (the GPU idle, exports done)
+    t0 = time.perf_counter()
+    threads_res = _cpu_threads(plan, cpu_build, left, summary["skipped"])
+    if threads_res:
+        write_json(out / "cpu_threads.json", threads_res)
+        (out / "cpu_threads.md").write_text(cpu_threads.markdown(
+            threads_res, f"{plan.cpu_arch} (random weights), int4, on {env['machine']['cpu']['model']}"))
+    step("cpu_threads", t0, rows=len((threads_res or {}).get("rows", [])), ratios=(threads_res or {}).get("ratios"))
+
     summary["accuracy_ok"] = acc.get("ok", False)
     summary["pytest_ok"] = summary["steps"]["pytest"].get("ok", True)
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     summary["ok"] = summary["accuracy_ok"] and summary["pytest_ok"] and bool(rows)
     write_json(out / "summary.json", summary)
     _print_summary(summary, acc, rows, out)
+    if threads_res:
+        print((out / "cpu_threads.md").read_text())
     if not a.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if summary["ok"] else 1
+
+
+def _bounded(cmd: list[str], timeout_s: float, floor_s: float = 30.0, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run with captured text output, stopped after ``timeout_s`` (at least ``floor_s``):
+    then exit status 124 and the reason in stderr, so that the check goes on."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=max(floor_s, timeout_s), **kw)
+    except subprocess.TimeoutExpired as e:
+        text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        return subprocess.CompletedProcess(cmd, 124, text(e.stdout), text(e.stderr) + f"\nstopped after {e.timeout:.0f} s (deadline)")
+
+
+def _cpu_threads(plan: Plan, build, left, skipped: list[str]) -> dict | None:
+    """Step 6: wait for the CPU model's export, then bench/cpu_threads.measure in what is left."""
+    if build is None:
+        return None
+    try:
+        built = build.result(timeout=max(1.0, left() - 10))
+    except Exception as e:  # noqa: BLE001 - recorded, the check goes on
+        skipped.append(f"cpu threads: export of {plan.cpu_arch} failed or late: {type(e).__name__}: {str(e)[:200]}")
+        return None
+    res = cpu_threads.measure(built["folder"], plan.cpu_parallel, plan.cpu_threads, budget_s=max(0.0, left() - 5))
+    skipped += [f"cpu threads: {s}" for s in res["skipped"]]
+    return {"arch": plan.cpu_arch, **built, **res}
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -797,22 +665,6 @@ def _print_summary(summary: dict, acc: dict, rows: list[dict], out: Path) -> Non
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("download", help="fill bench/wheels (needs internet)")
-    p.add_argument("--wheels", default=str(WHEELS))
-    p.add_argument("--python-version", default=f"{sys.version_info.major}.{sys.version_info.minor}",
-                   help="of the GPU machine's python3 (default: this one's)")
-    p.add_argument("--onnxruntime-gpu", default=ORT_GPU, help=f"requirement (default {ORT_GPU})")
-    p.add_argument("--with-cuda-libs", action="store_true",
-                   help="also NVIDIA's CUDA/cuDNN wheels (GBs; for a machine without CUDA 13 libraries)")
-    p.add_argument("--split-mib", type=int, default=0, help="also cut into carry-NN folders of at most N MiB")
-    p.add_argument("--packages", nargs="+", default=None,
-                   help="only these requirements (e.g. the ones the GPU machine lacks: onnxruntime-gpu==1.31.1 gguf)")
-    p.add_argument("--no-deps", action="store_true", help="not their dependencies either")
-    p.set_defaults(func=cmd_download)
-    p = sub.add_parser("install", help="install the carried wheels into an overlay folder (offline)")
-    p.add_argument("--wheels", nargs="+", default=[str(WHEELS)])
-    p.add_argument("--target", default=str(SITE))
-    p.set_defaults(func=cmd_install)
     p = sub.add_parser("accuracy", help="(step 3 alone) golden/massive-activation checks on a device")
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     p.add_argument("--work", required=True)
@@ -824,10 +676,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", default=None)
     p.add_argument("--work", default="/tmp/parscale-gpu-check-work", help="exports (deleted at the end)")
     p.add_argument("--keep-work", action="store_true")
-    p.add_argument("--deadline-s", type=float, default=None, help="budget for all steps (GPU default 420)")
+    p.add_argument("--deadline-s", type=float, default=None, help="budget for all steps (GPU default 390)")
     p.add_argument("--workers", type=int, default=None, help="parallel export processes")
     p.add_argument("--skip-pytest", action="store_true")
-    p.add_argument("--parallel", default=None, help="P values (default 1,2,4,8; twins follow)")
+    p.add_argument("--parallel", default=None, help="P values (default 1,2,4,8; twins and the CPU step follow)")
+    p.add_argument("--cpu-threads", default=None, help="thread counts of the CPU step (default 1,2,4,8,16; '' skips it)")
     p.add_argument("--precisions", default=None, help="fp16,int4 (default both)")
     p.add_argument("--graph", default=None, choices=["fused", "reference"],
                    help="graph to profile (default fused: GroupQueryAttention in fp16, the graph that runs on CUDA)")

@@ -1,8 +1,9 @@
-"""bench/gpu_check.py (dry run on the CPU, carried wheels) and bench/paper_ratios.py."""
+"""bench/gpu_check.sh (plan, parts, overlay), bench/gpu_check.py (dry run on the CPU), bench/cpu_threads.py
+and bench/paper_ratios.py."""
 import json
+import re
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -10,73 +11,134 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import cpu_threads  # noqa: E402
 import gpu_check  # noqa: E402
 import paper_ratios  # noqa: E402
 
 
-def _wheel(path: Path, size: int, seed: int) -> Path:
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+MiB = 2**20
+
+
+def _tree_bytes() -> int:
+    """What travels with every device call: tracked files that exist, untracked ones git does not ignore."""
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    return sum((ROOT / n).stat().st_size for n in names if n and (ROOT / n).is_file())
+
+
+def test_the_plan_at_the_top_of_the_script_fits_the_device_limits():
+    """Every call of the written plan: tree of now + its part <= 64 MiB; all calls <= 15 minutes
+    with the machine's start; the last command <= 7 minutes."""
+    text = SCRIPT.read_text()
+    rows = [ln for ln in text.splitlines() if re.match(r"^# \| (\d+|total)", ln)]
+    calls = [ln for ln in rows if not ln.startswith("# | total")]
+    assert len(calls) >= 2 and calls[-1].count("--device") == 1
+    tree = _tree_bytes() / MiB
+    for ln in calls:
+        carry = float(re.search(r"part-\d+ \(([\d.]+) MiB\)", ln).group(1))
+        assert tree + carry <= 64 - 1, (ln, tree)  # 1 MiB of the 2 MiB margin may go to new files
+    minutes = [float(m) for ln in calls for m in re.findall(r"([\d.]+) min", ln.split("|")[5])]
+    total = float(re.search(r"([\d.]+) of 15", rows[-1]).group(1))
+    assert total == pytest.approx(sum(minutes)) and total <= 15
+    assert re.search(r"FINAL_S=(\d+)", text).group(1) == "420"
+
+
+def _carry_env(tmp_path, limit_mib: int) -> dict:
+    import os
+
+    return dict(os.environ, CARRY=str(tmp_path / "carry"), SITE=str(tmp_path / "site"), LIMIT_MIB=str(limit_mib),
+                PYTHON=sys.executable)
+
+
+def _sh(env, *args):
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_parts_fit_next_to_the_tree_and_assemble_into_an_overlay(tmp_path):
+    """--resplit / --calls / --receive / --assemble on a small stand-in archive: a fake onnxruntime
+    1.31.1 package (with CUDA listed) and 8 MiB of random bytes, cut into parts for a limit just
+    above the tree; then a damaged part and a missing one are each one clear error."""
+    import io
+    import lzma
     import random
+    import tarfile
 
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
-        z.writestr(f"{path.name.split('-')[0]}/__init__.py", "")
-        z.writestr("blob.bin", random.Random(seed).randbytes(size))
-    return path
-
-
-def test_split_for_carry_round_trips_and_refuses_missing_or_damaged_pieces(tmp_path):
-    src = tmp_path / "wheels"
-    src.mkdir()
-    big = _wheel(src / "onnxruntime_gpu-1.0-cp311-cp311-manylinux_2_28_x86_64.whl", int(2.5 * 2**20), 0)
-    small = [_wheel(src / f"pkg{i}-1.0-py3-none-any.whl", 300_000, i) for i in range(3)]
-    folders = gpu_check.split_for_carry(src, 1)
-    assert all(sum(f.stat().st_size for f in d.iterdir()) <= 2**20 for d in folders)
-    pieces = sorted(f.name for d in folders for f in d.glob("*.part*"))
-    assert pieces == [f"{big.name}.part{k:02d}" for k in range(3)]
-    # carried in two separate folders, in any order
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    for i, d in enumerate(reversed(folders)):
-        for f in d.iterdir():
-            (f.rename((a if i % 2 else b) / f.name))
-    got = gpu_check.collect_wheels([a, b], tmp_path / "joined")
-    assert sorted(w.name for w in got) == sorted([big.name] + [s.name for s in small])
-    assert next(w for w in got if w.name == big.name).read_bytes() == big.read_bytes()
-    # one piece missing, then one damaged
-    (b / f"{big.name}.part01").exists() and (b / f"{big.name}.part01").rename(tmp_path / "away")
-    (a / f"{big.name}.part01").exists() and (a / f"{big.name}.part01").rename(tmp_path / "away")
-    with pytest.raises(ValueError, match="2 of its 3 pieces are here; carry every carry-NN folder"):
-        gpu_check.collect_wheels([a, b], tmp_path / "joined2")
-    (tmp_path / "away").rename(a / f"{big.name}.part01")
-    data = bytearray((a / f"{big.name}.part01").read_bytes())
-    data[100] ^= 0xFF
-    (a / f"{big.name}.part01").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="sha256 differs"):
-        gpu_check.collect_wheels([a, b], tmp_path / "joined3")
-
-
-def test_download_list_follows_pyproject_and_swaps_onnxruntime():
-    reqs = gpu_check._requirements("onnxruntime-gpu==1.31.1", cuda_libs=False)
-    assert reqs[0] == "onnxruntime-gpu==1.31.1"
-    names = {r.split(">")[0].split("=")[0] for r in reqs}
-    assert {"gguf", "tokenizers", "onnx", "onnx-ir", "safetensors", "scipy", "pytest"} <= names
-    assert not {"torch", "onnxruntime"} & names
-    assert gpu_check._requirements("onnxruntime-gpu==1.31.1", cuda_libs=True)[0] == "onnxruntime-gpu[cuda,cudnn]==1.31.1"
+    tree = _tree_bytes()
+    limit = -(-tree // MiB) + 4  # MiB: 2-3 MiB per part next to the tree and the 2 MiB margin
+    env = _carry_env(tmp_path, limit)
+    build = tmp_path / "carry" / "build"
+    build.mkdir(parents=True)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("onnxruntime/__init__.py", b"__version__ = '1.31.1'\n"
+                                                       b"def get_available_providers():\n"
+                                                       b"    return ['CUDAExecutionProvider', 'CPUExecutionProvider']\n"),
+                           ("onnxruntime/capi/libonnxruntime_providers_cuda.so", random.Random(0).randbytes(8 * MiB))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (build / "ort-gpu-1.31.1-cp312.tar.xz").write_bytes(lzma.compress(buf.getvalue(), preset=0))
+    r = _sh(env, "--resplit")
+    assert r.returncode == 0, r.stderr
+    calls = re.findall(r"call (\d+): run\(carry=\[\"(\S+)\"\], command=\"([^\"]+)\".*# ([\d.]+) MiB", r.stdout)
+    assert len(calls) >= 3 and all(float(c[3]) <= limit for c in calls)
+    assert calls[-1][2] == "bash bench/gpu_check.sh --device"
+    assert calls[0][2] == "bash bench/gpu_check.sh --receive 1" and calls[0][1].endswith("carry/part-1")
+    for k in range(1, len(calls)):
+        r = _sh(env, "--receive", str(k))
+        assert r.returncode == 0 and r.stdout.startswith(f"part {k} of {len(calls)} ok"), r.stderr
+    r = _sh(env, "--assemble")
+    assert r.returncode == 0, r.stderr
+    assert "import ok: onnxruntime 1.31.1 from " + str(tmp_path / "site") in r.stdout
+    assert (tmp_path / "site/onnxruntime/capi/libonnxruntime_providers_cuda.so").stat().st_size == 8 * MiB
+    part2 = next((tmp_path / "carry" / "part-2").glob("*.tar.xz.*"))
+    data = bytearray(part2.read_bytes())
+    data[10] ^= 0xFF
+    part2.write_bytes(bytes(data))
+    r = _sh(env, "--receive", "2")
+    assert r.returncode == 2 and "error: part 2 is damaged" in r.stderr
+    (tmp_path / "carry" / "part-2").rename(tmp_path / "away")
+    r = _sh(env, "--assemble")
+    assert r.returncode == 2 and r.stderr.strip().endswith(
+        "error: missing: part-2 (the machine was given back between calls? start again at call 1)")
 
 
-def test_install_without_wheels_is_one_clear_error(tmp_path, capsys):
-    assert gpu_check.main(["install", "--wheels", str(tmp_path / "none"), "--target", str(tmp_path / "site")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: no wheel folder") and "--download --python-version" in err
-    (tmp_path / "empty").mkdir()
-    assert gpu_check.main(["install", "--wheels", str(tmp_path / "empty"), "--target", str(tmp_path / "site")]) == 2
-    assert "no onnxruntime_gpu wheel" in capsys.readouterr().err
+def test_an_onnxruntime_older_than_the_fused_graph_needs_is_one_line(monkeypatch):
+    import onnxruntime as ort
+
+    assert gpu_check.ort_too_old() is None  # the test environment's onnxruntime
+    monkeypatch.setattr(ort, "__version__", "1.31.1")  # onnxruntime-gpu's newest: the fused graph runs there
+    assert gpu_check.ort_too_old() is None
+    monkeypatch.setattr(ort, "__version__", "1.30.0")  # the GPU machine's own (CPU) onnxruntime
+    assert gpu_check.ort_too_old() == ("onnxruntime 1.30.0 is older than 1.31, which the fused graph needs (on the "
+                                       "GPU machine: bench/gpu_check.sh carries onnxruntime-gpu 1.31.1)")
+
+
+def test_a_step_past_the_deadline_is_stopped_and_recorded():
+    r = gpu_check._bounded([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(30)"], 0.0,
+                           floor_s=1.0)
+    assert r.returncode == 124 and r.stdout == "started\n" and r.stderr.endswith("stopped after 1 s (deadline)")
+
+
+def test_cpu_thread_table_orders_and_ratios():
+    assert cpu_threads.order((1, 2, 4, 8), (1, 2))[:4] == [(1, 1), (4, 1), (1, 2), (4, 2)]
+    rows = [{"P": P, "threads": t, "decode_ms_p50": ms} for P, t, ms in
+            [(1, 1, 10.0), (4, 1, 30.0), (1, 2, 6.0), (4, 2, 12.0), (2, 2, 8.0)]]
+    res = {"rows": rows, "skipped": ["P=8 threads=2: deadline"], "prompt_len": 32, "gen_len": 32,
+           "ratios": cpu_threads.ratios(rows)}
+    assert res["ratios"] == {"1": 3.0, "2": 2.0}
+    md = cpu_threads.markdown(res, "t")
+    assert "| 1 | 10.00 | - | 30.00 | 3.00x |" in md and "| 2 | 6.00 | 8.00 | 12.00 | 2.00x |" in md
+    assert "- skipped: P=8 threads=2: deadline" in md
 
 
 def test_dry_run_measures_every_model_and_writes_the_paper_ratios(tmp_path):
-    """The whole check on the CPU with tiny models (P=1,2, fp16 and int4, batch 1 and 2)."""
+    """The whole check on the CPU with tiny models (P=1,2, fp16 and int4, batch 1 and 2; the CPU
+    thread step at 1 thread)."""
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "run", "--dry-run", "-o", str(out),
-                        "--work", str(tmp_path / "work"), "--skip-pytest", "--parallel", "1,2"],
+                        "--work", str(tmp_path / "work"), "--skip-pytest", "--parallel", "1,2", "--cpu-threads", "1"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -107,6 +169,11 @@ def test_dry_run_measures_every_model_and_writes_the_paper_ratios(tmp_path):
     assert {r["method"] for r in ratios["rows"]} == {"twin", "interpolated"} and ratios["memory"] == "rss"
     assert (out / "paper_ratios.md").read_text().count("| twin |") == 4  # fp16/int4 x batch 1/2 at P=2
     assert (out / "profile_decode.png").stat().st_size > 1000
+    threads = json.loads((out / "cpu_threads.json").read_text())
+    assert threads["arch"] == "tiny-smollm2" and threads["skipped"] == []
+    assert sorted((r["P"], r["threads"]) for r in threads["rows"]) == [(1, 1), (2, 1)]
+    assert all(r["decode_ms_p50"] > 0 and r["precision"] == "int4" for r in threads["rows"])
+    assert "| 1 | " in (out / "cpu_threads.md").read_text()
 
 
 def _row(kind, P, latency, mem, N=None, batch=1, model="m"):
@@ -162,15 +229,3 @@ def test_gpu_memory_and_description_come_from_nvidia_smi(tmp_path, monkeypatch):
     _fake_nvidia_smi(tmp_path / "bin", "echo 'NVIDIA-SMI has failed' >&2; exit 9")
     assert prof.gpu_memory_used_mib() is None and gpu_description() is None
     assert prof.PeakSampler().start().stop() is None
-
-
-def test_fused_graph_needs_onnxruntime_1_32(monkeypatch):
-    """onnxruntime-gpu's newest release (1.31.1) cannot load the fused graph: the check says so and
-    profiles the reference graph (run on ORT 1.31.1 by hand: FAIL with that line, reference rows)."""
-    import onnxruntime as ort
-
-    assert gpu_check.fused_graph_runs()[0] is True  # the CPU test environment has >= 1.32
-    monkeypatch.setattr(ort, "__version__", "1.31.1")
-    ok, why = gpu_check.fused_graph_runs()
-    assert not ok and why == ("onnxruntime 1.31.1 cannot load the fused graph (GroupQueryAttention's query_seqlens "
-                              "input needs >= 1.32)")
