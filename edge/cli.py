@@ -307,7 +307,7 @@ def cmd_train(a) -> None:
     _import_export_stack()
     from .train import TrainConfig, check_run_folder, close_distributed, init_distributed, train
 
-    cfg = TrainConfig(parallel=a.parallel, prefix_tokens=a.prefix_tokens, steps=a.steps or 1, seq_len=a.seq_len, batch=a.batch,
+    cfg = TrainConfig(parallel=a.parallel, prefix=a.prefix, prefix_tokens=a.prefix_tokens, steps=a.steps or 1, seq_len=a.seq_len, batch=a.batch,
                       grad_accum=a.grad_accum, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup,
                       weight_decay=a.weight_decay, clip=a.clip, full=a.full, seed=a.seed, eval_every=a.eval_every,
                       eval_positions=a.eval_positions, eval_window=a.eval_window,
@@ -342,7 +342,7 @@ def cmd_train(a) -> None:
                  f"{time.perf_counter() - t0:.1f} s); eval: {eval_desc}"
                  + (f", {eval_tokens.size} tokens" if eval_tokens is not None else ""))
             _log(f"training {'all weights' if cfg.full else 'prefixes + aggregator (backbone frozen)'} of "
-                 f"{a.model} at P={cfg.parallel}: {steps} steps x {cfg.tokens_per_step(dist.world)} tokens = "
+                 f"{a.model} at P={cfg.parallel}{' (prefix only: the prefix-tuning control)' * cfg.prefix}: {steps} steps x {cfg.tokens_per_step(dist.world)} tokens = "
                  f"{steps * cfg.tokens_per_step(dist.world)} tokens ({steps * cfg.tokens_per_step(dist.world) / max(1, train_tokens.size):.2f} "
                  f"epochs), {dist.world} process(es) on {dist.device}")
         r = train(lm, cfg, train_tokens, out, eval_tokens=eval_tokens, resume=a.resume, overwrite=a.overwrite,
@@ -937,7 +937,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="stage-2 training: ParScale prefixes + aggregator on a frozen backbone -> adapter")
     p.add_argument("model", help="dense model (named, .gguf, HF folder) or a ParScale one with the same P")
-    p.add_argument("--parallel", "-P", type=int, required=True, help="P streams (>= 2)")
+    p.add_argument("--parallel", "-P", type=int, required=True, help="P streams (>= 2; 1 with --prefix)")
+    p.add_argument("--prefix", action="store_true",
+                   help="with --parallel 1: the prefix-tuning control (one stream with its own KV prefix, no "
+                        "aggregator; README 'Does ParScale help, or is it prefix tuning?')")
     p.add_argument("--data", nargs="+", required=True,
                    help="training text: files, folders (their .py files), globs, or 'stdlib' (the standard "
                         "library's training split, README)")

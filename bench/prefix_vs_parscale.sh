@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Does ParScale help, or is it prefix tuning? (README, issue 17) The whole controlled stage-2
+# experiment on smollm2-135m (frozen backbone), one command, re-runnable:
+#
+#   nohup nice -n 5 bench/prefix_vs_parscale.sh > runs/prefix_vs_parscale/queue.log 2>&1 &
+#
+# Arms: P=1 prefix (the prefix-tuning control: one stream, its own 48-slot KV prefix per layer, no
+# aggregator; `parscale train --parallel 1 --prefix`), P=2, P=4. Same backbone, same data split
+# (--data stdlib), same schedule shape (AdamW, warmup then cosine to 10%), same tokens per run.
+#
+# 1. LR sweep: every arm at each of $SWEEP_LRS for $SWEEP_TOKENS tokens (warmup 1 step), scored on
+#    a *validation* text: hash-held-out stdlib modules that are neither trained on nor part of the
+#    reported table (so the LR is not picked on the test text). Each arm's LR = lowest final
+#    validation NLL, written once to runs/prefix_vs_parscale/lr_<arm>.txt (delete it to re-pick).
+# 2. Full runs, $FULL_TOKENS tokens each (196 steps x 512), in this order: P=1 prefix seed 0,
+#    P=2 seed 0, P=1 prefix seed 1, P=2 seed 1, P=4 seed 0 (then P=4 seed 1 when FOUR_SEEDS=2).
+#    A finished run (adapter.safetensors + history.json with tokens_trained) is skipped; a killed
+#    one continues with --resume from its last checkpoint (every 10 steps).
+# 3. After every full run: bench/adapter_eval.py over all finished adapters on both held-out texts
+#    (cached per adapter, so only new ones cost time) -> runs/prefix_vs_parscale/eval.json.
+#
+# Re-run the same command to continue after a kill or a new session. Everything goes under the
+# git-ignored runs/prefix_vs_parscale/.
+#
+# Time (measured, 2-core VM shared with other jobs, 1 torch thread, load 2-4): P=1 prefix about
+# 60 tokens/s (3-step smoke run), so a 100k-token run is ~30 min at P=1, ~50 min at P=2, ~95 min
+# at P=4 (plus ~2-6 min of evaluation each); the sweep (9 short runs) ~35 min. Whole queue ~4.5 h;
+# the sweep's measured speeds are in runs/prefix_vs_parscale/sweep/*/history.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+main() {
+  local ROOT=runs/prefix_vs_parscale
+  local SWEEP_LRS=${SWEEP_LRS:-"2.5e-3 5e-3 1e-2"}
+  local SWEEP_TOKENS=${SWEEP_TOKENS:-6144}
+  local FULL_TOKENS=${FULL_TOKENS:-100352}
+  local FOUR_SEEDS=${FOUR_SEEDS:-1}
+  local STDLIB
+  STDLIB=$(python -c "from edge.corpus import stdlib_root; print(stdlib_root())")
+  # validation text of the sweep: hash-held-out modules (edge/corpus.py), not in the reported table
+  local VALID=("$STDLIB/traceback.py" "$STDLIB/sched.py" "$STDLIB/multiprocessing/connection.py")
+  export OMP_NUM_THREADS=1
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's edge/, also from another shell
+  mkdir -p "$ROOT/sweep" "$ROOT/full"
+
+  arm_flags() {  # arm name -> parscale train flags
+    case $1 in
+      p1prefix) echo "--parallel 1 --prefix" ;;
+      p2) echo "--parallel 2" ;;
+      p4) echo "--parallel 4" ;;
+    esac
+  }
+
+  finished() {  # run folder -> 0 when the run completed
+    [[ -f $1/adapter.safetensors && -f $1/history.json ]] &&
+      python -c "import json,sys; sys.exit(0 if 'tokens_trained' in json.load(open('$1/history.json')) else 1)"
+  }
+
+  run_train() {  # out flags...
+    local out=$1; shift
+    if finished "$out"; then echo "== done already: $out"; return 0; fi
+    local resume=()
+    [[ -f $out/checkpoint.safetensors ]] && resume=(--resume)
+    echo "== $(date -u +%FT%TZ) train $out $* ${resume[*]}"
+    parscale --threads 1 train smollm2-135m --data stdlib -o "$out" --quiet --seq-len 512 --batch 1 \
+      --grad-accum 1 --min-lr-ratio 0.1 --checkpoint-every 10 "$@" "${resume[@]}"
+  }
+
+  # ---------------------------------------------------------------- 1. learning-rate sweep
+  local arm lr seed
+  for arm in p1prefix p2 p4; do
+    if [[ -f $ROOT/lr_$arm.txt ]]; then echo "== $arm: lr $(cat "$ROOT/lr_$arm.txt") (picked before)"; continue; fi
+    for lr in $SWEEP_LRS; do
+      # shellcheck disable=SC2046
+      run_train "$ROOT/sweep/$arm-lr$lr" $(arm_flags $arm) --tokens "$SWEEP_TOKENS" --lr "$lr" --warmup 1 \
+        --seed 0 --eval "${VALID[@]}" --eval-every 1000 --eval-positions 1024
+    done
+    python - "$ROOT" "$arm" $SWEEP_LRS <<'EOF'
+import json, sys
+root, arm, lrs = sys.argv[1], sys.argv[2], sys.argv[3:]
+rows = []
+for lr in lrs:
+    h = json.load(open(f"{root}/sweep/{arm}-lr{lr}/history.json"))
+    rows.append((h["evals"][-1]["nll"], lr, h["evals"][0]["nll"], h["dense"]["nll"],
+                 h["tokens_trained"] / h["train_seconds"]))
+for nll, lr, nll0, dense, tps in rows:
+    print(f"   sweep {arm} lr {lr}: validation nll {nll:.4f} (untrained {nll0:.4f}, dense {dense:.4f}), {tps:.0f} tokens/s")
+best = min(rows)[1]
+open(f"{root}/lr_{arm}.txt", "w").write(best + "\n")
+print(f"== {arm}: lr {best} picked")
+EOF
+  done
+
+  # ---------------------------------------------------------------- 2. full runs (+ 3. evaluation)
+  local order=("p1prefix 0" "p2 0" "p1prefix 1" "p2 1" "p4 0")
+  [[ $FOUR_SEEDS == 2 ]] && order+=("p4 1")
+  local item
+  for item in "${order[@]}"; do
+    read -r arm seed <<<"$item"
+    # shellcheck disable=SC2046
+    run_train "$ROOT/full/$arm-s$seed" $(arm_flags $arm) --tokens "$FULL_TOKENS" --lr "$(cat "$ROOT/lr_$arm.txt")" \
+      --warmup 10 --seed "$seed" --eval-every 49 --eval-positions 2048
+    echo "== $(date -u +%FT%TZ) evaluating the finished adapters"
+    python bench/adapter_eval.py smollm2-135m "$ROOT"/full/*/adapter.safetensors --compare \
+      --cache "$ROOT/eval_cache" --json "$ROOT/eval.json" || echo "== evaluation failed (the runs are kept)"
+  done
+  echo "== $(date -u +%FT%TZ) queue finished"
+}
+
+main "$@"
+exit
