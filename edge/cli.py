@@ -95,7 +95,8 @@ def load_several(spec: str, parallels: Sequence[int] | None, threads: int | None
     """(first model, the others): the dense ``spec`` as P = ``parallels[0]`` and, for the other P,
     the trained adapter of that P when ``adapters`` has one (``parscale train``), else its
     conversion; all over one backbone (``export_model(first, out, also=others)`` writes one folder
-    that serves every P). ``parallels`` None: the adapters' P in their order, then P=1 (the backbone).
+    that serves every P). ``parallels`` None: the adapters' P in their order, then P=1 (the backbone;
+    a prefix-only adapter, the P=1 prefix-tuning control, takes the P=1 place instead).
     Raises CLIError when ``spec`` is not dense (P=1) or two adapters share a P, AdapterError for an
     adapter of another backbone (for a named model whose adapter names another named model, before
     anything is downloaded)."""
@@ -124,8 +125,8 @@ def load_several(spec: str, parallels: Sequence[int] | None, threads: int | None
             if P in trained:
                 raise CLIError(f"two adapters with P={P}; give one per P")
             trained[P] = m
-    parallels = parallels or [*trained, 1]
-    models = [dense if P == 1 else trained.get(P) or convert_to_parscale(dense, P) for P in parallels]
+    parallels = parallels or list(dict.fromkeys([*trained, 1]))
+    models = [trained.get(P) or (dense if P == 1 else convert_to_parscale(dense, P)) for P in parallels]
     return models[0], models[1:]
 
 
