@@ -342,7 +342,8 @@ def cmd_train(a) -> None:
             _log(f"data: {len(train_files)} files, {train_tokens.size} tokens (tokenized in "
                  f"{time.perf_counter() - t0:.1f} s); eval: {eval_desc}"
                  + (f", {eval_tokens.size} tokens" if eval_tokens is not None else ""))
-            _log(f"training {'all weights' if cfg.full else 'prefixes + aggregator (backbone frozen)'} of "
+            what = "prefixes (backbone frozen)" if cfg.prefix else "prefixes + aggregator (backbone frozen)"
+            _log(f"training {'all weights' if cfg.full else what} of "
                  f"{a.model} at P={cfg.parallel}{' (prefix only: the prefix-tuning control)' * cfg.prefix}: {steps} steps x {cfg.tokens_per_step(dist.world)} tokens = "
                  f"{steps * cfg.tokens_per_step(dist.world)} tokens ({steps * cfg.tokens_per_step(dist.world) / max(1, train_tokens.size):.2f} "
                  f"epochs), {dist.world} process(es) on {dist.device}")

@@ -193,3 +193,23 @@ def test_cli_trains_the_control_and_exports_it(tmp_path, capsys):
     ids = IDS[:, :6]
     np.testing.assert_allclose(OnnxCausalLM(exp, device="cpu", threads=1).score(ids), _logits(ref, ids).numpy(),
                                atol=1e-4)
+
+
+def test_adapter_eval_summary_means_spreads_and_the_control_comparison():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("adapter_eval", Path(__file__).resolve().parents[1] / "bench" / "adapter_eval.py")
+    ae = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ae)
+    rows = [{"kind": "dense", "text": "code", "perplexity": 10.0}]
+    for arm, seed, ppl in [("P=1 prefix only", 0, 9.8), ("P=1 prefix only", 1, 9.9), ("P=2", 0, 9.5), ("P=2", 1, 9.6),
+                           ("P=4", 0, 9.85)]:
+        rows.append({"kind": "adapter", "text": "code", "arm": arm, "seed": seed, "tokens": 100352, "perplexity": ppl})
+    s = {r["arm"]: r for r in ae.summarize(rows, ["code"])}
+    assert list(s) == ["P=1 prefix only", "P=2", "P=4"]
+    assert s["P=1 prefix only"]["perplexity_mean"] == pytest.approx(9.85) and s["P=1 prefix only"]["half_range"] == pytest.approx(0.05)
+    assert s["P=2"]["vs_dense"] == pytest.approx(-0.045) and s["P=2"]["vs_control"] == pytest.approx(9.55 / 9.85 - 1)
+    assert s["P=2"]["beyond_spread"] is True and s["P=2"]["seeds"] == [0, 1]
+    assert s["P=4"]["beyond_spread"] is None  # one seed: no spread to compare
+    assert "vs_control" not in s["P=1 prefix only"]
