@@ -11,7 +11,8 @@
 # 1. LR sweep: every arm at each of $SWEEP_LRS for $SWEEP_TOKENS tokens (warmup 1 step), scored on
 #    a *validation* text: hash-held-out stdlib modules that are neither trained on nor part of the
 #    reported table (so the LR is not picked on the test text). Each arm's LR = lowest final
-#    validation NLL, written once to runs/prefix_vs_parscale/lr_<arm>.txt (delete it to re-pick).
+#    validation NLL; when that is the largest value of the grid, one more run at twice it is added
+#    (once) before picking. Written once to runs/prefix_vs_parscale/lr_<arm>.txt (delete to re-pick).
 # 2. Full runs, $FULL_TOKENS tokens each (196 steps x 512), in this order: P=1 prefix seed 0,
 #    P=2 seed 0, P=1 prefix seed 1, P=2 seed 1, P=4 seed 0 (then P=4 seed 1 when FOUR_SEEDS=2).
 #    A finished run (adapter.safetensors + history.json with tokens_trained) is skipped; a killed
@@ -66,6 +67,28 @@ main() {
       --grad-accum 1 --min-lr-ratio 0.1 --checkpoint-every 10 "$@" "${resume[@]}"
   }
 
+  pick() {  # root arm lr... [--write] -> prints the lr with the lowest final validation NLL
+    python - "$@" <<'EOF'
+import json, sys
+write = sys.argv[-1] == "--write"
+root, arm, lrs = sys.argv[1], sys.argv[2], [x for x in sys.argv[3:] if x != "--write"]
+rows = []
+for lr in lrs:
+    h = json.load(open(f"{root}/sweep/{arm}-lr{lr}/history.json"))
+    rows.append((h["evals"][-1]["nll"], lr, h["evals"][0]["nll"], h["dense"]["nll"],
+                 h["tokens_trained"] / h["train_seconds"]))
+best = min(rows)[1]
+if write:
+    for nll, lr, nll0, dense, tps in rows:
+        print(f"   sweep {arm} lr {lr}: validation nll {nll:.4f} (untrained {nll0:.4f}, dense {dense:.4f}), "
+              f"{tps:.0f} tokens/s")
+    open(f"{root}/lr_{arm}.txt", "w").write(best + "\n")
+    print(f"== {arm}: lr {best} picked")
+else:
+    print(best)
+EOF
+  }
+
   # ---------------------------------------------------------------- 1. learning-rate sweep
   local arm lr seed
   for arm in p1prefix p2 p4; do
@@ -75,20 +98,17 @@ main() {
       run_train "$ROOT/sweep/$arm-lr$lr" $(arm_flags $arm) --tokens "$SWEEP_TOKENS" --lr "$lr" --warmup 1 \
         --seed 0 --eval "${VALID[@]}" --eval-every 1000 --eval-positions 1024
     done
-    python - "$ROOT" "$arm" $SWEEP_LRS <<'EOF'
-import json, sys
-root, arm, lrs = sys.argv[1], sys.argv[2], sys.argv[3:]
-rows = []
-for lr in lrs:
-    h = json.load(open(f"{root}/sweep/{arm}-lr{lr}/history.json"))
-    rows.append((h["evals"][-1]["nll"], lr, h["evals"][0]["nll"], h["dense"]["nll"],
-                 h["tokens_trained"] / h["train_seconds"]))
-for nll, lr, nll0, dense, tps in rows:
-    print(f"   sweep {arm} lr {lr}: validation nll {nll:.4f} (untrained {nll0:.4f}, dense {dense:.4f}), {tps:.0f} tokens/s")
-best = min(rows)[1]
-open(f"{root}/lr_{arm}.txt", "w").write(best + "\n")
-print(f"== {arm}: lr {best} picked")
-EOF
+    local lrs=$SWEEP_LRS top=${SWEEP_LRS##* }
+    # the best at the top of the grid: one more value, twice the largest (the optimum may lie above)
+    if [[ $(pick "$ROOT" "$arm" $lrs) == "$top" ]]; then
+      local up
+      up=$(python -c "import sys; print(f'{2 * float(sys.argv[1]):g}')" "$top")
+      # shellcheck disable=SC2046
+      run_train "$ROOT/sweep/$arm-lr$up" $(arm_flags $arm) --tokens "$SWEEP_TOKENS" --lr "$up" --warmup 1 \
+        --seed 0 --eval "${VALID[@]}" --eval-every 1000 --eval-positions 1024
+      lrs="$lrs $up"
+    fi
+    pick "$ROOT" "$arm" $lrs --write
   done
 
   # ---------------------------------------------------------------- 2. full runs (+ 3. evaluation)
