@@ -213,3 +213,21 @@ def test_adapter_eval_summary_means_spreads_and_the_control_comparison():
     assert s["P=2"]["beyond_spread"] is True and s["P=2"]["seeds"] == [0, 1]
     assert s["P=4"]["beyond_spread"] is None  # one seed: no spread to compare
     assert "vs_control" not in s["P=1 prefix only"]
+
+
+def test_demo_labels_the_adapter_pane_with_the_comparison(tmp_path):
+    import json
+
+    from demo.models import adapter_verdict
+
+    assert adapter_verdict(tmp_path / "missing.json") is None
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"summary": [
+        {"arm": "P=1 prefix only", "text": "code", "vs_dense": -0.012},
+        {"arm": "P=2", "text": "code", "vs_dense": -0.011, "vs_control": 0.001, "beyond_spread": False},
+        {"arm": "P=4", "text": "code", "vs_dense": -0.02, "vs_control": -0.008, "beyond_spread": None}]}))
+    assert adapter_verdict(f) == ("held-out code perplexity, trained adapters: prefix tuning (P=1) -1.2% vs dense; "
+                                  "P=2 -1.1% vs dense, +0.1% vs prefix tuning (within seed spread); "
+                                  "P=4 -2.0% vs dense, -0.8% vs prefix tuning (one seed)")
+    f.write_text(json.dumps({"summary": [{"arm": "P=2", "text": "code", "vs_dense": -0.011}]}))
+    assert adapter_verdict(f) is None  # no control arm: nothing to say
