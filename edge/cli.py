@@ -184,8 +184,8 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
         if Manifest.read(out).format_version == FORMAT_VERSION:
             return out
         _log(f"cached export {out} was made by another parscale-edge version; exporting again")
-    if several:
-        lm, also = load_several(spec, several, threads, progress, adapters)
+    if several or adapters:  # (P=1 alone with adapters: a prefix-only control adapter is that P=1)
+        lm, also = load_several(spec, several or [parallel or 1], threads, progress, adapters)
     else:
         lm, also = load_for_export(spec, parallel, threads, progress), []
     from export import export_model
