@@ -82,8 +82,8 @@ def machine() -> dict:
     from edge.device import cpu_description, memory_gib
 
     cpu = cpu_description()
-    return {"cpu": cpu["model"], "logical_cores": cpu["logical_cores"], "simd": cpu["flags"], "memory_gib": memory_gib(),
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {"cpu": cpu["model"], "logical_cores": cpu["logical_cores"], "simd": cpu["flags"],
+            "memory_gib": memory_gib(), "python": platform.python_version(), "platform": platform.platform()}
 
 
 def summarize(rows: list[dict], texts: list[str]) -> list[dict]:
@@ -104,7 +104,8 @@ def summarize(rows: list[dict], texts: list[str]) -> list[dict]:
         for arm, s in sorted(stats.items(), key=lambda kv: (int(kv[0].split("=")[1].split()[0]), kv[0] != control)):
             rs = [r for r in arms[arm] if r["text"] == text]
             row = {"arm": arm, "text": text, "seeds": [r.get("seed") for r in rs], "n": len(rs),
-                   "tokens": sorted({r.get("tokens") for r in rs}, key=lambda t: t or 0),  # None: unknown (no history.json)
+                   # None: unknown (no history.json next to the adapter)
+                   "tokens": sorted({r.get("tokens") for r in rs}, key=lambda t: t or 0),
                    "perplexity_mean": s["mean"], "perplexity_min": s["min"], "perplexity_max": s["max"],
                    "half_range": (s["max"] - s["min"]) / 2,
                    "std": statistics.stdev(s["values"]) if len(s["values"]) > 1 else None,
@@ -167,7 +168,8 @@ def main() -> None:
     def run(kind: str, name: str, make, key: dict, extra: dict) -> None:
         for t in a.texts:
             k = {"model": a.model, "text_sha256": text_sha[t], "positions": a.positions, "window": a.window, **key}
-            f = cache / (hashlib.sha256(json.dumps(k, sort_keys=True).encode()).hexdigest()[:24] + ".json") if cache else None
+            digest = hashlib.sha256(json.dumps(k, sort_keys=True).encode()).hexdigest()[:24]
+            f = cache / f"{digest}.json" if cache else None
             if f is not None and f.exists():
                 r = json.loads(f.read_text())
                 cached = True
@@ -197,7 +199,8 @@ def main() -> None:
         for P, prefix_only, n in arms:
             arm = arm_name(P, prefix_only)
             run("untrained", f"untrained conversion {arm} (seed {a.seed})",
-                lambda P=P, po=prefix_only, n=n: convert_to_parscale(lm(), P, n_tokens=n, seed=a.seed, prefix_only=po).model,
+                lambda P=P, po=prefix_only, n=n: convert_to_parscale(lm(), P, n_tokens=n, seed=a.seed,
+                                                                     prefix_only=po).model,
                 {"kind": "untrained", "P": P, "prefix_only": prefix_only, "n_tokens": n, "seed": a.seed},
                 {"P": P, "arm": arm, "seed": a.seed, "tokens": 0})
     from edge.adapter import apply_adapter

@@ -171,8 +171,9 @@ def apply_adapter(lm, path: str | os.PathLike, check_hash: bool = True, backbone
 
     ``lm`` may be dense (P=1) or ParScale with the adapter's P and prefix length (its ParScale parts
     are replaced). A prefix-only adapter (P = 1, ``parscale_prefix_only``) gives the prefix-tuning
-    control: P = 1 with a prefix, no aggregator. The backbone is shared with ``lm``, not copied. The returned LoadedModel's
-    ``notes`` (they go into an export's manifest ``extra``) name the adapter and carry
+    control: P = 1 with a prefix, no aggregator. The backbone is shared with ``lm``, not copied.
+    The returned LoadedModel's ``notes`` (they go into an export's manifest ``extra``) name the
+    adapter (and ``prefix_only`` for the control) and carry
     ``backbone_sha256``. ``backbone_hash``: :func:`backbone_sha256` of ``lm.model`` when the caller
     has it (several adapters over one backbone hash it once).
 
