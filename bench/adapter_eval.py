@@ -14,7 +14,8 @@ Texts (``--texts``, both by default), every row scored on the same tokens and po
 Rows: the dense model; per arm (P, or P=1 with a prefix only) its untrained conversion (seed
 ``--seed``, the adapter's prefix length: the training runs' starting point); every adapter. An arm
 is the set of adapters with the same P and kind; its seeds are the runs' ``--seed`` (read from the
-``history.json`` next to each adapter, which also gives the training tokens and time).
+``history.json`` next to each adapter, which also gives the training tokens and time). An adapter
+without that file (e.g. ``adapters/smollm2-135m-p2.safetensors``) is an arm of its own.
 
 ``--compare`` adds, per arm and text: mean perplexity over seeds, the spread (min..max, and half the
 range), vs dense and vs the P=1 prefix-only control, and whether the seed ranges of an arm and the
@@ -101,7 +102,7 @@ def summarize(rows: list[dict], texts: list[str]) -> list[dict]:
             ppl = [r["perplexity"] for r in rs if r["text"] == text]
             if ppl:
                 stats[arm] = {"mean": statistics.fmean(ppl), "min": min(ppl), "max": max(ppl), "values": ppl}
-        for arm, s in sorted(stats.items(), key=lambda kv: (int(kv[0].split("=")[1].split()[0]), kv[0] != control)):
+        for arm, s in sorted(stats.items(), key=lambda kv: (int(kv[0].split("=")[1].split()[0].rstrip(",")), kv[0] != control, kv[0])):
             rs = [r for r in arms[arm] if r["text"] == text]
             row = {"arm": arm, "text": text, "seeds": [r.get("seed") for r in rs], "n": len(rs),
                    # None: unknown (no history.json next to the adapter)
@@ -210,7 +211,10 @@ def main() -> None:
         info = run_info(p)
         run("adapter", f"{arm_name(P, prefix_only)} {p.parent.name}/{p.name}" if info else f"adapter {p.name}",
             lambda p=p: apply_adapter(lm(), p).model, {"kind": "adapter", "adapter_sha256": shas[p]},
-            {"P": P, "arm": arm_name(P, prefix_only), "adapter": str(p), "adapter_sha256": shas[p],
+            {"P": P, "adapter": str(p),
+             # runs of this comparison pool into their arm; an adapter without its run (a shipped
+             # copy) is an arm of its own, so it never mixes with runs of another budget
+             "arm": arm_name(P, prefix_only) + ("" if info else f", {p.name}"), "adapter_sha256": shas[p],
              **{k: v for k, v in info.items() if k not in ("run_evals", "run_dense")}})
         state.pop("model", None)
 
