@@ -13,6 +13,7 @@
 #    reported table (so the LR is not picked on the test text). Each arm's LR = lowest final
 #    validation NLL; when that is the largest value of the grid, one more run at twice it is added
 #    (once) before picking. Written once to runs/prefix_vs_parscale/lr_<arm>.txt (delete to re-pick).
+#    An arm is swept just before its first full run (so P=4's sweep comes after the P=1/P=2 runs).
 # 2. Full runs, $FULL_TOKENS tokens each (196 steps x 512), in this order: P=1 prefix seed 0,
 #    P=2 seed 0, P=1 prefix seed 1, P=2 seed 1, P=4 seed 0 (then P=4 seed 1 when FOUR_SEEDS=2).
 #    A finished run (adapter.safetensors + history.json with tokens_trained) is skipped; a killed
@@ -90,9 +91,9 @@ EOF
   }
 
   # ---------------------------------------------------------------- 1. learning-rate sweep
-  local arm lr seed
-  for arm in p1prefix p2 p4; do
-    if [[ -f $ROOT/lr_$arm.txt ]]; then echo "== $arm: lr $(cat "$ROOT/lr_$arm.txt") (picked before)"; continue; fi
+  ensure_lr() {  # arm: sweep it unless its lr is picked already
+    local arm=$1 lr
+    [[ -f $ROOT/lr_$arm.txt ]] && return 0
     for lr in $SWEEP_LRS; do
       # shellcheck disable=SC2046
       run_train "$ROOT/sweep/$arm-lr$lr" $(arm_flags $arm) --tokens "$SWEEP_TOKENS" --lr "$lr" --warmup 1 \
@@ -109,14 +110,16 @@ EOF
       lrs="$lrs $up"
     fi
     pick "$ROOT" "$arm" $lrs --write
-  done
+  }
 
   # ---------------------------------------------------------------- 2. full runs (+ 3. evaluation)
+  local arm seed
   local order=("p1prefix 0" "p2 0" "p1prefix 1" "p2 1" "p4 0")
   [[ $FOUR_SEEDS == 2 ]] && order+=("p4 1")
   local item
   for item in "${order[@]}"; do
     read -r arm seed <<<"$item"
+    ensure_lr "$arm"  # an arm's sweep runs before its first full run (P=4's after the P=1/P=2 runs)
     # shellcheck disable=SC2046
     run_train "$ROOT/full/$arm-s$seed" $(arm_flags $arm) --tokens "$FULL_TOKENS" --lr "$(cat "$ROOT/lr_$arm.txt")" \
       --warmup 10 --seed "$seed" --eval-every 49 --eval-positions 2048
