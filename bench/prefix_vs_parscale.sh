@@ -130,5 +130,4 @@ EOF
   echo "== $(date -u +%FT%TZ) queue finished"
 }
 
-main "$@"
-exit
+main "$@"; exit  # one line: bash has read it whole before main runs, so editing this file is safe
