@@ -24,10 +24,11 @@
 # Re-run the same command to continue after a kill or a new session. Everything goes under the
 # git-ignored runs/prefix_vs_parscale/.
 #
-# Time (measured, 2-core VM shared with other jobs, 1 torch thread, load 2-4): P=1 prefix about
-# 60 tokens/s (3-step smoke run), so a 100k-token run is ~30 min at P=1, ~50 min at P=2, ~95 min
-# at P=4 (plus ~2-6 min of evaluation each); the sweep (9 short runs) ~35 min. Whole queue ~4.5 h;
-# the sweep's measured speeds are in runs/prefix_vs_parscale/sweep/*/history.json.
+# Time (measured in the sweep, 2-core VM shared with other jobs at load 4-5.6, 1 torch thread):
+# P=1 prefix 56-76 tokens/s, P=2 20-39 tokens/s, P=4 about half of P=2. A 100k-token run is
+# therefore ~25-30 min at P=1, ~45-80 min at P=2, ~1.5-2.5 h at P=4 (plus 2-6 min of evaluation
+# each); the sweep took 2-3 min per P=1 run, 4-7 min per P=2 run. Whole queue: about 6-8 hours on
+# this machine; per-run speeds are in each history.json (train_seconds, sessions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
