@@ -1,6 +1,6 @@
 """Copy what bench/prefix_vs_parscale.sh measured into bench/results/ (the run folders under runs/
-are git-ignored): the sweep table, every finished full run's history.json and curves.png, and the
-queue's evaluation (eval.json of bench/adapter_eval.py --compare).
+are git-ignored): the sweep table and every finished full run's history.json and curves.png. The
+comparison table itself is made by bench/adapter_eval.py --compare (README).
 
     python bench/prefix_vs_parscale_collect.py            # -> bench/results/prefix_vs_parscale/
 """
@@ -43,15 +43,16 @@ def main() -> None:
     full = []
     for h in sorted((RUNS / "full").glob("*/history.json")):
         d = json.loads(h.read_text())
+        if "tokens_trained" not in d:
+            full.append(f"{h.parent.name}: unfinished, step {d['steps'][-1]['step'] if d['steps'] else 0}/"
+                        f"{d['config']['steps']} (not copied)")
+            continue
         dst = OUT / h.parent.name
         dst.mkdir(exist_ok=True)
         shutil.copy2(h, dst / "history.json")
         if (h.parent / "curves.png").exists():
             shutil.copy2(h.parent / "curves.png", dst / "curves.png")
-        full.append(f"{h.parent.name}: {'finished' if 'tokens_trained' in d else 'unfinished'}, "
-                    f"step {d['steps'][-1]['step'] if d['steps'] else 0}/{d['config']['steps']}")
-    if (RUNS / "eval.json").exists():
-        shutil.copy2(RUNS / "eval.json", ROOT / "bench" / "results" / "prefix_vs_parscale.json")
+        full.append(f"{h.parent.name}: finished, {d['tokens_trained']} tokens, {d['train_seconds']:.0f} s in steps")
     print("\n".join([f"sweep: {len(sweep)} runs, picked {picked}", *full]))
 
 
