@@ -26,7 +26,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .models import LoadedModel
+from .models import LoadedModel, adapter_verdict
 from .streaming import Answer, AnswerStats, take_turns
 
 SIDES = ("left", "right")
@@ -63,7 +63,10 @@ def header_md(lm: LoadedModel) -> str:
         kind = f"ParScale, one backbone for P = {_list(lm.parallel_options)}"
     else:
         kind = f"ParScale, P={lm.P} streams" if lm.P > 1 else "dense (P=1)"
-    return f"### {lm.label}: {lm.spec}\n{kind} · {lm.precision} · `{lm.folder.name}`"
+    head = f"### {lm.label}: {lm.spec}\n{kind} · {lm.precision} · `{lm.folder.name}`"
+    verdict = adapter_verdict() if lm.adapters else None
+    return head + (f"  \n<small>{verdict} (README: Does ParScale help, or is it prefix tuning?)</small>"
+                   if verdict else "")
 
 
 def _mib(x: float) -> str:

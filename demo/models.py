@@ -18,6 +18,10 @@ from pathlib import Path
 PRECISIONS = ("fp32", "int8", "int4")
 
 
+#: The controlled comparison of the shipped adapters (README "Does ParScale help, or is it prefix
+#: tuning?"; ``bench/adapter_eval.py --compare``): the demo labels its left model with what it shows.
+COMPARISON_JSON = Path(__file__).resolve().parent.parent / "bench" / "results" / "prefix_vs_parscale.json"
+
 #: The trained smollm2-135m adapters shipped in the repository (``parscale train``, README): P=2, P=4.
 SHIPPED_ADAPTERS = tuple(str(Path(__file__).resolve().parent.parent / "adapters" / f"smollm2-135m-p{P}.safetensors")
                          for P in (2, 4))
@@ -134,6 +138,7 @@ class LoadedModel:
     load_s: float | None = None
     parallel_options: list[int] = field(default_factory=list)
     prefix: dict[int, int] = field(default_factory=dict)
+    adapters: tuple[str, ...] = ()  # trained ParScale parts this pane's export was made with
 
     @property
     def ok(self) -> bool:
@@ -165,7 +170,7 @@ def load_model(label: str, spec: str, parallel: int | Sequence[int] | None, prec
     from edge.profile import folder_bytes
     from edge.runtime import OnnxCausalLM
 
-    lm = LoadedModel(label=label, spec=spec)
+    lm = LoadedModel(label=label, spec=spec, adapters=tuple(str(a) for a in adapters))
     asked = [int(parallel)] if isinstance(parallel, (int, np.integer)) else list(dict.fromkeys(parallel or []))
     try:
         folder = Path(prepare_model(spec, asked or None, precision, threads, progress, log, adapters=adapters))
@@ -259,3 +264,28 @@ def load_pair(left: str, left_parallel: int | Sequence[int] | None, right: str,
             log(f"[{k}/2] {label}: failed: {lm.error}")
         out.append(lm)
     return out[0], out[1]
+
+
+def adapter_verdict(path: str | os.PathLike = COMPARISON_JSON, text: str = "code") -> str | None:
+    """One line saying what the trained adapters measured on held-out ``text`` (``code`` or
+    ``prose``) against the dense parent and against prefix tuning (the P=1 prefix-only control of the
+    same data and budget), from the comparison JSON of ``bench/adapter_eval.py --compare``; None when
+    there is none (or it holds no control arm). Perplexity ratios of the seed means, e.g. ``P=2:
+    -1.1% vs dense, +0.2% vs prefix tuning (within seed spread)``."""
+    import json
+
+    try:
+        summary = json.loads(Path(path).read_text()).get("summary") or []
+    except (OSError, ValueError):
+        return None
+    rows = [r for r in summary if r.get("text") == text]
+    if not any(r["arm"] == "P=1 prefix only" for r in rows):
+        return None
+    parts = []
+    for r in rows:
+        if r["arm"] == "P=1 prefix only":
+            parts.append(f"prefix tuning (P=1) {r['vs_dense']:+.1%} vs dense")
+            continue
+        spread = {True: "beyond seed spread", False: "within seed spread", None: "one seed"}[r.get("beyond_spread")]
+        parts.append(f"{r['arm']} {r['vs_dense']:+.1%} vs dense, {r['vs_control']:+.1%} vs prefix tuning ({spread})")
+    return f"held-out {text} perplexity, trained adapters: " + "; ".join(parts)

@@ -16,7 +16,12 @@ exactly those tensors (float32, names as above) and this string metadata::
     backbone_sha256    :func:`backbone_sha256` of the backbone it was trained on
     source             model name or path the backbone came from
 
-(plus ``parscale_attn_smooth``, informative). The format is read by other runtimes with numpy and
+(plus ``parscale_attn_smooth``, informative).
+
+The prefix-tuning control (``ParScaleConfig.parscale_prefix_only``, README "Does ParScale help, or
+is it prefix tuning?") is an adapter with ``parscale_n`` "1", metadata ``parscale_prefix_only`` "1",
+the prefixes ``[1, kv_heads, n_tokens, head_dim]`` and no aggregator tensors (readers older than it
+refuse it: they need P >= 2 or the aggregator). The format is read by other runtimes with numpy and
 must not change without a new ``format`` string. Loading refuses an adapter whose backbone hash
 differs from the backbone it is applied to.
 """
@@ -97,16 +102,19 @@ def save_adapter(model: torch.nn.Module, path: str | os.PathLike, source: str,
     ``path`` in the adapter format above, atomically (temporary sibling + rename).
 
     ``backbone_hash`` defaults to :func:`backbone_sha256` of ``model`` (pass it when already known:
-    hashing 135M parameters takes about a second). Raises AdapterError for a P=1 model.
+    hashing 135M parameters takes about a second). A P = 1 prefix-only model writes the control's
+    adapter (prefixes only, metadata ``parscale_prefix_only``). Raises AdapterError for a dense P=1 model.
     """
     from safetensors.torch import save_file
 
     cfg = model.config
     state = adapter_state(model)
-    meta = {"format": ADAPTER_FORMAT, "parscale_n": str(cfg.parscale_n),
+    meta: dict[str, str] = {"format": ADAPTER_FORMAT, "parscale_n": str(cfg.parscale_n),
             "parscale_n_tokens": str(cfg.parscale_n_tokens), "num_layers": str(cfg.num_hidden_layers),
             "backbone_sha256": backbone_hash or backbone_sha256(model), "source": str(source),
             "parscale_attn_smooth": repr(float(cfg.parscale_attn_smooth))}
+    if cfg.parscale_prefix_only:
+        meta["parscale_prefix_only"] = "1"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -162,8 +170,10 @@ def apply_adapter(lm, path: str | os.PathLike, check_hash: bool = True, backbone
     """Put the adapter at ``path`` on the backbone of ``lm`` (an :class:`edge.loading.LoadedModel`).
 
     ``lm`` may be dense (P=1) or ParScale with the adapter's P and prefix length (its ParScale parts
-    are replaced). The backbone is shared with ``lm``, not copied. The returned LoadedModel's
-    ``notes`` (they go into an export's manifest ``extra``) name the adapter and carry
+    are replaced). A prefix-only adapter (P = 1, ``parscale_prefix_only``) gives the prefix-tuning
+    control: P = 1 with a prefix, no aggregator. The backbone is shared with ``lm``, not copied.
+    The returned LoadedModel's ``notes`` (they go into an export's manifest ``extra``) name the
+    adapter (and ``prefix_only`` for the control) and carry
     ``backbone_sha256``. ``backbone_hash``: :func:`backbone_sha256` of ``lm.model`` when the caller
     has it (several adapters over one backbone hash it once).
 
@@ -181,11 +191,14 @@ def apply_adapter(lm, path: str | os.PathLike, check_hash: bool = True, backbone
     P, n, L = int(meta["parscale_n"]), int(meta["parscale_n_tokens"]), int(meta["num_layers"])
     if L != cfg.num_hidden_layers:
         raise AdapterError(f"{path}: adapter is for {L} layers, the model {lm.source} has {cfg.num_hidden_layers}")
-    if P < 2:
-        raise AdapterError(f"{path}: parscale_n={P}; an adapter needs P >= 2")
-    if cfg.parscale_n > 1 and (cfg.parscale_n, cfg.parscale_n_tokens) != (P, n):
-        raise AdapterError(f"{path}: adapter has P={P}, {n} prefix tokens but {lm.source} already has "
-                           f"P={cfg.parscale_n}, {cfg.parscale_n_tokens}; apply it to the dense backbone")
+    prefix_only = meta.get("parscale_prefix_only") == "1"
+    if P < 1 or (P == 1) != prefix_only:
+        raise AdapterError(f"{path}: parscale_n={P}, parscale_prefix_only={meta.get('parscale_prefix_only')!r}; "
+                           "an adapter needs P >= 2, or P = 1 with parscale_prefix_only \"1\" (prefix tuning)")
+    if cfg.has_prefix and (cfg.parscale_n, cfg.parscale_n_tokens, cfg.parscale_prefix_only) != (P, n, prefix_only):
+        raise AdapterError(f"{path}: adapter has P={P}{' (prefix only)' * prefix_only}, {n} prefix tokens but "
+                           f"{lm.source} already has P={cfg.parscale_n}{' (prefix only)' * cfg.parscale_prefix_only}, "
+                           f"{cfg.parscale_n_tokens}; apply it to the dense backbone")
     digest = backbone_hash or backbone_sha256(src)
     if check_hash and digest != meta["backbone_sha256"]:
         raise AdapterError(
@@ -193,7 +206,7 @@ def apply_adapter(lm, path: str | os.PathLike, check_hash: bool = True, backbone
             f"{lm.source} has {digest} (source recorded in the adapter: {meta['source']}); use the adapter "
             "made for this model or train one with `parscale train`")
     smooth = float(meta.get("parscale_attn_smooth", cfg.parscale_attn_smooth if cfg.parscale_n > 1 else 0.1))
-    new_cfg = cfg.with_parallel(P, n, smooth)
+    new_cfg = cfg.with_parallel(P, n, smooth, prefix_only=prefix_only)
     dtype = next(src.parameters()).dtype
     with torch.device("meta"):
         model = ParScaleForCausalLM(new_cfg)
@@ -219,4 +232,6 @@ def apply_adapter(lm, path: str | os.PathLike, check_hash: bool = True, backbone
     notes = {k: v for k, v in lm.notes.items() if k not in ("converted_to_parallel", "prefix_init")}
     notes.update(adapter=str(path), adapter_sha256=sha256_file(path), backbone_sha256=digest,
                  converted_to_parallel=P)
+    if prefix_only:
+        notes["prefix_only"] = True
     return LoadedModel(model, lm.tokenizer, lm.source, lm.source_sha256, dict(lm.generation_config), notes)

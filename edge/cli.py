@@ -126,7 +126,8 @@ def load_several(spec: str, parallels: Sequence[int] | None, threads: int | None
     """(first model, the others): the dense ``spec`` as P = ``parallels[0]`` and, for the other P,
     the trained adapter of that P when ``adapters`` has one (``parscale train``), else its
     conversion; all over one backbone (``export_model(first, out, also=others)`` writes one folder
-    that serves every P). ``parallels`` None: the adapters' P in their order, then P=1 (the backbone).
+    that serves every P). ``parallels`` None: the adapters' P in their order, then P=1 (the backbone;
+    a prefix-only adapter, the P=1 prefix-tuning control, takes the P=1 place instead).
     Raises CLIError when ``spec`` is not dense (P=1) or two adapters share a P, AdapterError for an
     adapter of another backbone (for a named model whose adapter names another named model, before
     anything is downloaded)."""
@@ -155,8 +156,8 @@ def load_several(spec: str, parallels: Sequence[int] | None, threads: int | None
             if P in trained:
                 raise CLIError(f"two adapters with P={P}; give one per P")
             trained[P] = m
-    parallels = parallels or [*trained, 1]
-    models = [dense if P == 1 else trained.get(P) or convert_to_parscale(dense, P) for P in parallels]
+    parallels = parallels or list(dict.fromkeys([*trained, 1]))
+    models = [trained.get(P) or (dense if P == 1 else convert_to_parscale(dense, P)) for P in parallels]
     return models[0], models[1:]
 
 
@@ -216,8 +217,8 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
             _say_load_warnings(cached)
             return out
         _log(f"cached export {out} was made by another parscale-edge version; exporting again")
-    if several:
-        lm, also = load_several(spec, several, threads, progress, adapters)
+    if several or adapters:  # (P=1 alone with adapters: a prefix-only control adapter is that P=1)
+        lm, also = load_several(spec, several or [parallel or 1], threads, progress, adapters)
     else:
         lm, also = load_for_export(spec, parallel, threads, progress), []
     from export import export_model
@@ -365,7 +366,7 @@ def cmd_train(a) -> None:
     _check_P(a.parallel)
     from .train import TrainConfig, check_run_folder, close_distributed, init_distributed
 
-    cfg = TrainConfig(parallel=a.parallel, prefix_tokens=a.prefix_tokens, steps=a.steps or 1, seq_len=a.seq_len, batch=a.batch,
+    cfg = TrainConfig(parallel=a.parallel, prefix=a.prefix, prefix_tokens=a.prefix_tokens, steps=a.steps or 1, seq_len=a.seq_len, batch=a.batch,
                       grad_accum=a.grad_accum, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup,
                       weight_decay=a.weight_decay, clip=a.clip, full=a.full, seed=a.seed, eval_every=a.eval_every,
                       eval_positions=a.eval_positions, eval_window=a.eval_window,
@@ -427,8 +428,9 @@ def _train_run(a, cfg, out, train_files, eval_text, eval_desc, dist) -> None:
         _log(f"data: {len(train_files)} files, {train_tokens.size} tokens (tokenized in "
              f"{time.perf_counter() - t0:.1f} s); eval: {eval_desc}"
              + (f", {eval_tokens.size} tokens" if eval_tokens is not None else ""))
-        _log(f"training {'all weights' if cfg.full else 'prefixes + aggregator (backbone frozen)'} of "
-             f"{a.model} at P={cfg.parallel}: {steps} step{'s' if steps != 1 else ''} x {cfg.tokens_per_step(dist.world)} tokens = "
+        what = "prefixes (backbone frozen)" if cfg.prefix else "prefixes + aggregator (backbone frozen)"
+        _log(f"training {'all weights' if cfg.full else what} of "
+             f"{a.model} at P={cfg.parallel}{' (prefix only: the prefix-tuning control)' * cfg.prefix}: {steps} step{'s' if steps != 1 else ''} x {cfg.tokens_per_step(dist.world)} tokens = "
              f"{steps * cfg.tokens_per_step(dist.world)} tokens ({steps * cfg.tokens_per_step(dist.world) / max(1, train_tokens.size):.2f} "
              f"epochs), {dist.world} process(es) on {dist.device}")
     r = train(lm, cfg, train_tokens, out, eval_tokens=eval_tokens, resume=a.resume, overwrite=a.overwrite,
@@ -1090,7 +1092,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="stage-2 training: ParScale prefixes + aggregator on a frozen backbone -> adapter")
     p.add_argument("model", help="dense model (named, .gguf, HF folder) or a ParScale one with the same P")
-    p.add_argument("--parallel", "-P", type=int, required=True, help="P streams (>= 2)")
+    p.add_argument("--parallel", "-P", type=int, required=True, help="P streams (>= 2; 1 with --prefix)")
+    p.add_argument("--prefix", action="store_true",
+                   help="with --parallel 1: the prefix-tuning control (one stream with its own KV prefix, no "
+                        "aggregator; README 'Does ParScale help, or is it prefix tuning?')")
     p.add_argument("--data", nargs="+", required=True,
                    help="training text: files, folders (their .py files), globs, or 'stdlib' (the standard "
                         "library's training split, README)")

@@ -38,6 +38,11 @@ class ParScaleConfig:
     ``parscale_n_tokens`` slots per stream, and the P final hidden states are merged by
     ``aggregate_layer`` with softmax weights smoothed by ``parscale_attn_smooth`` (docs/parscale.md,
     "Aggregation"; paper Sec. 2).
+
+    ``parscale_prefix_only`` (only with P = 1): the prefix-tuning control of the stage-2 comparison
+    (README "Does ParScale help, or is it prefix tuning?"): one stream with its own KV prefix of
+    ``parscale_n_tokens`` slots per layer and no aggregator (prefix tuning, Li & Liang 2021). False
+    (the default) keeps P = 1 the dense model.
     """
 
     vocab_size: int
@@ -56,6 +61,7 @@ class ParScaleConfig:
     parscale_n: int = 1
     parscale_n_tokens: int = 48
     parscale_attn_smooth: float = 0.01  # authors' class default; every release uses 0.1
+    parscale_prefix_only: bool = False  # P=1 with a KV prefix, no aggregator (prefix-tuning control)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     torch_dtype: str = "float32"
@@ -77,6 +83,14 @@ class ParScaleConfig:
             raise ValueError(f"parscale_n must be >= 1, got {self.parscale_n}")
         if self.parscale_n > 1 and self.parscale_n_tokens < 1:
             raise ValueError("a ParScale model with parscale_n > 1 needs parscale_n_tokens >= 1")
+        if self.parscale_prefix_only and (self.parscale_n != 1 or self.parscale_n_tokens < 1):
+            raise ValueError("parscale_prefix_only needs parscale_n = 1 and parscale_n_tokens >= 1, got "
+                             f"parscale_n={self.parscale_n}, parscale_n_tokens={self.parscale_n_tokens}")
+
+    @property
+    def has_prefix(self) -> bool:
+        """True when every layer holds a KV prefix: P > 1, or the P = 1 prefix-only control."""
+        return self.parscale_n > 1 or self.parscale_prefix_only
 
     def _check_types(self) -> None:
         """Raises UnsupportedModelError naming the field for a value of the wrong type or range
@@ -166,7 +180,7 @@ class ParScaleConfig:
             if f.name in ("extra", "family"):
                 continue
             v = getattr(self, f.name)
-            if v is not None:
+            if v is not None and not (f.name == "parscale_prefix_only" and not v):  # dense configs unchanged
                 d[f.name] = v
         if self.family == "llama" and self.parscale_n > 1:
             # The authors' format only exists for Qwen2; we keep the same fields on a Llama backbone.
@@ -195,9 +209,11 @@ class ParScaleConfig:
         e = self.eos_token_id
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
 
-    def with_parallel(self, p: int, n_tokens: int | None = None, smooth: float | None = None) -> "ParScaleConfig":
-        """A copy with ``parscale_n = p`` (and optionally prefix length / smoothing)."""
-        c = dataclasses.replace(self, parscale_n=p, extra=dict(self.extra))
+    def with_parallel(self, p: int, n_tokens: int | None = None, smooth: float | None = None,
+                      prefix_only: bool = False) -> "ParScaleConfig":
+        """A copy with ``parscale_n = p`` (and optionally prefix length / smoothing); ``prefix_only``
+        (p = 1 only) makes it the prefix-tuning control, else ``with_parallel(1)`` is the dense model."""
+        c = dataclasses.replace(self, parscale_n=p, parscale_prefix_only=prefix_only, extra=dict(self.extra))
         if n_tokens is not None:
             c.parscale_n_tokens = n_tokens
         if smooth is not None:

@@ -111,7 +111,7 @@ def build_model(cfg: ParScaleConfig, state: dict[str, torch.Tensor], source: str
                                       "not as floating point; quantized or integer weight files are not supported "
                                       "(use the float16/bfloat16/float32 checkpoint, or a GGUF file)")
             p.copy_(t.to(p.dtype))
-    if cfg.parscale_n > 1:
+    if cfg.has_prefix:
         for name, p in model.named_parameters():
             if (".prefix_" in name or "aggregate_layer" in name) and not torch.isfinite(p).all():
                 raise CheckpointError(
@@ -252,7 +252,7 @@ def save_hf_folder(lm: LoadedModel, out: str | os.PathLike, overwrite: bool = Fa
 
 
 def convert_to_parscale(lm: LoadedModel, parallel: int, n_tokens: int = 48, smooth: float = 0.1,
-                        seed: int = 0, prefix_score: float = 4.0) -> LoadedModel:
+                        seed: int = 0, prefix_score: float = 4.0, prefix_only: bool = False) -> LoadedModel:
     """Turn a dense (P=1) model into a ParScale one with ``parallel`` streams (stage-2 start point).
 
     The backbone is shared (not copied); the prefixes and the aggregator get the finite
@@ -260,14 +260,21 @@ def convert_to_parscale(lm: LoadedModel, parallel: int, n_tokens: int = 48, smoo
     queries for :data:`CALIBRATION_TEXT` (random tokens when there is no tokenizer). Defaults follow the released
     checkpoints: 48 prefix tokens, smoothing 0.1 (docs/parscale.md, "Config fields").
 
-    Raises ValueError if the model already has P > 1 or ``parallel`` < 2.
+    ``prefix_only`` with ``parallel`` = 1: the prefix-tuning control instead (one stream with a
+    prefix initialised by the same rule, no aggregator; ``ParScaleConfig.parscale_prefix_only``).
+
+    Raises ValueError if the model already has P > 1 or a prefix, or ``parallel`` < 2 without
+    ``prefix_only`` (or ``prefix_only`` with ``parallel`` != 1).
     """
     src = lm.model
-    if src.config.parscale_n != 1:
-        raise ValueError(f"the model already has parscale_n={src.config.parscale_n}; convert a dense model")
-    if parallel < 2:
-        raise ValueError("--parallel must be >= 2 for a ParScale model")
-    cfg = src.config.with_parallel(parallel, n_tokens, smooth)
+    if src.config.has_prefix:
+        raise ValueError(f"the model already has parscale_n={src.config.parscale_n}"
+                         f"{' with a prefix' * src.config.parscale_prefix_only}; convert a dense model")
+    if prefix_only and parallel != 1:
+        raise ValueError(f"prefix_only is the P=1 control; got parallel={parallel}")
+    if parallel < 2 and not prefix_only:
+        raise ValueError("--parallel must be >= 2 for a ParScale model (or 1 with a prefix only)")
+    cfg = src.config.with_parallel(parallel, n_tokens, smooth, prefix_only=prefix_only)
     model = ParScaleForCausalLM(cfg).to(next(src.parameters()).dtype)
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
     assert not unexpected and all(".prefix_" in k or "aggregate_layer" in k for k in missing), missing
@@ -276,5 +283,5 @@ def convert_to_parscale(lm: LoadedModel, parallel: int, n_tokens: int = 48, smoo
         calib = torch.tensor([lm.tokenizer.encode(CALIBRATION_TEXT)])
     model.init_parscale(dense=src, calibration_ids=calib, prefix_score=prefix_score, seed=seed)
     notes = {**lm.notes, "converted_to_parallel": parallel, "prefix_init": "init_parscale",
-             "prefix_score": prefix_score, "seed": seed}
+             "prefix_score": prefix_score, "seed": seed, **({"prefix_only": True} if prefix_only else {})}
     return LoadedModel(model.eval(), lm.tokenizer, lm.source, lm.source_sha256, dict(lm.generation_config), notes)

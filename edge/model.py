@@ -13,7 +13,10 @@ semantics in docs/parscale.md, "The model") adds three named blocks, each marked
    ``softmax(aggregate_layer(h interleaved))`` smoothed as ``w*(1-eps) + eps/P``, then ``lm_head``
    is applied once.
 
-P = 1 is exactly the dense model: same state-dict keys, no extra parameters.
+P = 1 is exactly the dense model: same state-dict keys, no extra parameters. The one exception is
+the prefix-tuning control (``config.parscale_prefix_only``, README "Does ParScale help, or is it
+prefix tuning?"): P = 1 with block 2 (a prefix ``[1, kv_heads, n_tokens, head_dim]`` per layer) and
+without blocks 1 and 3 (one stream, nothing to merge).
 
 The forward signature is the ONNX graph's: the KV cache is a flat tuple of tensors
 ``(k_0, v_0, k_1, v_1, ...)`` each ``[P*B, kv_heads, past, head_dim]`` holding real tokens only.
@@ -105,7 +108,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, self.n_kv * self.hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, H, bias=False)
         self.P = cfg.parscale_n
-        if self.P > 1:
+        self.has_prefix = cfg.has_prefix
+        if self.has_prefix:
             # ParScale: prefix. Initialised by ParScaleForCausalLM.init_parscale (never left empty).
             shape = (self.P, self.n_kv, cfg.parscale_n_tokens, self.hd)
             self.prefix_k = nn.Parameter(torch.zeros(shape))
@@ -122,7 +126,7 @@ class Attention(nn.Module):
         k = torch.cat([past_k, k], dim=2)  # present: real tokens only
         v = torch.cat([past_v, v], dim=2)
         keys, values = k, v
-        if self.P > 1:
+        if self.has_prefix:
             # ParScale: prefix. Stream p's prefix goes in front of rows p*B .. p*B+B-1 (stream-major).
             B = N // self.P
             pk = self.prefix_k.to(k.dtype)[:, None].expand(-1, B, -1, -1, -1).reshape(N, self.n_kv, -1, self.hd)
@@ -262,7 +266,7 @@ class ParScaleForCausalLM(nn.Module):
         q_pos = torch.arange(S, device=x.device)[:, None] + (T - S)  # absolute cache index of queries
         k_pos = torch.arange(T, device=x.device)[None, :]
         allowed = (k_pos <= q_pos)[None] & attention_mask[:, None, :].bool()  # [N, S, T]
-        if P > 1:
+        if cfg.has_prefix:
             prefix_cols = torch.ones((N, S, cfg.parscale_n_tokens), dtype=torch.bool, device=x.device)
             allowed = torch.cat([prefix_cols, allowed], dim=2)
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, neg)[:, None]
@@ -341,15 +345,16 @@ class ParScaleForCausalLM(nn.Module):
           score ``q.k / sqrt(head_dim)`` is ``-prefix_score``: prefix slots start with little
           attention mass. Plus Gaussian noise (std ``noise`` times the key's RMS), so every slot and
           stream differs.
+          The P = 1 prefix-only control (``parscale_prefix_only``) gets its one stream by the same rule.
         * ``prefix_v``: Gaussian noise with std ``noise`` times the RMS of the layer's real values.
         * ``aggregate_layer``: first Linear default init scaled by 0.01, second Linear zero: the
           stream weights start exactly uniform (1/P).
 
-        Raises ValueError for P = 1 (nothing to initialise).
+        Raises ValueError for a dense P = 1 model (nothing to initialise).
         """
         cfg = self.config
-        if cfg.parscale_n <= 1:
-            raise ValueError("init_parscale needs parscale_n > 1")
+        if not cfg.has_prefix:
+            raise ValueError("init_parscale needs parscale_n > 1 or parscale_prefix_only")
         g = torch.Generator().manual_seed(seed)
         P, n, kv, hd, nh = (cfg.parscale_n, cfg.parscale_n_tokens, cfg.num_key_value_heads, cfg.head_dim,
                             cfg.num_attention_heads)
@@ -384,6 +389,8 @@ class ParScaleForCausalLM(nn.Module):
             values = torch.randn((P, kv, n, hd), generator=g) * noise * v_rms
             att.prefix_k.copy_(keys.to(att.prefix_k.dtype))
             att.prefix_v.copy_(values.to(att.prefix_v.dtype))
+        if cfg.parscale_n == 1:
+            return  # prefix-only control: no aggregator
         agg = self.model.aggregate_layer
         nn.init.kaiming_uniform_(agg[0].weight, a=math.sqrt(5), generator=g)
         agg[0].weight.mul_(0.01)

@@ -93,6 +93,8 @@ def plot_training(history: dict, path: Path, title: str | None = None) -> Path:
     axes[0].legend(fontsize=7)
     evals = history.get("evals", [])
     P = history.get("config", {}).get("parallel", "?")
+    if history.get("config", {}).get("prefix"):
+        P = f"{P} prefix only"  # the prefix-tuning control (edge.train.TrainConfig.prefix)
     if evals:
         axes[1].plot([e["tokens"] for e in evals], [e["perplexity"] for e in evals], marker="o", label=f"P={P}")
     if "dense" in history:

@@ -388,34 +388,41 @@ class OnnxCausalLM:
             return self._parts[P]
         H, L = self.manifest.hidden_size, self.L
         rel = self.manifest.part_file(P)
-        if rel is None:  # P = 1: the plain backbone; softmax over one stream is exactly 1
-            # zeros of the narrowest aggregator the graph takes (width 1; exports before the width was
-            # a dynamic dimension declare H)
+
+        def width1_aggregator() -> list[np.ndarray]:
+            # P = 1: softmax over one stream is exactly 1. Zeros of the narrowest aggregator the graph
+            # takes (width 1; exports before the width was a dynamic dimension declare H)
             w1 = next(i for i in self.session.get_inputs() if i.name == AGG_INPUTS[0])
             A = w1.shape[1] if isinstance(w1.shape[1], int) else 1
-            agg = [np.zeros((H, A), np.float32), np.zeros(A, np.float32), np.zeros((A, 1), np.float32),
-                   np.zeros(1, np.float32), np.zeros((), np.float32)]
+            return [np.zeros((H, A), np.float32), np.zeros(A, np.float32), np.zeros((A, 1), np.float32),
+                    np.zeros(1, np.float32), np.zeros((), np.float32)]
+
+        if rel is None:  # P = 1: the plain backbone
+            agg = width1_aggregator()
             prefix: list[tuple[np.ndarray, np.ndarray]] = []
             n = 0
-        else:
+        else:  # P > 1, or the P = 1 prefix-tuning control (prefixes, no aggregator tensors)
             from safetensors import SafetensorError, safe_open
             from safetensors.numpy import load_file
 
             f = self.folder / rel
             try:
                 t = load_file(str(f))
-                with safe_open(str(f), "numpy") as fh:
-                    smooth = float((fh.metadata() or {})["parscale_attn_smooth"])
-                agg = [np.ascontiguousarray(t["model.aggregate_layer.0.weight"].T), t["model.aggregate_layer.0.bias"],
-                       np.ascontiguousarray(t["model.aggregate_layer.2.weight"].T), t["model.aggregate_layer.2.bias"],
-                       np.array(smooth, np.float32)]
+                if P == 1:
+                    agg = width1_aggregator()
+                else:
+                    with safe_open(str(f), "numpy") as fh:
+                        smooth = float((fh.metadata() or {})["parscale_attn_smooth"])
+                    agg = [np.ascontiguousarray(t["model.aggregate_layer.0.weight"].T), t["model.aggregate_layer.0.bias"],
+                           np.ascontiguousarray(t["model.aggregate_layer.2.weight"].T), t["model.aggregate_layer.2.bias"],
+                           np.array(smooth, np.float32)]
                 prefix = [(t[f"model.layers.{i}.self_attn.prefix_k"], t[f"model.layers.{i}.self_attn.prefix_v"])
                           for i in range(L)]
             except (OSError, SafetensorError, KeyError, ValueError) as e:
                 raise ManifestError(f"{f}: ParScale parts for P={P} are missing or unreadable ({e}); re-export "
                                     "the model or re-add the adapter") from None
             if agg[3].shape != (P,) or prefix[0][0].shape[0] != P:
-                raise ManifestError(f"{f}: holds parts for P={agg[3].shape[0]}, the manifest says P={P}; re-export")
+                raise ManifestError(f"{f}: holds parts for P={prefix[0][0].shape[0]}, the manifest says P={P}; re-export")
             n = prefix[0][0].shape[2]
             dt = self.manifest.cache_dtype
             prefix = [(cache_host_array(k, dt), cache_host_array(v, dt)) for k, v in prefix]

@@ -5,6 +5,11 @@ training"; PARSCALE.md "Training"): keep a pretrained dense model, add P per-lay
 the aggregator (initialised by :meth:`edge.model.ParScaleForCausalLM.init_parscale`), and train
 only those on a little data. The result is an adapter (:mod:`edge.adapter`) of a few MB per P.
 
+``parallel=1, prefix=True`` trains the prefix-tuning control instead: one stream with its own
+per-layer KV prefix (same slots, same initialisation rule), no aggregator (README "Does ParScale
+help, or is it prefix tuning?"). It separates what P streams buy from what a trained prefix alone
+(domain adaptation of a frozen backbone) buys.
+
 One loop serves one process or many: under ``torchrun`` / ``accelerate launch`` (environment
 variables ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``) :func:`init_distributed` starts a process group
 (gloo on CPU, nccl on CUDA), the model is wrapped in DistributedDataParallel, and each process takes
@@ -59,6 +64,7 @@ class TrainConfig:
     """
 
     parallel: int = 2
+    prefix: bool = False  # with parallel=1: the prefix-tuning control (P=1 + KV prefix, no aggregator)
     prefix_tokens: int = 48  # prefix slots per layer and stream of a conversion (48 in every release)
     steps: int = 100
     seq_len: int = 512
@@ -82,8 +88,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise TrainError naming the first bad setting."""
-        if self.parallel < 2:
-            raise TrainError(f"--parallel must be >= 2 for a ParScale model, got {self.parallel}")
+        if self.parallel < 1 or (self.parallel == 1 and not self.prefix):
+            raise TrainError(f"--parallel must be >= 2 for a ParScale model, or 1 with --prefix (the "
+                             f"prefix-tuning control), got {self.parallel}")
+        if self.prefix and self.parallel != 1:
+            raise TrainError(f"--prefix is the P=1 control (every P > 1 has prefixes); got --parallel {self.parallel}")
         for name in ("prefix_tokens", "steps", "seq_len", "batch", "grad_accum", "eval_every", "checkpoint_every", "eval_window"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -98,8 +107,10 @@ class TrainConfig:
         return self.seq_len * self.batch * self.grad_accum * world
 
     def decisive(self) -> dict:
-        """The fields that determine the trajectory (compared on resume)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.CADENCE}
+        """The fields that determine the trajectory (compared on resume; ``prefix`` only when set, so
+        checkpoints written before the field existed still resume)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in self.CADENCE and not (k == "prefix" and not v)}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -212,17 +223,19 @@ def evaluate_perplexity(model: ParScaleForCausalLM, tokens: np.ndarray, position
 
 
 def prepare_model(lm: LoadedModel, cfg: TrainConfig) -> LoadedModel:
-    """The model to train: ``lm`` converted to ``cfg.parallel`` streams with ``cfg.prefix_tokens`` prefix
-    slots when dense (seed ``cfg.seed``), or ``lm`` itself when it already has that P (its ParScale
-    parts are trained further; its own prefix length is kept).
+    """The model to train: ``lm`` converted to ``cfg.parallel`` streams (or to the P=1 prefix-only
+    control, ``cfg.prefix``) with ``cfg.prefix_tokens`` prefix slots when dense (seed ``cfg.seed``),
+    or ``lm`` itself when it already is that (its ParScale parts are trained further; its own prefix
+    length is kept).
 
-    Raises TrainError when ``lm`` has another P > 1."""
-    P = lm.model.config.parscale_n
-    if P == 1:
-        return convert_to_parscale(lm, cfg.parallel, n_tokens=cfg.prefix_tokens, seed=cfg.seed)
-    if P != cfg.parallel:
-        raise TrainError(f"{lm.source} already has P={P} streams; train it with --parallel {P} or start "
-                         "from its dense parent")
+    Raises TrainError when ``lm`` has another P, or a prefix-only model meets P > 1 or vice versa."""
+    c = lm.model.config
+    if not c.has_prefix:
+        return convert_to_parscale(lm, cfg.parallel, n_tokens=cfg.prefix_tokens, seed=cfg.seed, prefix_only=cfg.prefix)
+    if (c.parscale_n, c.parscale_prefix_only) != (cfg.parallel, cfg.prefix):
+        what = "P=1 with a prefix only" if c.parscale_prefix_only else f"P={c.parscale_n} streams"
+        flag = "--parallel 1 --prefix" if c.parscale_prefix_only else f"--parallel {c.parscale_n}"
+        raise TrainError(f"{lm.source} already has {what}; train it with {flag} or start from its dense parent")
     return lm
 
 
@@ -386,7 +399,7 @@ def train(lm: LoadedModel, cfg: TrainConfig, train_tokens: np.ndarray, out_dir: 
             history["dense"] = {"perplexity": dr["perplexity"], "nll": dr["nll"], "positions": dr["positions"]}
             log(f"held-out perplexity, dense P=1 parent: {dr['perplexity']:.4f} ({dr['positions']} positions)")
         history["evals"].append(row)
-        log(f"step {step}: held-out perplexity P={cfg.parallel} {r['perplexity']:.4f}")
+        log(f"step {step}: held-out perplexity P={cfg.parallel}{' prefix' * cfg.prefix} {r['perplexity']:.4f}")
 
     def save(step: int, final: bool) -> None:
         if d.main:

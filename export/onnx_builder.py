@@ -367,7 +367,8 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
     """Write the fused graph of ``lm`` and its ParScale parts to an export folder (atomically).
 
     The folder holds the backbone graph (``model.onnx`` + ``model.onnx.data``), the ParScale parts of
-    P = ``lm``'s parscale_n under ``parscale/p{P}.safetensors`` (none for P = 1), the manifest
+    P = ``lm``'s parscale_n under ``parscale/p{P}.safetensors`` (none for the dense P = 1; the P = 1
+    prefix-tuning control, ``parscale_prefix_only``, has one: prefixes, no aggregator), the manifest
     (``graph: "fused"``, ``parallel_options``, default P = ``lm``'s) and the tokenizer files.
     ``also``: more models over the same backbone (e.g. conversions of one dense model to other P);
     their parts are added, so one backbone serves every P (dynamic parallel scaling).
@@ -403,13 +404,13 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
         del proto
         options: dict[int, str | None] = {}
         digest = None
-        if len(models) > 1 or P > 1:  # shared by every P; apply_adapter already hashed adapted models
+        if len(models) > 1 or cfg.has_prefix:  # shared by every P; apply_adapter already hashed adapted models
             digest = next((m.notes["backbone_sha256"] for m in models.values() if "backbone_sha256" in m.notes),
                           None) or backbone_sha256(lm.model)
         for q, m in sorted(models.items()):
             # each part file is an adapter (edge.adapter format, backbone hash included)
-            options[q] = None if q == 1 else f"{PARSCALE_DIR}/p{q}.safetensors"
-            if q > 1:
+            options[q] = f"{PARSCALE_DIR}/p{q}.safetensors" if m.model.config.has_prefix else None
+            if options[q]:
                 save_adapter(m.model, tmp / options[q], m.source, backbone_hash=digest)
         _write_sidecars(lm, tmp, OPSET, precision, graph=GRAPH_KIND,
                         parallel_options={str(k): v for k, v in options.items()})

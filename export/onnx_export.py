@@ -138,7 +138,7 @@ def _write_sidecars(lm: LoadedModel, folder: Path, opset: int, precision: str = 
     tok = lm.tokenizer
     eos = list(dict.fromkeys((tok.eos_token_ids if tok is not None else []) + cfg.eos_ids))
     man = Manifest(
-        parscale_n=cfg.parscale_n, parscale_n_tokens=cfg.parscale_n_tokens if cfg.parscale_n > 1 else 0,
+        parscale_n=cfg.parscale_n, parscale_n_tokens=cfg.parscale_n_tokens if cfg.has_prefix else 0,
         num_layers=cfg.num_hidden_layers, num_key_value_heads=cfg.num_key_value_heads,
         head_dim=cfg.head_dim, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
         eos_token_ids=eos, precision=precision, cache_dtype=CACHE_DTYPES[precision], source=lm.source,

@@ -37,3 +37,17 @@ def test_trained_p2_adapter_beats_the_dense_parent_on_heldout_code(dense):
     assert base == pytest.approx(10.9480, abs=2e-3)  # the run's dense P=1 (history.json)
     assert trained == pytest.approx(10.8480, abs=2e-3)  # the run's last eval, same positions
     assert trained < base
+
+
+def test_prefix_tuning_control_adapter_fits_and_reproduces_its_run(dense):
+    """adapters/smollm2-135m-control-p1.safetensors: the P=1 prefix-only control of README "Does
+    ParScale help, or is it prefix tuning?" (bench/prefix_vs_parscale.sh, full/p1prefix-s0)."""
+    path = ADAPTERS / "smollm2-135m-control-p1.safetensors"
+    _, meta = read_adapter(path)
+    assert meta["backbone_sha256"] == backbone_sha256(dense.model)
+    assert (meta["parscale_n"], meta["parscale_prefix_only"], meta["parscale_n_tokens"]) == ("1", "1", "48")
+    ctl = apply_adapter(dense, path)
+    assert ctl.model.config.parscale_prefix_only and not hasattr(ctl.model.model, "aggregate_layer")
+    tokens = np.asarray(dense.tokenizer.encode(stdlib_text()), dtype=np.int64)
+    trained = evaluate_perplexity(ctl.model, tokens, 2048, 512)["perplexity"]
+    assert trained == pytest.approx(10.5722, abs=2e-3)  # the run's last eval (history.json), same positions
