@@ -12,17 +12,19 @@
 #   xz -9e: 185.4 MiB (528 s); zstd --ultra -22 --long=31: 186.3 MiB (505 s); xz --x86 -9e
 #   (BCJ filter for the x86 code): 184.1 MiB (390 s), used: the smallest, and xz-utils (or
 #   python's lzma) is on every Linux, zstd is not sure to be on the machine.
-#   Tree (git ls-files + untracked, not ignored) 25.4 MiB; parts <= 64 - 1 (margin) - tree MiB:
-#   5 equal parts of 36.8 MiB (6 with a 2 MiB margin). --calls checks the tree of the day.
+#   Tree (git ls-files + untracked, not ignored) 27.8 MiB on 2026-12-06; parts <= 64 - 1 (margin)
+#   - tree MiB: 6 equal parts of 30.7 MiB, which leave the tree 4.5 MiB to grow (5 parts of 36.8
+#   MiB fit only a tree under 26.2 MiB). --calls checks the tree of the day, --resplit re-cuts.
 #
 # | call  | carry                        | tree + carry MiB   | command (timeout_s)                      | minutes              |
-# | 1     | .gpu-carry/part-1 (36.8 MiB) | 25.4 + 36.8 = 62.2 | bash bench/gpu_check.sh --receive 1 (60) | start 3 min, 0.5 min |
-# | 2     | .gpu-carry/part-2 (36.8 MiB) | 25.4 + 36.8 = 62.2 | bash bench/gpu_check.sh --receive 2 (60) | 0.5 min              |
-# | 3     | .gpu-carry/part-3 (36.8 MiB) | 25.4 + 36.8 = 62.2 | bash bench/gpu_check.sh --receive 3 (60) | 0.5 min              |
-# | 4     | .gpu-carry/part-4 (36.8 MiB) | 25.4 + 36.8 = 62.2 | bash bench/gpu_check.sh --receive 4 (60) | 0.5 min              |
-# | 5     | .gpu-carry/part-5 (36.8 MiB) | 25.4 + 36.8 = 62.2 | bash bench/gpu_check.sh --device (480)   | 7 min                |
-# | total |                              |                    |                                          | 12 of 15             |
-# (0.5 min per part call is an estimate: ~62 MiB to send and a sha256; the 3 min left over are the
+# | 1     | .gpu-carry/part-1 (30.7 MiB) | 27.8 + 30.7 = 58.5 | bash bench/gpu_check.sh --receive 1 (60) | start 3 min, 0.5 min |
+# | 2     | .gpu-carry/part-2 (30.7 MiB) | 27.8 + 30.7 = 58.5 | bash bench/gpu_check.sh --receive 2 (60) | 0.5 min              |
+# | 3     | .gpu-carry/part-3 (30.7 MiB) | 27.8 + 30.7 = 58.5 | bash bench/gpu_check.sh --receive 3 (60) | 0.5 min              |
+# | 4     | .gpu-carry/part-4 (30.7 MiB) | 27.8 + 30.7 = 58.5 | bash bench/gpu_check.sh --receive 4 (60) | 0.5 min              |
+# | 5     | .gpu-carry/part-5 (30.7 MiB) | 27.8 + 30.7 = 58.5 | bash bench/gpu_check.sh --receive 5 (60) | 0.5 min              |
+# | 6     | .gpu-carry/part-6 (30.7 MiB) | 27.8 + 30.7 = 58.5 | bash bench/gpu_check.sh --device (480)   | 7 min                |
+# | total |                              |                    |                                          | 12.5 of 15           |
+# (0.5 min per part call is an estimate: ~59 MiB to send and a sha256; the 2.5 min left over are the
 # slack for slow transfers and the gaps between calls, each under 30 s or the parts are lost.)
 #
 # The final command: assemble (< 0.5 min), then bench/gpu_check.py run with a deadline that ends

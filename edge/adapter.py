@@ -1,6 +1,6 @@
 """ParScale adapters: the P-stream parts of a model (prefixes + aggregator) without the backbone.
 
-With a frozen backbone (stage-2 training, PARSCALE.md "Training"), everything that makes a model
+With a frozen backbone (stage-2 training, docs/parscale.md "Two-stage training"), everything that makes a model
 ParScale with P streams lives in
 
 * ``model.layers.{i}.self_attn.prefix_k`` / ``prefix_v``: float32 ``[P, kv_heads, n_tokens, head_dim]``

@@ -579,7 +579,7 @@ class OnnxCausalLM:
         if self._device != "cpu":
             return
         m = self.manifest
-        n = m.parscale_n_tokens if P > 1 else 0
+        n = m.parscale_n_tokens if P > 1 or m.part_file(P) else 0  # prefix slots (P = 1: the prefix-only control)
         slots = n + capacity
         item = 2 if m.cache_dtype in ("float16", "bfloat16") else 4
         need = 2 * self.L * P * batch * m.num_key_value_heads * slots * m.head_dim * item

@@ -1,7 +1,7 @@
 """Stage-2 training of ParScale streams on a (by default frozen) backbone.
 
 The paper's cheapest route to a ParScale model (Chen et al. 2025, Sec. 3.4 "two-stage
-training"; PARSCALE.md "Training"): keep a pretrained dense model, add P per-layer KV prefixes and
+training"; docs/parscale.md "Two-stage training"): keep a pretrained dense model, add P per-layer KV prefixes and
 the aggregator (initialised by :meth:`edge.model.ParScaleForCausalLM.init_parscale`), and train
 only those on a little data. The result is an adapter (:mod:`edge.adapter`) of a few MB per P.
 
