@@ -1,6 +1,6 @@
 """Interleaved A/B of two (source tree, export folder) pairs: prefill and decode time per P.
 
-Each trial is a fresh process that imports ``edge.runtime`` from its side's source tree, loads its
+Each trial is a fresh process that imports ``parscale_edge.runtime`` from its side's source tree, loads its
 export folder (``OnnxCausalLM``, ``--threads`` intra-op threads), runs a ``--prompt-len`` prompt of
 fixed random ids, then ``--steps`` greedy decode steps, for each P in ``--parallel``. The two
 sides alternate (A B, B A, ...) for ``--rounds`` rounds, so drift of a shared machine hits both;
@@ -23,7 +23,7 @@ import time
 TRIAL = r"""
 import json, sys, time
 import numpy as np
-from edge.runtime import OnnxCausalLM
+from parscale_edge.runtime import OnnxCausalLM
 folder, threads, prompt_len, steps, Ps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 rt = OnnxCausalLM(folder, device="cpu", threads=threads)
 ids = np.random.default_rng(0).integers(100, rt.manifest.vocab_size - 100, prompt_len).tolist()

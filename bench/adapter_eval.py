@@ -5,7 +5,7 @@ comparison of README "Does ParScale help, or is it prefix tuning?" (arms, seeds,
 Texts (``--texts``, both by default), every row scored on the same tokens and positions
 (``--positions``, sliding window ``--window``, stride window/2, float32 PyTorch on CPU):
 
-* ``code``: the held-out standard-library modules of :data:`edge.evaluate.HELDOUT_MODULES` (never
+* ``code``: the held-out standard-library modules of :data:`parscale_edge.evaluate.HELDOUT_MODULES` (never
   trained on, see edge/corpus.py): the same domain as the training data.
 * ``prose``: ``bench/data/GPL-3.txt``, the GNU GPL v3 text from Debian's base-files
   (/usr/share/common-licenses/GPL-3): English legal prose, no Python. A gain there is not domain
@@ -41,11 +41,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from edge.adapter import adapter_metadata  # noqa: E402
-from edge.atomic import write_json  # noqa: E402
-from edge.evaluate import HELDOUT_MODULES, stdlib_text  # noqa: E402
+from parscale_edge.adapter import adapter_metadata  # noqa: E402
+from parscale_edge.atomic import write_json  # noqa: E402
+from parscale_edge.evaluate import HELDOUT_MODULES, stdlib_text  # noqa: E402
 
 PROSE_FILE = ROOT / "bench" / "data" / "GPL-3.txt"
 TEXTS = {
@@ -80,7 +79,7 @@ def run_info(adapter: Path) -> dict:
 
 
 def machine() -> dict:
-    from edge.device import cpu_description, memory_gib
+    from parscale_edge.device import cpu_description, memory_gib
 
     cpu = cpu_description()
     return {"cpu": cpu["model"], "logical_cores": cpu["logical_cores"], "simd": cpu["flags"],
@@ -144,7 +143,7 @@ def main() -> None:
 
     def lm():
         if "lm" not in state:
-            from edge.loading import load_model
+            from parscale_edge.loading import load_model
 
             state["lm"] = load_model(a.model, progress=False)
         return state["lm"]
@@ -158,7 +157,7 @@ def main() -> None:
             tokens[t] = np.asarray(lm().tokenizer.encode(texts[t]), dtype=np.int64)
         return tokens[t]
 
-    from edge.hub import sha256_file
+    from parscale_edge.hub import sha256_file
 
     adapters = [Path(p) for p in a.adapters]
     metas = {p: adapter_metadata(p) for p in adapters}
@@ -175,7 +174,7 @@ def main() -> None:
                 r = json.loads(f.read_text())
                 cached = True
             else:
-                from edge.train import evaluate_perplexity
+                from parscale_edge.train import evaluate_perplexity
 
                 if "model" not in state or state.get("model_key") != name:
                     state["model"], state["model_key"] = make(), name
@@ -195,7 +194,7 @@ def main() -> None:
     run("dense", "dense", lambda: lm().model, {"kind": "dense"}, {"P": 1, "arm": "dense"})
     arms = sorted({arm_of(m) + (int(m["parscale_n_tokens"]),) for m in metas.values()}, key=lambda x: (x[0], not x[1]))
     if not a.no_untrained:
-        from edge.loading import convert_to_parscale
+        from parscale_edge.loading import convert_to_parscale
 
         for P, prefix_only, n in arms:
             arm = arm_name(P, prefix_only)
@@ -204,7 +203,7 @@ def main() -> None:
                                                                      prefix_only=po).model,
                 {"kind": "untrained", "P": P, "prefix_only": prefix_only, "n_tokens": n, "seed": a.seed},
                 {"P": P, "arm": arm, "seed": a.seed, "tokens": 0})
-    from edge.adapter import apply_adapter
+    from parscale_edge.adapter import apply_adapter
 
     for p in sorted(adapters, key=lambda p: (arm_of(metas[p])[0], not arm_of(metas[p])[1], str(p))):
         P, prefix_only = arm_of(metas[p])

@@ -25,15 +25,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("-o", "--output", default="bench/results/bnb_compare.json")
     a = ap.parse_args()
-    from quant.bnb import BitsAndBytesUnavailable, check_bitsandbytes, quantize_linears
+    from parscale_edge.quant.bnb import BitsAndBytesUnavailable, check_bitsandbytes, quantize_linears
 
     try:
         version = check_bitsandbytes()
     except BitsAndBytesUnavailable as e:
         print(f"skipped: {e}")
         return
-    from edge.cli import load_for_export
-    from edge.evaluate import compare, stdlib_text
+    from parscale_edge.cli import load_for_export
+    from parscale_edge.evaluate import compare, stdlib_text
 
     torch.set_num_threads(a.threads)
     ref = load_for_export(a.model, a.parallel, a.threads, progress=False)
@@ -57,7 +57,7 @@ def main() -> None:
         print(f"bitsandbytes {mode}: perplexity {r['ref_perplexity']:.4f} -> {r['cand_perplexity']:.4f} "
               f"({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%}), KL {r['kl_mean']:.4f}, "
               f"top-1 {r['top1_agreement']:.2%} over {r['positions']} positions", flush=True)
-    from edge.atomic import write_json
+    from parscale_edge.atomic import write_json
 
     out = write_json(a.output, {"machine": machine(), "bitsandbytes": version, "model": a.model,
                                 "parallel": a.parallel, "rows": rows})

@@ -8,7 +8,7 @@ and neither the real GGUF (98.4 MB, and the GPU machine has no gguf package) nor
 fits a 64 MiB transfer next to the repository; on the GPU machine torch builds this one in about a
 minute (64 s export + 3 s int4 on 2 busy cores here). One fused fp32 backbone serves every P (a part
 file per P > 1), then int4 MatMulNBits (block 32, accuracy_level 4: the CPU int4 path). Each
-(P, threads) is timed in a fresh process (edge.profile.profile_folder), batch 1, most informative
+(P, threads) is timed in a fresh process (parscale_edge.profile.profile_folder), batch 1, most informative
 first (P=1 and P=4 at every thread count, then P=2 and P=8), so a deadline drops the least useful
 rows.
 
@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 LLAMA = dict(family="llama", rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=False,
              parscale_n_tokens=48, parscale_attn_smooth=0.01)
@@ -48,10 +46,10 @@ def build(arch: str, parallel: tuple[int, ...], work: Path, torch_threads: int |
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    from edge.config import ParScaleConfig
-    from edge.loading import convert_to_parscale
-    from edge.profile import quantized_folder, random_model
-    from export import export_model
+    from parscale_edge.config import ParScaleConfig
+    from parscale_edge.loading import convert_to_parscale
+    from parscale_edge.profile import quantized_folder, random_model
+    from parscale_edge.export import export_model
 
     t0 = time.perf_counter()
     fp32 = Path(work) / f"{arch}-cpu-fp32"
@@ -75,7 +73,7 @@ def measure(folder: str, parallel: tuple[int, ...], threads: tuple[int, ...], pr
             gen_len: int = 32, repeat: int = 1, warmup: int = 1, budget_s: float = 3600.0) -> dict:
     """Decode ms/step (p50) and TTFT per (P, threads), batch 1; pairs that do not fit ``budget_s``
     are listed under ``skipped``."""
-    from edge.profile import profile_folder
+    from parscale_edge.profile import profile_folder
 
     t0 = time.perf_counter()
     rows, skipped = [], []
@@ -129,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/parscale-cpu-threads")
     ap.add_argument("--budget-s", type=float, default=3600.0)
     a = ap.parse_args(argv)
-    from edge.atomic import write_json
+    from parscale_edge.atomic import write_json
 
     parallel = tuple(int(x) for x in a.parallel.split(","))
     threads = tuple(int(x) for x in a.threads.split(","))

@@ -17,16 +17,16 @@ import numpy as np
 
 
 def machine() -> dict:
-    """The machine description every result file carries (:func:`edge.device.device_info`)."""
-    from edge.device import device_info
+    """The machine description every result file carries (:func:`parscale_edge.device.device_info`)."""
+    from parscale_edge.device import device_info
 
     return device_info()
 
 
 def run_one(rt, prompt: list[int], gen_len: int) -> dict:
     """One prefill of ``prompt`` then ``gen_len`` decode steps; times in ms
-    (:func:`edge.profile.time_request`, the profiler's own loop)."""
-    from edge.profile import time_request
+    (:func:`parscale_edge.profile.time_request`, the profiler's own loop)."""
+    from parscale_edge.profile import time_request
 
     return time_request(rt, [prompt], gen_len)
 
@@ -42,13 +42,13 @@ def main() -> None:
     ap.add_argument("-o", "--output", default="bench/results/decode_prefill.json")
     a = ap.parse_args()
 
-    from edge.atomic import folder_size_mib, write_json
-    from edge.cli import ensure_export
-    from edge.evaluate import stdlib_text
-    from edge.runtime import OnnxCausalLM
+    from parscale_edge.atomic import folder_size_mib, write_json
+    from parscale_edge.cli import ensure_export
+    from parscale_edge.evaluate import stdlib_text
+    from parscale_edge.runtime import OnnxCausalLM
 
     rows = []
-    from edge.manifest import Manifest
+    from parscale_edge.manifest import Manifest
 
     for model, P in [(m, int(p)) for m in a.model.split(",") for p in a.parallel.split(",")]:
         folder = ensure_export(model, P, a.threads, progress=False)

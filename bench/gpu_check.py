@@ -6,7 +6,7 @@ of its 7 minutes (its plan is at its top). Subcommands: ``run`` (the check) and 
 alone). Steps of ``run``, each recorded in ``summary.json``:
 
   1. environment: GPU (nvidia-smi), onnxruntime version and providers, the CUDA probe; an
-     onnxruntime older than :data:`edge.runtime.FUSED_MIN_ORT` is a one-line error;
+     onnxruntime older than :data:`parscale_edge.runtime.FUSED_MIN_ORT` is a one-line error;
   2. golden/export tests with the sessions on CUDA (``PARSCALE_TEST_DEVICE=cuda pytest tests/test_export.py``);
   3. accuracy (``accuracy.json``): the authors' golden models run on the device against CPU fp32:
      the reference graph fp32 (max |logit diff| <= 1e-3), fp16 (top-1 agreement >= 99%) and bf16
@@ -117,10 +117,10 @@ def _fail(msg: str) -> int:
 
 
 def ort_too_old() -> str | None:
-    """Why this onnxruntime cannot run the fused graph (older than :data:`edge.runtime.FUSED_MIN_ORT`), or None."""
+    """Why this onnxruntime cannot run the fused graph (older than :data:`parscale_edge.runtime.FUSED_MIN_ORT`), or None."""
     import onnxruntime as ort
 
-    from edge.runtime import FUSED_MIN_ORT, ort_version
+    from parscale_edge.runtime import FUSED_MIN_ORT, ort_version
 
     if ort_version(ort.__version__) >= FUSED_MIN_ORT:
         return None
@@ -130,8 +130,8 @@ def ort_too_old() -> str | None:
 
 # --------------------------------------------------------------------------------- model building
 def arch_config(name: str, P: int = 1, layers: int | None = None):
-    """The :class:`edge.config.ParScaleConfig` of ``ARCHS[name]`` with P streams (or ``layers``)."""
-    from edge.config import ParScaleConfig
+    """The :class:`parscale_edge.config.ParScaleConfig` of ``ARCHS[name]`` with P streams (or ``layers``)."""
+    from parscale_edge.config import ParScaleConfig
 
     d = dict(ARCHS[name], parscale_n=P)
     if layers:
@@ -145,8 +145,8 @@ def _export_job(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["torch_threads"])
-    from edge.profile import quantized_folder, random_model
-    from export import export_model
+    from parscale_edge.profile import quantized_folder, random_model
+    from parscale_edge.export import export_model
 
     t0 = time.perf_counter()
     cfg = arch_config(job["arch"], job["streams"], job.get("layers"))
@@ -164,8 +164,8 @@ def _export_job(job: dict) -> dict:
 def profile_jobs(plan: Plan, work: Path) -> list[dict]:
     """The models of ``plan``, most important first (P=1, P=8, the anchor, ...), each with its
     row labels: kind (parscale / dense twin / dense_anchor), P, non-embedding parameters."""
-    from edge.profile import dense_twin_config, non_embedding_params
-    from edge.scaling_law import PAPER
+    from parscale_edge.profile import dense_twin_config, non_embedding_params
+    from parscale_edge.scaling_law import PAPER
 
     law = PAPER["stack-v2-python"]
     base = arch_config(plan.model)
@@ -198,8 +198,8 @@ def _golden_logits(folder: Path, name: str, device: str) -> tuple[list, dict, st
     (device memory on CUDA), reference graphs through a GraphStepper."""
     import numpy as np
 
-    from edge.profile import GraphStepper
-    from edge.runtime import OnnxCausalLM
+    from parscale_edge.profile import GraphStepper
+    from parscale_edge.runtime import OnnxCausalLM
     from golden import GOLDEN, fused_forward, run_cases
 
     rt = OnnxCausalLM(folder, device=device, threads=1)
@@ -235,7 +235,7 @@ def node_providers(folder: Path, device: str, trace_dir: Path) -> dict[str, list
     ONNX Runtime's profiler over one prefill and two decode steps of the runtime on ``device``."""
     import onnxruntime as ort
 
-    from edge.runtime import OnnxCausalLM, SamplingConfig
+    from parscale_edge.runtime import OnnxCausalLM, SamplingConfig
 
     trace_dir.mkdir(parents=True, exist_ok=True)
     plain = ort.SessionOptions
@@ -264,11 +264,11 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
     """Step 3 (see module docstring). Returns a JSON-able dict with ``checks``: name -> {value, limit, ok}."""
     import numpy as np
 
-    from edge.loading import load_hf_folder
-    from edge.runtime import OnnxCausalLM
-    from export import export_model, export_onnx
+    from parscale_edge.loading import load_hf_folder
+    from parscale_edge.runtime import OnnxCausalLM
+    from parscale_edge.export import export_model, export_onnx
     from golden import MODELS, GOLDEN
-    from quant.onnx_quant import QuantConfig, quantize_folder
+    from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
     from tiny import massive_activation_model
 
     precisions = ["fp32", "fp16"] + (["bf16"] if device == "cuda" else [])
@@ -347,7 +347,7 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
         res["checks"]["fused int4 (from fp16) on device: top-1 agreement with the same int4 on CPU"] = {
             "value": v, "limit": 0.98, "ok": v >= 0.98}
     # massive activations: no NaN/Inf on a 512-token prompt and one decode step
-    from edge.profile import GraphStepper
+    from parscale_edge.profile import GraphStepper
 
     ids = np.random.default_rng(0).integers(0, 97, (1, 512))
     for graph, p in [("reference", q) for q in precisions[1:]] + [("fused", q) for q in precisions[1:]]:
@@ -390,13 +390,13 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
 
 def _real_model(spec: str, device: str, work: Path, graph: str = "fused", positions: int = 1024) -> dict:
     """The fp16 export of ``graph`` on ``device`` against fp32 on the CPU over held-out stdlib code
-    (edge.evaluate.compare). Cached exports of another graph kind (e.g. an fp16 reference export made
+    (parscale_edge.evaluate.compare). Cached exports of another graph kind (e.g. an fp16 reference export made
     before fused half-precision exports existed) are not used: the right one is exported into ``work``."""
-    from edge.cli import ensure_export, load_for_export
-    from edge.evaluate import compare, onnx_logits_fn, stdlib_text
-    from edge.manifest import Manifest
-    from edge.runtime import OnnxCausalLM
-    from export import export_model
+    from parscale_edge.cli import ensure_export, load_for_export
+    from parscale_edge.evaluate import compare, onnx_logits_fn, stdlib_text
+    from parscale_edge.manifest import Manifest
+    from parscale_edge.runtime import OnnxCausalLM
+    from parscale_edge.export import export_model
 
     folders = {}
     for prec in ("fp32", "fp16"):
@@ -413,7 +413,7 @@ def _real_model(spec: str, device: str, work: Path, graph: str = "fused", positi
 
 def cmd_accuracy(a) -> int:
     res = accuracy(a.device, Path(a.work), a.real_model)
-    from edge.atomic import write_json
+    from parscale_edge.atomic import write_json
 
     write_json(a.out, res)
     return 0
@@ -423,8 +423,8 @@ def cmd_accuracy(a) -> int:
 def _environment(device: str) -> dict:
     import onnxruntime as ort
 
-    from edge.device import device_info
-    from edge.providers import cuda_status
+    from parscale_edge.device import device_info
+    from parscale_edge.providers import cuda_status
 
     info = device_info()
     works, why = cuda_status()
@@ -445,7 +445,7 @@ def _environment(device: str) -> dict:
 
 
 def cmd_run(a) -> int:
-    from edge.atomic import write_json
+    from parscale_edge.atomic import write_json
 
     t_start = time.perf_counter()
     plan = PLANS["dry" if a.dry_run else "gpu"]
@@ -539,7 +539,7 @@ def cmd_run(a) -> int:
     step("exports", t_exports, built=len(built), of=len(jobs),
          seconds_each={k: round(v["export_s"] + v["quantize_s"], 1) for k, v in built.items()})
 
-    from edge.profile import profile_folder
+    from parscale_edge.profile import profile_folder
 
     rows = []
     for j in jobs:
@@ -576,7 +576,7 @@ def cmd_run(a) -> int:
     title = f"{plan.model} on {gpu or env['machine']['cpu']['model']} ({plan.device}{', DRY RUN: tiny models' if a.dry_run else ''})"
     ratios = write_report(out / "profile.json", out, title=title)
     try:
-        from edge.plots import plot_profile, plot_versus_dense
+        from parscale_edge.plots import plot_profile, plot_versus_dense
 
         plot_profile([r for r in rows if r["kind"] != "dense_anchor"], out, title)
         twin_rows = [r for r in ratios["rows"] if r["method"] == "twin"]

@@ -54,7 +54,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CARRY=${CARRY:-.gpu-carry}
 SITE=${SITE:-/tmp/parscale-gpu-site}
-ORT_GPU=1.31.1                 # newest onnxruntime-gpu on PyPI; >= edge.runtime.FUSED_MIN_ORT
+ORT_GPU=1.31.1                 # newest onnxruntime-gpu on PyPI; >= parscale_edge.runtime.FUSED_MIN_ORT
 DEVICE_PY=3.12                 # the GPU machine's python3
 LIMIT_MIB=${LIMIT_MIB:-64} MARGIN_MIB=${MARGIN_MIB:-1}   # per call: tree + carry <= 63 MiB
 FINAL_S=420                    # the last command's limit (7 min)
@@ -214,13 +214,23 @@ bundle() {
     log "\$OUT: $(ls "$out" | tr '\n' ' ')"
 }
 
+# the package from this source tree without installing it (the device has no pip index): a folder
+# holding parscale_edge/ as links to edge/*, with export/, quant/, demo/ beside them, the layout
+# that pyproject's package-dir gives an install -> prints the folder to put on PYTHONPATH
+source_package() {
+    local dir; dir=$(mktemp -d) && mkdir "$dir/parscale_edge"
+    ln -s "$PWD"/edge/* "$dir/parscale_edge/"
+    local sub; for sub in export quant demo; do ln -s "$PWD/$sub" "$dir/parscale_edge/$sub"; done
+    echo "$dir"
+}
+
 # the check with overlay $1 into results $2, in what is left of FINAL_S since $3 ($SECONDS at the
 # final command's start), then the bundle into $OUT; the rest: gpu_check.py run options
 run_check() {
     local site=$1 res=$2 t0=$3 rc=0 libs left; shift 3
     libs=$(cuda_libs)
     left=$(( FINAL_S - (SECONDS - t0) - 25 ))  # 25 s: the bundle and the timeout's margin
-    PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    PYTHONPATH="$site:$(source_package):$PWD${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
         PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 \
         timeout --kill-after=5 $(( left + 10 )) "$PY" bench/gpu_check.py run --deadline-s "$left" -o "$res" "$@" || rc=$?
     if [[ -n ${OUT:-} ]]; then bundle "$res" "$OUT"; fi

@@ -14,7 +14,7 @@ Two ways to get the dense model's cost from a ``profile.json`` (``parscale profi
 ``bench/gpu_check.py``), both reported when the rows allow:
 
 * ``twin``: measured. Rows of kind ``dense`` with the same P are random-weight dense models of the
-  equivalent size (:func:`edge.profile.dense_twin_config`); :func:`edge.profile.versus_dense_summary`.
+  equivalent size (:func:`parscale_edge.profile.dense_twin_config`); :func:`parscale_edge.profile.versus_dense_summary`.
 * ``interpolated``: the cost of the equivalent size is interpolated linearly in non-embedding
   parameters between the P=1 model and a larger dense model of the same family measured alongside
   (rows of kind ``dense_anchor``, e.g. qwen2.5-coder-1.5b for qwen2.5-coder-0.5b). Needs
@@ -36,7 +36,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from edge.profile import memory_mib, versus_dense_summary  # noqa: E402
+from parscale_edge.profile import memory_mib, versus_dense_summary  # noqa: E402
 
 #: the paper's ratios (dense increase / ParScale increase), P=1 -> P=8, fp16, A100, analytical
 PAPER = {1: {"memory_ratio": 22.0, "latency_ratio": 6.0}, 8: {"memory_ratio": 3.6, "latency_ratio": 1.0}}
@@ -91,7 +91,7 @@ def paper_ratios(profile: dict, law_name: str = "stack-v2-python") -> dict:
     Returns ``{"memory": "vram"|"rss", "rows": [...], "paper": PAPER, "note": ...}``; every row has
     method, precision, batch, prompt_len, P, both increases (MiB, ms), their ratios (None when an
     increase is not positive: within noise) and ``paper_*_ratio`` for batch 1 and 8 at P=8."""
-    from edge.scaling_law import PAPER as LAWS
+    from parscale_edge.scaling_law import PAPER as LAWS
 
     rows = profile["rows"]
     memory = "vram" if rows and all(r.get("vram_peak_mib") is not None for r in rows) else "rss"
@@ -131,7 +131,7 @@ def write_report(profile_json: str | Path, out_dir: str | Path, law_name: str = 
                  title: str = "") -> dict:
     """Read ``profile_json``, write ``paper_ratios.json`` and ``paper_ratios.md`` into ``out_dir``
     (atomically), return the result. Raises FileNotFoundError / KeyError for a missing or foreign file."""
-    from edge.atomic import write_json
+    from parscale_edge.atomic import write_json
 
     profile = json.loads(Path(profile_json).read_text())
     result = paper_ratios(profile, law_name)

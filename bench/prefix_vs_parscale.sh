@@ -39,7 +39,7 @@ main() {
   local FULL_TOKENS=${FULL_TOKENS:-100352}
   local FOUR_SEEDS=${FOUR_SEEDS:-1}
   local STDLIB
-  STDLIB=$(python -c "from edge.corpus import stdlib_root; print(stdlib_root())")
+  STDLIB=$(python -c "from parscale_edge.corpus import stdlib_root; print(stdlib_root())")
   # validation text of the sweep: hash-held-out modules (edge/corpus.py), not in the reported table
   local VALID=("$STDLIB/traceback.py" "$STDLIB/sched.py" "$STDLIB/multiprocessing/connection.py")
   export OMP_NUM_THREADS=1

@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge.atomic import write_json  # noqa: E402
+from parscale_edge.atomic import write_json  # noqa: E402
 
 RUNS = ROOT / "runs" / "prefix_vs_parscale"
 OUT = ROOT / "bench" / "results" / "prefix_vs_parscale"

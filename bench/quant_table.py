@@ -51,12 +51,12 @@ def main() -> None:
     ap.add_argument("-o", "--output", default="bench/results/quant_table.json")
     a = ap.parse_args()
 
-    from edge.cli import ensure_export
-    from edge.evaluate import compare, onnx_logits_fn, stdlib_text
-    from edge.hub import default_cache_dir
-    from edge.runtime import OnnxCausalLM
-    from edge.atomic import folder_size_mib, write_json
-    from quant.onnx_quant import QuantConfig, quantize_folder
+    from parscale_edge.cli import ensure_export
+    from parscale_edge.evaluate import compare, onnx_logits_fn, stdlib_text
+    from parscale_edge.hub import default_cache_dir
+    from parscale_edge.runtime import OnnxCausalLM
+    from parscale_edge.atomic import folder_size_mib, write_json
+    from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 
     out = Path(a.output)
     data = json.loads(out.read_text()) if out.exists() else {"machine": machine(), "rows": []}
@@ -95,7 +95,7 @@ def main() -> None:
                 q = compare(cached_ref, onnx_logits_fn(rt), tokens, max_positions=a.positions)
                 run_one(rt, prompt[:16], 4)
                 timing = run_one(rt, prompt, a.gen_len)
-                from edge.manifest import Manifest
+                from parscale_edge.manifest import Manifest
 
                 man = Manifest.read(folder)
                 row = {"model": model, "P": P, "variant": name, "size_mib": round(folder_size_mib(folder), 1),

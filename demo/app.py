@@ -1,8 +1,8 @@
 """The Gradio app: one input, two chat panes streaming at the same time, numbers under each pane.
 
 Design (issue #6):
-- One event handler, :func:`respond`, a plain generator: it builds one :class:`demo.streaming.Answer`
-  per loaded model and advances them in turns (:func:`demo.streaming.take_turns`: the model with
+- One event handler, :func:`respond`, a plain generator: it builds one :class:`parscale_edge.demo.streaming.Answer`
+  per loaded model and advances them in turns (:func:`parscale_edge.demo.streaming.take_turns`: the model with
   the least compute so far goes next), yielding the panes after every decode step. No thread of
   our own: Gradio runs each ``next()`` in its worker pool. Stop (``cancels=``), a closed tab and
   Clear end the event; Gradio then closes the generator, ``GeneratorExit`` arrives at the yield
@@ -96,7 +96,7 @@ def stats_md(lm: LoadedModel, st: AnswerStats | None, P: int | None = None) -> s
 
 
 def _sampling(max_new_tokens, temperature, top_p, seed):
-    from edge.runtime import SamplingConfig
+    from parscale_edge.runtime import SamplingConfig
 
     t = float(temperature or 0.0)
     return SamplingConfig(max_new_tokens=int(max_new_tokens), do_sample=t > 0, temperature=t,
@@ -167,7 +167,7 @@ def make_respond(models: dict[str, LoadedModel]):
 # ------------------------------------------------------------------------------------------ profile
 def profile_dir(models: dict[str, LoadedModel]) -> Path | None:
     """``<cache>/demo-profile/<left folder>--<right folder>-<hash of both paths>``; None unless both loaded."""
-    from edge.hub import default_cache_dir
+    from parscale_edge.hub import default_cache_dir
 
     if not all(m.ok for m in models.values()):
         return None
@@ -181,7 +181,7 @@ def profile_view(folder: Path | None) -> tuple[list[str], str]:
     if folder is None:
         return [], "Profiling needs both models loaded."
     if not (folder / "profile.json").exists():
-        return [], ("No profile of this pair yet. **Profile this pair** runs the profiler (`edge.profile`: each model "
+        return [], ("No profile of this pair yet. **Profile this pair** runs the profiler (`parscale_edge.profile`: each model "
                     "at each P it offers in its own process, batch 1, 32-token prompt, 32 new tokens) and plots decode "
                     "time, memory and TTFT against P.")
     rows = json.loads((folder / "profile.json").read_text())["rows"]
@@ -198,9 +198,9 @@ def run_profile(models: dict[str, LoadedModel], threads: int | None, gen_len: in
     """Profile both loaded folders at every P they offer (fresh worker process each, batch 1, prompt
     32, ``gen_len`` new tokens, 2 repeats) and write ``profile.json`` + the profiler's PNGs into :func:`profile_dir`
     (atomically). Raises RuntimeError when a worker fails."""
-    from edge.atomic import atomic_folder, write_json
-    from edge.plots import plot_profile
-    from edge.profile import profile_folder
+    from parscale_edge.atomic import atomic_folder, write_json
+    from parscale_edge.plots import plot_profile
+    from parscale_edge.profile import profile_folder
 
     out = profile_dir(models)
     rows = []

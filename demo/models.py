@@ -1,8 +1,8 @@
 """The two models of the demo: which ones by default, how they are exported, cached and loaded.
 
 No gradio and no torch at import time: ``parscale demo --help`` reads :data:`DEFAULTS` from here.
-A model that needs exporting goes through the CLI's own :func:`edge.cli.ensure_export` (cached fp32
-export, ``-P`` conversion included) and, for int4/int8, :func:`quant.onnx_quant.quantize_folder`
+A model that needs exporting goes through the CLI's own :func:`parscale_edge.cli.ensure_export` (cached fp32
+export, ``-P`` conversion included) and, for int4/int8, :func:`parscale_edge.quant.onnx_quant.quantize_folder`
 with its default settings into a sibling cache folder, so the demo, ``parscale chat -P 2`` and
 ``parscale export --precision`` share one cache and one way of making a model.
 """
@@ -50,7 +50,7 @@ DEFAULTS = DemoDefaults()
 
 def _rss_mib() -> float | None:
     """This process's resident set (VmRSS, MiB); None where /proc is not readable."""
-    from edge.profile import _proc_status_mib
+    from parscale_edge.profile import _proc_status_mib
 
     return _proc_status_mib("VmRSS")
 
@@ -76,13 +76,13 @@ def prepare_model(spec: str, parallel: int | Sequence[int] | None, precision: st
     it is, whatever ``precision`` says; it must offer every P in ``parallel``), else the cached fp32
     export (several P: one fused backbone with a ParScale part file per P > 1), quantized once to
     ``precision`` into ``<cache>/onnx/<name>-<precision>`` (default
-    :class:`quant.onnx_quant.QuantConfig`, its accuracy-level check on, the fp32 comparison skipped;
+    :class:`parscale_edge.quant.onnx_quant.QuantConfig`, its accuracy-level check on, the fp32 comparison skipped;
     the part files stay float32). A current quantized folder is used without touching the fp32 one.
 
     Raises CLIError / UnsupportedModelError / ManifestError / QuantizationError for a model that
     cannot be found, converted or quantized (one-line messages)."""
-    from edge.cli import CLIError, _is_export_folder, _import_quant_stack, ensure_export, export_cache_folder
-    from edge.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
+    from parscale_edge.cli import CLIError, _is_export_folder, _import_quant_stack, ensure_export, export_cache_folder
+    from parscale_edge.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
 
     if precision not in PRECISIONS:
         raise CLIError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
@@ -98,9 +98,9 @@ def prepare_model(spec: str, parallel: int | Sequence[int] | None, precision: st
             return out  # the fp32 export is not needed, nor touched
     fp32 = ensure_export(spec, parallel, threads, progress=progress, adapters=adapters)
     _import_quant_stack()
-    from quant.onnx_quant import QuantConfig, quantize_folder
+    from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 
-    from edge.atomic import folder_size_mib
+    from parscale_edge.atomic import folder_size_mib
 
     gib = folder_size_mib(fp32) / 1024  # measured: about 0.4 min per GiB of fp32 weights on 2 cores (1.5B: 2.5 min)
     log(f"quantizing {fp32.name} ({gib:.1f} GiB) to {precision} once, cached in {out}: roughly "
@@ -116,7 +116,7 @@ def prepare_model(spec: str, parallel: int | Sequence[int] | None, precision: st
 class LoadedModel:
     """One pane's model, or why it is missing.
 
-    ``runtime`` is an :class:`edge.runtime.OnnxCausalLM` or None when loading failed (``error`` then
+    ``runtime`` is an :class:`parscale_edge.runtime.OnnxCausalLM` or None when loading failed (``error`` then
     says why, in one line). ``parallel_options``: the P this pane offers (one backbone; a fused folder
     can serve several, each answer picks one); ``P``: the one selected at start. ``resident_mib``:
     growth of this process's RSS over creating the ONNX Runtime session, a one-token warm-up at every
@@ -167,8 +167,8 @@ def load_model(label: str, spec: str, parallel: int | Sequence[int] | None, prec
     other: the RSS growth is only attributable to one model at a time."""
     import numpy as np
 
-    from edge.profile import folder_bytes
-    from edge.runtime import OnnxCausalLM
+    from parscale_edge.profile import folder_bytes
+    from parscale_edge.runtime import OnnxCausalLM
 
     lm = LoadedModel(label=label, spec=spec, adapters=tuple(str(a) for a in adapters))
     asked = [int(parallel)] if isinstance(parallel, (int, np.integer)) else list(dict.fromkeys(parallel or []))
@@ -234,7 +234,7 @@ def load_pair(left: str, left_parallel: int | Sequence[int] | None, right: str,
     the other, logging each stage as ``[k/2] ...``. ``*_parallel``: the P each side offers (first
     selected at start); None: :data:`DEFAULTS` for a model the demo exports (left P 2, 1, 4 over one
     backbone, right P 1), every P of an export folder."""
-    from edge.cli import _is_export_folder
+    from parscale_edge.cli import _is_export_folder
 
     out = []
     started = start_onnxruntime()

@@ -1,7 +1,7 @@
 """One answer of one model, advanced one decode step at a time, and two answers taking turns.
 
 No threads: the caller's generator (the Gradio handler) owns the answers and advances them. Each
-:class:`Answer` iterates :meth:`edge.runtime.OnnxCausalLM.generate_tokens` directly; closing it
+:class:`Answer` iterates :meth:`parscale_edge.runtime.OnnxCausalLM.generate_tokens` directly; closing it
 closes that generator, which drops the KV cache it holds (``present`` tensors are locals of the
 decode loop). :func:`take_turns` is how two answers stream at once: it always advances the answer
 that has used the least compute so far, so each model gets half of the time and a faster model
@@ -44,25 +44,25 @@ class Answer:
     """One model's streamed answer to ``messages`` (chat template applied, generation prompt added).
 
     Args:
-        runtime: an :class:`edge.runtime.OnnxCausalLM`.
+        runtime: an :class:`parscale_edge.runtime.OnnxCausalLM`.
         messages: ``[{"role": ..., "content": ...}, ...]``, the last one the user's new message.
-        sampling: :class:`edge.runtime.SamplingConfig` (``max_new_tokens`` is capped by the context).
+        sampling: :class:`parscale_edge.runtime.SamplingConfig` (``max_new_tokens`` is capped by the context).
         parallel: P streams for this answer (one of ``runtime.parallel_options``; None: the
             runtime's default). Answers of one runtime may use different P at the same time.
     Raises:
         PromptTooLong: the templated prompt leaves no room for one new token in the context.
-        edge.runtime.RuntimeInputError: a P the runtime has no ParScale parts for.
+        parscale_edge.runtime.RuntimeInputError: a P the runtime has no ParScale parts for.
 
     ``stats.kv_bytes``: the KV cache this answer holds: fused graphs preallocate 2 * layers * P *
-    kv_heads * head_dim * (prefix + :func:`edge.runtime.request_capacity`) elements of the export's
+    kv_heads * head_dim * (prefix + :func:`parscale_edge.runtime.request_capacity`) elements of the export's
     cache dtype at once; reference graphs grow it by one position per token.
     """
 
     def __init__(self, runtime, messages: Sequence[dict], sampling, parallel: int | None = None):
         import numpy as np
 
-        from edge.runtime import cache_types, request_capacity
-        from edge.tokenizer import StreamDecoder
+        from parscale_edge.runtime import cache_types, request_capacity
+        from parscale_edge.tokenizer import StreamDecoder
 
         t0 = time.perf_counter()
         tok = runtime.tokenizer
@@ -73,7 +73,7 @@ class Answer:
                                 "shorten the message or clear the chat")
         P = runtime.P if parallel is None else int(parallel)
         if P not in runtime.parallel_options:
-            from edge.runtime import RuntimeInputError
+            from parscale_edge.runtime import RuntimeInputError
 
             raise RuntimeInputError(f"this model offers P in {runtime.parallel_options}, not P={P}")
         self.ids = ids

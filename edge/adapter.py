@@ -98,7 +98,7 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: torch.nn.Module, path: str | os.PathLike, source: str,
                  backbone_hash: str | None = None) -> Path:
-    """Write the ParScale parts of ``model`` (a :class:`edge.model.ParScaleForCausalLM`, P > 1) to
+    """Write the ParScale parts of ``model`` (a :class:`parscale_edge.model.ParScaleForCausalLM`, P > 1) to
     ``path`` in the adapter format above, atomically (temporary sibling + rename).
 
     ``backbone_hash`` defaults to :func:`backbone_sha256` of ``model`` (pass it when already known:
@@ -167,7 +167,7 @@ def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, torch.Tenso
 
 
 def apply_adapter(lm, path: str | os.PathLike, check_hash: bool = True, backbone_hash: str | None = None):
-    """Put the adapter at ``path`` on the backbone of ``lm`` (an :class:`edge.loading.LoadedModel`).
+    """Put the adapter at ``path`` on the backbone of ``lm`` (an :class:`parscale_edge.loading.LoadedModel`).
 
     ``lm`` may be dense (P=1) or ParScale with the adapter's P and prefix length (its ParScale parts
     are replaced). A prefix-only adapter (P = 1, ``parscale_prefix_only``) gives the prefix-tuning

@@ -88,7 +88,7 @@ def _cache_key(spec: str, parallel: int | Sequence[int] | None, precision: str =
 
 
 def _check_P(P: int | None, flag: str = "--parallel") -> None:
-    """Raises CLIError for P < 1 or above :data:`edge.config.MAX_PARALLEL` (before any slow work)."""
+    """Raises CLIError for P < 1 or above :data:`parscale_edge.config.MAX_PARALLEL` (before any slow work)."""
     from .config import MAX_PARALLEL
 
     if P is None:
@@ -221,7 +221,7 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
         lm, also = load_several(spec, several or [parallel or 1], threads, progress, adapters)
     else:
         lm, also = load_for_export(spec, parallel, threads, progress), []
-    from export import export_model
+    from parscale_edge.export import export_model
 
     Ps = ", ".join(str(m.model.config.parscale_n) for m in [lm, *also])
     _log(f"exporting {spec} (P={Ps}, {precision}) to {out} ...")
@@ -251,7 +251,7 @@ def _named() -> set[str]:
 
 def _check_output(out: str, overwrite: bool, sources: Sequence[str] = ()) -> None:
     """Fail before any slow work when ``out`` cannot be written, or ``--overwrite`` may not replace it
-    (:func:`edge.atomic.check_replaceable`: only this toolkit's folders, never one that is or holds a
+    (:func:`parscale_edge.atomic.check_replaceable`: only this toolkit's folders, never one that is or holds a
     source)."""
     from .atomic import check_replaceable
 
@@ -283,7 +283,7 @@ def _log(msg: str) -> None:
 
 # -------------------------------------------------------------------------------------- commands
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
-#: ``export --precision``: the float exports, then quant.onnx_quant.PRECISIONS (quantized after an fp32 export)
+#: ``export --precision``: the float exports, then parscale_edge.quant.onnx_quant.PRECISIONS (quantized after an fp32 export)
 EXPORT_PRECISIONS = FLOAT_PRECISIONS + ("int4", "int8", "int8-dynamic")
 
 
@@ -306,7 +306,7 @@ def cmd_export(a) -> None:
         lm, also = load_several(a.model, parallels, a.threads, progress=not a.quiet)
     else:
         lm = load_for_export(a.model, parallels[0], a.threads, progress=not a.quiet)
-    from export import export_model
+    from parscale_edge.export import export_model
 
     if a.precision not in FLOAT_PRECISIONS:
         from .atomic import staging_folder
@@ -470,7 +470,7 @@ def _training_files(data: list[str], evals: list[str]):
 
 
 def _quant_config(a):
-    from quant.onnx_quant import QuantConfig
+    from parscale_edge.quant.onnx_quant import QuantConfig
 
     return QuantConfig(precision=a.precision, block_size=a.block_size, symmetric=a.symmetric,
                        accuracy_level=a.accuracy_level, algorithm=a.algorithm,
@@ -489,7 +489,7 @@ def _import_quant_stack() -> None:
 
 def _run_quantize(src: Path, out: Path, a) -> None:
     _import_quant_stack()
-    from quant.onnx_quant import quantize_folder
+    from parscale_edge.quant.onnx_quant import quantize_folder
 
     cfg = _quant_config(a)
     cfg.validate()
@@ -902,7 +902,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def cmd_demo(a) -> None:
-    from demo.models import PRECISIONS
+    from parscale_edge.demo.models import PRECISIONS
 
     if a.precision not in PRECISIONS:
         raise CLIError(f"unknown precision {a.precision!r}; use {', '.join(PRECISIONS)}")
@@ -919,8 +919,8 @@ def cmd_demo(a) -> None:
         import gradio  # noqa: F401
     except ImportError:
         raise CLIError("the demo needs gradio: pip install 'parscale-edge[demo]'") from None
-    from demo.app import build_app, launch
-    from demo.models import load_pair
+    from parscale_edge.demo.app import build_app, launch
+    from parscale_edge.demo.models import load_pair
 
     left, right = load_pair(a.left, a.left_parallel, a.right, a.right_parallel, a.precision, a.threads,
                             a.device, progress=not a.quiet, log=_log)
@@ -1143,7 +1143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=cmd_chat)
 
-    from demo.models import DEFAULTS
+    from parscale_edge.demo.models import DEFAULTS
 
     p = sub.add_parser("demo", help="web demo: a ParScale model and a larger dense model answer side by side (gradio)")
     p.add_argument("--left", default=DEFAULTS.left, help=f"the ParScale side (default {DEFAULTS.left})")

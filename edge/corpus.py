@@ -7,7 +7,7 @@ and every process of a distributed run agree on it without communicating.
 interpreter's stdlib folder, skipping test suites (any path part ``test``, ``tests`` or
 ``idle_test``), ``site-packages``, ``pydoc_data`` (prose) and ``encodings`` (codec tables). A module
 is *held out* when its path relative to the stdlib folder (POSIX form, e.g. ``json/decoder.py``) is
-one of :data:`edge.evaluate.HELDOUT_MODULES` (the evaluation text of ``parscale eval``/``convert``
+one of :data:`parscale_edge.evaluate.HELDOUT_MODULES` (the evaluation text of ``parscale eval``/``convert``
 and of the training report), or when the first 8 hex digits of ``sha256(path)`` read as an integer
 are ``< 0.05 * 16**8`` (about 5% of the modules, chosen by name only, so the split does not depend on
 file contents or order). Everything else is training data. Held-out modules are never trained on.
@@ -30,7 +30,7 @@ from .evaluate import HELDOUT_MODULES
 STDLIB_SKIP_PARTS = frozenset({"test", "tests", "idle_test", "site-packages", "pydoc_data", "encodings", "__pycache__"})
 #: Fraction of stdlib modules held out by the hash rule (on top of HELDOUT_MODULES).
 HASH_HELDOUT_FRACTION = 0.05
-#: Text placed between files (the same as :func:`edge.evaluate.stdlib_text` uses).
+#: Text placed between files (the same as :func:`parscale_edge.evaluate.stdlib_text` uses).
 FILE_SEPARATOR = "\n\n"
 
 
@@ -115,7 +115,7 @@ def read_texts(files: Iterable[Path]) -> list[str]:
 
 def tokenize_texts(tokenizer, texts: Sequence[str]) -> np.ndarray:
     """Token ids of the texts joined by :data:`FILE_SEPARATOR` (each text tokenized on its own):
-    int32 [T]. ``tokenizer`` is an :class:`edge.tokenizer.Tokenizer`."""
+    int32 [T]. ``tokenizer`` is an :class:`parscale_edge.tokenizer.Tokenizer`."""
     sep = tokenizer.encode(FILE_SEPARATOR)
     ids: list[int] = []
     for i, enc in enumerate(tokenizer.hf.encode_batch(list(texts), add_special_tokens=False)):

@@ -121,8 +121,8 @@ def compare(ref_fn: Callable[[np.ndarray], np.ndarray], cand_fn: Callable[[np.nd
 
 
 def onnx_logits_fn(rt) -> Callable[[np.ndarray], np.ndarray]:
-    """Wrap an :class:`edge.runtime.OnnxCausalLM` as ``ids [B, S] -> logits float32 [B, S, V]`` (no cache;
-    either graph kind and any cache dtype: :meth:`edge.runtime.OnnxCausalLM.score`)."""
+    """Wrap an :class:`parscale_edge.runtime.OnnxCausalLM` as ``ids [B, S] -> logits float32 [B, S, V]`` (no cache;
+    either graph kind and any cache dtype: :meth:`parscale_edge.runtime.OnnxCausalLM.score`)."""
     return rt.score
 
 

@@ -4,9 +4,9 @@ No torch and no transformers: transformers' GGUF path needs accelerate, spends 8
 the tokenizer and produces a model that ``save_pretrained`` refuses (docs/parscale.md, "GGUF without transformers"). Here a GGUF
 becomes the three things the rest of parscale-edge uses:
 
-* :func:`read_gguf_config` -> :class:`edge.config.ParScaleConfig` (dense, ``parscale_n = 1``);
+* :func:`read_gguf_config` -> :class:`parscale_edge.config.ParScaleConfig` (dense, ``parscale_n = 1``);
 * :func:`read_gguf_tensors` -> ``{hf_name: float32 ndarray}`` under Hugging Face names and shapes;
-* :func:`read_gguf_tokenizer` -> :class:`edge.tokenizer.Tokenizer` (byte-level BPE + chat template).
+* :func:`read_gguf_tokenizer` -> :class:`parscale_edge.tokenizer.Tokenizer` (byte-level BPE + chat template).
 
 Each ``read_gguf_*`` takes a path or a reader from :func:`open_gguf` (parsing a large vocabulary's
 metadata takes seconds); :func:`read_gguf` returns all three from one parse.
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.config import ParScaleConfig, UnsupportedModelError
+from parscale_edge.config import ParScaleConfig, UnsupportedModelError
 
 __all__ = ["read_gguf", "read_gguf_config", "read_gguf_tensors", "read_gguf_tokenizer", "open_gguf",
            "SUPPORTED_GGUF_ARCHITECTURES", "gguf_to_hf_name"]
@@ -343,7 +343,7 @@ def _check_complete(tensors: dict[str, np.ndarray], cfg: ParScaleConfig, path) -
 
 # --------------------------------------------------------------------------------- tokenizer
 def read_gguf_tokenizer(path):
-    """The GGUF's tokenizer as an :class:`edge.tokenizer.Tokenizer`.
+    """The GGUF's tokenizer as an :class:`parscale_edge.tokenizer.Tokenizer`.
 
     Builds a Hugging Face ``tokenizers`` byte-level BPE from ``tokenizer.ggml.tokens`` (id = index),
     ``tokenizer.ggml.merges`` and ``tokenizer.ggml.token_type``: CONTROL (3) tokens become special
@@ -388,7 +388,7 @@ def _tokenizer_from_reader(reader, path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE
 
-    from edge.tokenizer import Tokenizer
+    from parscale_edge.tokenizer import Tokenizer
 
     model = _field(reader, "tokenizer.ggml.model")
     if model is None:

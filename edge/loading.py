@@ -1,8 +1,8 @@
-"""Load checkpoints into :class:`edge.model.ParScaleForCausalLM` and save them in the authors' format.
+"""Load checkpoints into :class:`parscale_edge.model.ParScaleForCausalLM` and save them in the authors' format.
 
 Sources: a Hugging Face folder (``config.json`` + ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``; model_type ``qwen2_parscale``, ``qwen2`` or ``llama``), a GGUF
-file (read and dequantized with the ``gguf`` package), or a named model of :mod:`edge.hub`.
+file (read and dequantized with the ``gguf`` package), or a named model of :mod:`parscale_edge.hub`.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class CheckpointError(ValueError):
 class LoadedModel:
     """A model with what the exporter needs to describe it.
 
-    ``tokenizer`` is an :class:`edge.tokenizer.Tokenizer` or None (an HF folder without
+    ``tokenizer`` is an :class:`parscale_edge.tokenizer.Tokenizer` or None (an HF folder without
     tokenizer.json); ``source`` names where the weights came from and ``source_sha256`` hashes them.
     """
 
@@ -226,7 +226,7 @@ def save_hf_folder(lm: LoadedModel, out: str | os.PathLike, overwrite: bool = Fa
     the authors' format (tensor names of docs/parscale.md), atomically: a temporary sibling folder is
     renamed into place, so a failure leaves nothing half-written.
 
-    Raises FileExistsError when ``out`` exists and ``overwrite`` is False, edge.atomic.OutputPathError
+    Raises FileExistsError when ``out`` exists and ``overwrite`` is False, parscale_edge.atomic.OutputPathError
     when ``overwrite`` may not replace it (not this toolkit's folder, or it is or holds the source).
     """
     from safetensors.torch import save_file

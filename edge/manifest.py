@@ -11,13 +11,13 @@ Two graphs (``Manifest.graph``), both writing the cache tensors in the dtype ``M
 names (float32 for fp32 and quantized exports, float16 for fp16, bfloat16 for bf16) and ``logits``
 in float32 for every precision (B user rows, S new tokens, P streams):
 
-``reference`` (export.onnx_export: the TorchScript trace; prefix and aggregator inside the graph).
+``reference`` (parscale_edge.export.onnx_export: the TorchScript trace; prefix and aggregator inside the graph).
 Inputs: ``input_ids`` int64 [B, S]; ``attention_mask`` int64 [B, past+S] (1 = real token);
 ``position_ids`` int64 [B, S]; ``past_key_values.{i}.key`` / ``.value`` [P*B, kv_heads, past, head_dim].
 Outputs: ``logits`` [B, S, vocab]; ``present.{i}.key`` / ``.value`` [P*B, kv_heads, past+S, head_dim].
 Cache rows are stream-major (row p*B + b).
 
-``fused`` (export.onnx_builder: GroupQueryAttention over one preallocated cache bound as both past
+``fused`` (parscale_edge.export.onnx_builder: GroupQueryAttention over one preallocated cache bound as both past
 and present; format 3). Inputs: ``input_ids`` int64 [B, S] (right-padded); ``seqlens_k`` int32 [B]
 (cache tokens after the step, prefix included, minus 1); ``total_sequence_length`` int32 [] (n_prefix
 + S on a first prompt, else the cache's slots C); ``logits_index`` int64 [B, K]; :data:`AGG_INPUTS`;
@@ -25,7 +25,7 @@ and present; format 3). Inputs: ``input_ids`` int64 [B, S] (right-padded); ``seq
 :data:`ROPE_INPUTS`. Outputs: ``logits`` [B, K, vocab]; ``present.{i}.*`` (the past's buffer).
 Cache rows are batch-major (row b*P + p); the first n_prefix slots of stream p's rows hold its
 ParScale prefix (at most :data:`MAX_PREFIX_SLOTS`); the parts of each P > 1 live in the part file
-``parallel_options[P]`` (an edge.adapter file: prefixes, aggregator, smoothing). docs/parscale.md
+``parallel_options[P]`` (an parscale_edge.adapter file: prefixes, aggregator, smoothing). docs/parscale.md
 has the semantics.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ AGG_INPUTS = ("parscale.aggregate.w1", "parscale.aggregate.b1", "parscale.aggreg
 MAX_PREFIX_SLOTS = 128
 #: Fused graphs: GroupQueryAttention's RoPE tables, graph inputs [slots, head_dim/2] of the cache dtype,
 #: indexed by cache slot: identity rows for the n prefix slots, then position p at slot n + p
-#: (:func:`edge.runtime.rope_tables`). GroupQueryAttention then takes every position from the slot.
+#: (:func:`parscale_edge.runtime.rope_tables`). GroupQueryAttention then takes every position from the slot.
 ROPE_INPUTS = ("rope.cos_cache", "rope.sin_cache")
 
 
@@ -114,7 +114,7 @@ class Manifest:
     tokenizer_vocab_size: int | None = None  # tokens of the exported tokenizer.json (checked at load)
     quantization: dict[str, Any] | None = None  # settings and measured cost, written by `parscale quantize`
     #: "reference" (TorchScript trace: concatenated cache, prefix and aggregator inside) or "fused"
-    #: (export.onnx_builder: GroupQueryAttention, shared KV buffer, ParScale parts as inputs).
+    #: (parscale_edge.export.onnx_builder: GroupQueryAttention, shared KV buffer, ParScale parts as inputs).
     graph: str = "reference"
     #: fused graphs: P -> ParScale part file (relative path; None for P = 1, the plain backbone).
     parallel_options: dict[str, str | None] | None = None
@@ -136,7 +136,7 @@ class Manifest:
         2*num_layers arrays [P*batch, kv_heads, 0, head_dim] of dtype ``cache_dtype``.
 
         Raises ManifestError for a bfloat16 cache: numpy has no bfloat16, so such an export runs
-        through IO binding with ONNX Runtime OrtValues (see edge.profile.GraphStepper)."""
+        through IO binding with ONNX Runtime OrtValues (see parscale_edge.profile.GraphStepper)."""
         import numpy as np
 
         if self.cache_dtype not in ("float32", "float16"):

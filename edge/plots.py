@@ -94,7 +94,7 @@ def plot_training(history: dict, path: Path, title: str | None = None) -> Path:
     evals = history.get("evals", [])
     P = history.get("config", {}).get("parallel", "?")
     if history.get("config", {}).get("prefix"):
-        P = f"{P} prefix only"  # the prefix-tuning control (edge.train.TrainConfig.prefix)
+        P = f"{P} prefix only"  # the prefix-tuning control (parscale_edge.train.TrainConfig.prefix)
     if evals:
         axes[1].plot([e["tokens"] for e in evals], [e["perplexity"] for e in evals], marker="o", label=f"P={P}")
     if "dense" in history:

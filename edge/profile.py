@@ -1,6 +1,6 @@
 """Latency and memory of exported models on this device, the way llama-bench measures them.
 
-Each export folder is measured in a fresh worker process (``python -m edge.profile --worker``), so
+Each export folder is measured in a fresh worker process (``python -m parscale_edge.profile --worker``), so
 its resident memory is its own: RSS before loading, peak RSS while loading (VmHWM), steady RSS
 after a warm-up, and peak RSS while decoding. For every batch size and prompt length the worker
 times prefill (TTFT) and each decode step around the ONNX Runtime call only: tokenisation and
@@ -52,7 +52,7 @@ def folder_bytes(folder: str | os.PathLike) -> int:
 
 
 def time_request(rt, prompts: list[list[int]], gen_len: int) -> dict:
-    """One greedy request through :class:`edge.runtime.OnnxCausalLM`: a timed prefill of ``prompts``,
+    """One greedy request through :class:`parscale_edge.runtime.OnnxCausalLM`: a timed prefill of ``prompts``,
     then ``gen_len`` decode steps, each timed alone (the argmax stays outside the timing).
 
     Returns ``{"prefill_ms": float, "decode_ms": [float] * gen_len, "kv_bytes": int}`` (ms; the KV
@@ -244,7 +244,7 @@ def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_
 
 
 def _load_for_profile(folder: str, device: str, threads: int | None, parallel: int | None = None):
-    """(runtime, load fields, on_gpu): ``folder`` loaded into an :class:`edge.runtime.OnnxCausalLM`
+    """(runtime, load fields, on_gpu): ``folder`` loaded into an :class:`parscale_edge.runtime.OnnxCausalLM`
     with the load measured: time (ms), RSS before / peak while loading and, relative to RSS after
     importing onnxruntime, the session's own increase and its ratio to the file size (file MiB:
     model.onnx and its data plus this P's ParScale part file), provider, cache dtype, GPU memory
@@ -370,7 +370,7 @@ def profile_folder(folder: str | os.PathLike, batches: list[int], prompt_lens: l
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "edge.profile", "--worker", json.dumps(args)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "parscale_edge.profile", "--worker", json.dumps(args)], capture_output=True,
                        text=True, timeout=timeout_s, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"profiling {folder} failed: {r.stderr.strip()[-1500:]}")
@@ -382,7 +382,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         print(json.dumps(measure_folder(**json.loads(sys.argv[2]))))
     else:
-        sys.exit("usage: python -m edge.profile --worker JSON (use `parscale profile`)")
+        sys.exit("usage: python -m parscale_edge.profile --worker JSON (use `parscale profile`)")
 
 
 # ------------------------------------------------------------------------------------ orchestration
@@ -399,7 +399,7 @@ def quantized_folder(src: Path, precision: str, threads: int | None = None) -> P
     src_precision = Manifest.read(src).precision
     if precision == src_precision:
         return src
-    from quant.onnx_quant import QuantConfig, quantize_folder
+    from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 
     tag = "" if src_precision == "fp32" else f"-{src_precision}act"
     out = src.with_name(src.name.replace(f"-{src_precision}", "") + f"-{precision}{tag}-cost")
@@ -449,7 +449,7 @@ def dense_twin_export(spec: str, P: int, law, threads: int | None = None,
     from .manifest import FORMAT_VERSION, Manifest
 
     if not (out / "manifest.json").exists() or Manifest.read(out).format_version != FORMAT_VERSION:
-        from export import export_model
+        from parscale_edge.export import export_model
 
         lm = random_model(twin, f"random dense twin of {spec} ({twin.num_hidden_layers} layers)", {"dense_twin": info})
         lm.tokenizer = base.tokenizer
@@ -458,7 +458,7 @@ def dense_twin_export(spec: str, P: int, law, threads: int | None = None,
 
 
 def random_model(cfg, source: str, notes: dict | None = None, seed: int = 0):
-    """A :class:`edge.loading.LoadedModel` of architecture ``cfg`` with random weights, for cost
+    """A :class:`parscale_edge.loading.LoadedModel` of architecture ``cfg`` with random weights, for cost
     measurements (time and memory do not depend on weight values): every tensor N(0, 0.02), norm
     weights 1, ParScale prefixes and aggregator included. No tokenizer. Needs torch."""
     import torch

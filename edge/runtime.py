@@ -121,7 +121,7 @@ class RuntimeInputError(ValueError):
 
 
 def select_providers(device: str = "auto") -> list:
-    """ONNX Runtime execution providers for ``device`` in ``auto|cpu|cuda`` (see :mod:`edge.providers`).
+    """ONNX Runtime execution providers for ``device`` in ``auto|cpu|cuda`` (see :mod:`parscale_edge.providers`).
 
     ``auto`` takes CUDA only when onnxruntime-gpu lists it *and* a probe session runs on it; a
     CUDA entry comes with its options, ``("CUDAExecutionProvider", {...})``. Otherwise CPU, with
@@ -282,7 +282,7 @@ class DecodeState:
         self.decode_io: dict[str, np.ndarray] | None = None  # fused, CPU: decode-step arrays bound once
         self.decode_bound = False
         self.prefix_rows: list[np.ndarray] = []  # fused: per layer [P, n, .] fed by a first prompt
-        self.rope: list = []  # fused: the cos/sin OrtValues bound for this cache (edge.runtime.rope_tables)
+        self.rope: list = []  # fused: the cos/sin OrtValues bound for this cache (parscale_edge.runtime.rope_tables)
         self.closed = False
 
     @property
@@ -299,14 +299,14 @@ class DecodeState:
 class OnnxCausalLM:
     """An export folder loaded into an ONNX Runtime session.
 
-    Two graph kinds (``manifest.graph``): ``fused`` (:mod:`export.onnx_builder`, the default export:
+    Two graph kinds (``manifest.graph``): ``fused`` (:mod:`parscale_edge.export.onnx_builder`, the default export:
     GroupQueryAttention over a preallocated KV cache bound with IO binding, ParScale parts as inputs
     so one backbone serves several P) and ``reference`` (the TorchScript trace: the cache is
     concatenated and copied back every step). Both give the same tokens; :meth:`prefill` /
     :meth:`decode` / :meth:`score` / :meth:`generate_tokens` work on either.
 
     Args:
-        folder: a folder written by ``parscale export`` (see :mod:`edge.manifest`).
+        folder: a folder written by ``parscale export`` (see :mod:`parscale_edge.manifest`).
         model_file: the graph file inside ``folder`` (another graph over the same weights, for checks).
         device: ``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``.
         threads: intra-op threads (None: ONNX Runtime's default, all cores).
@@ -437,7 +437,7 @@ class OnnxCausalLM:
         """Per layer, the rows a first prompt feeds as ``parscale.prefix_rows.{i}`` for one sample:
         [P, n, (heads + 2*kv_heads)*head_dim] in the cache's host representation, packed like the
         graph's q|k|v (zero queries, then stream p's prefix keys and values, head-major); [P, 0, .]
-        for P = 1 (:func:`edge.manifest.prefix_row_names`)."""
+        for P = 1 (:func:`parscale_edge.manifest.prefix_row_names`)."""
         m = self.manifest
         width = next(i for i in self.session.get_inputs() if i.name == self._prefix_names[0]).shape[2]
         kvw = m.num_key_value_heads * m.head_dim
@@ -478,7 +478,7 @@ class OnnxCausalLM:
     def empty_past(self, batch: int) -> list[np.ndarray]:
         """Reference graphs: an empty cache for ``batch`` user rows, 2*L arrays
         [P*batch, kv_heads, 0, head_dim] of the manifest's ``cache_dtype`` (float32 or float16).
-        Raises ManifestError for a bfloat16 cache (numpy has none: see edge.profile.GraphStepper)."""
+        Raises ManifestError for a bfloat16 cache (numpy has none: see parscale_edge.profile.GraphStepper)."""
         return self.manifest.empty_cache(batch)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
@@ -532,7 +532,7 @@ class OnnxCausalLM:
         zeros with each stream's prefix (rounded to the cache dtype) in the first n_prefix slots:
         numpy arrays on the CPU, device OrtValues on CUDA (filled through one reused host staging
         array of one tensor's size, which is dropped afterwards).
-        Raises RuntimeInputError for batch < 1 or capacity < 1, edge.validate.MemoryCheckError
+        Raises RuntimeInputError for batch < 1 or capacity < 1, parscale_edge.validate.MemoryCheckError
         (before allocating) when the cache would not fit in the available memory."""
         if batch < 1 or capacity < 1:
             raise RuntimeInputError(f"batch and capacity must be >= 1, got {batch} and {capacity}")
@@ -575,7 +575,7 @@ class OnnxCausalLM:
 
     def _check_kv_memory(self, batch: int, capacity: int, P: int) -> None:
         """The request's KV cache (P*batch rows of prefix + ``capacity`` slots, every layer, key and
-        value) fits in the free host memory (CPU sessions; edge.validate.check_kv_memory)."""
+        value) fits in the free host memory (CPU sessions; parscale_edge.validate.check_kv_memory)."""
         if self._device != "cpu":
             return
         m = self.manifest
@@ -592,7 +592,7 @@ class OnnxCausalLM:
 
         Three kinds of graph call, as GroupQueryAttention allows them on onnxruntime 1.31 and later:
         a chunk into a fresh state (only the prefix in the cache) is a *first prompt* that carries
-        the ParScale prefix as rows in front (:func:`edge.manifest.prefix_row_names`); one token per
+        the ParScale prefix as rows in front (:func:`parscale_edge.manifest.prefix_row_names`); one token per
         row is a decode step; a later chunk of several tokens runs as one call when the cache has a
         single row (P*B = 1), else token by token through decode steps (GroupQueryAttention takes a
         multi-token chunk after a past for batch 1 only), with the same logits.
@@ -807,7 +807,7 @@ class OnnxCausalLM:
     # ------------------------------------------------------------------------------------- text
     @property
     def tokenizer(self):
-        """The folder's :class:`edge.tokenizer.Tokenizer` (loaded on first use)."""
+        """The folder's :class:`parscale_edge.tokenizer.Tokenizer` (loaded on first use)."""
         if self._tokenizer is None:
             from .tokenizer import Tokenizer
             self._tokenizer = Tokenizer.from_dir(self.folder)

@@ -5,7 +5,7 @@ with the few ``tokenizer_config.json`` settings generation needs: the special to
 token ids that end a generation, and the Jinja chat template. It reads and writes the usual Hugging
 Face pair of files (``tokenizer.json`` + ``tokenizer_config.json``), so a folder it writes loads in
 ``transformers.AutoTokenizer`` as a ``PreTrainedTokenizerFast``, and it reads folders written by
-transformers. :func:`edge.gguf_io.read_gguf_tokenizer` builds one from a GGUF file's metadata.
+transformers. :func:`parscale_edge.gguf_io.read_gguf_tokenizer` builds one from a GGUF file's metadata.
 
 :class:`StreamDecoder` turns a stream of token ids into text one token at a time without ever
 emitting half of a multi-byte UTF-8 character (byte-level BPE splits emoji and CJK characters
@@ -170,12 +170,12 @@ class Tokenizer:
         (strings or AddedToken dicts), ``chat_template`` (string or list of named templates; a
         ``chat_template.jinja`` file, as newer transformers write, is used when the key is absent)
         and our extra key ``eos_token_ids`` (list of int). In an export folder (``manifest.json``
-        present) the tokenizer must belong to the model (:func:`edge.validate.check_tokenizer`).
+        present) the tokenizer must belong to the model (:func:`parscale_edge.validate.check_tokenizer`).
 
         Raises:
             FileNotFoundError: no ``tokenizer.json`` in ``path``.
             ValueError: a file is not valid JSON, or a special token is not in the vocabulary.
-            edge.validate.ExportFolderError (a ValueError): the tokenizer of an export folder has
+            parscale_edge.validate.ExportFolderError (a ValueError): the tokenizer of an export folder has
                 another model's vocabulary size.
         """
         d = Path(path)

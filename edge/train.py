@@ -2,8 +2,8 @@
 
 The paper's cheapest route to a ParScale model (Chen et al. 2025, Sec. 3.4 "two-stage
 training"; docs/parscale.md "Two-stage training"): keep a pretrained dense model, add P per-layer KV prefixes and
-the aggregator (initialised by :meth:`edge.model.ParScaleForCausalLM.init_parscale`), and train
-only those on a little data. The result is an adapter (:mod:`edge.adapter`) of a few MB per P.
+the aggregator (initialised by :meth:`parscale_edge.model.ParScaleForCausalLM.init_parscale`), and train
+only those on a little data. The result is an adapter (:mod:`parscale_edge.adapter`) of a few MB per P.
 
 ``parallel=1, prefix=True`` trains the prefix-tuning control instead: one stream with its own
 per-layer KV prefix (same slots, same initialisation rule), no aggregator (README "Does ParScale
@@ -13,7 +13,7 @@ help, or is it prefix tuning?"). It separates what P streams buy from what a tra
 One loop serves one process or many: under ``torchrun`` / ``accelerate launch`` (environment
 variables ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``) :func:`init_distributed` starts a process group
 (gloo on CPU, nccl on CUDA), the model is wrapped in DistributedDataParallel, and each process takes
-its share of every micro-batch (:class:`edge.corpus.BlockOrder`). Only rank 0 evaluates and writes.
+its share of every micro-batch (:class:`parscale_edge.corpus.BlockOrder`). Only rank 0 evaluates and writes.
 
 Optimisation: AdamW, linear warmup then cosine decay to ``min_lr_ratio * lr``, gradient
 accumulation, gradient clipping (global L2 norm), bf16 autocast on CUDA and float32 on CPU. Held-out
@@ -211,7 +211,7 @@ def _logits_fn(model: ParScaleForCausalLM, device: torch.device):
 
 def evaluate_perplexity(model: ParScaleForCausalLM, tokens: np.ndarray, positions: int, window: int,
                         device: torch.device | None = None) -> dict:
-    """Sliding-window perplexity (:func:`edge.evaluate.perplexity`, stride window/2) of ``model`` on
+    """Sliding-window perplexity (:func:`parscale_edge.evaluate.perplexity`, stride window/2) of ``model`` on
     ``tokens`` (int [T]) over the first ``positions`` scored positions."""
     device = device or next(model.parameters()).device
     was = model.training
@@ -321,7 +321,7 @@ def train(lm: LoadedModel, cfg: TrainConfig, train_tokens: np.ndarray, out_dir: 
 
     Args:
         lm: a dense model (converted to ``cfg.parallel`` streams here) or one with P = ``cfg.parallel``.
-        train_tokens: int [T] token ids (:func:`edge.corpus.tokenize_texts`).
+        train_tokens: int [T] token ids (:func:`parscale_edge.corpus.tokenize_texts`).
         out_dir: gets ``checkpoint.safetensors`` (every ``checkpoint_every`` steps and at the end),
             ``history.json`` (per-step loss, lr, grad norm, tokens; evals; wall time), ``curves.png``,
             and ``adapter.safetensors`` (frozen backbone) or ``model/`` (HF folder, ``full``).

@@ -327,7 +327,7 @@ def check_export_folder(folder: str | os.PathLike, manifest: Manifest, model_fil
     relative path inside ``folder`` and lies within its (not truncated) file; the manifest's P,
     layer count, KV heads, head_dim and vocabulary agree with the graph; the weights fit in the
     available memory (warning above 1/:data:`LOAD_MEMORY_FACTOR` of it). The tokenizer is checked
-    when it is loaded (:meth:`edge.tokenizer.Tokenizer.from_dir` calls :func:`check_tokenizer`).
+    when it is loaded (:meth:`parscale_edge.tokenizer.Tokenizer.from_dir` calls :func:`check_tokenizer`).
 
     Returns:
         The :class:`GraphSummary` of ``model_file``.

@@ -1,8 +1,8 @@
 """ONNX export of ParScale models (P folded into the batch axis, KV cache in and out).
 
-Two graphs over the same weights: ``fused`` (:mod:`export.onnx_builder`, the default: ONNX Runtime's
+Two graphs over the same weights: ``fused`` (:mod:`parscale_edge.export.onnx_builder`, the default: ONNX Runtime's
 fused ops, preallocated KV cache, ParScale parts as inputs) and ``reference``
-(:mod:`export.onnx_export`, a TorchScript trace of our PyTorch model, node for node)."""
+(:mod:`parscale_edge.export.onnx_export`, a TorchScript trace of our PyTorch model, node for node)."""
 from __future__ import annotations
 
 import os
@@ -17,14 +17,14 @@ GRAPHS = ("auto", "fused", "reference")
 def export_model(lm, out_dir: str | os.PathLike, overwrite: bool = False, graph: str = "auto", also=(),
                  precision: str = "fp32") -> Path:
     """Export ``lm`` to ``out_dir`` as the ``graph`` kind: ``fused``, ``reference``, or ``auto``
-    (fused when :func:`export.onnx_builder.fused_unsupported` has no objection, else reference
+    (fused when :func:`parscale_edge.export.onnx_builder.fused_unsupported` has no objection, else reference
     with a warning naming the reason). ``also``: models over the same backbone with other P (fused
     only: their ParScale parts join the folder). ``precision`` fp32, fp16 or bf16 for both graphs
     (fp16/bf16 are the CUDA path: ONNX Runtime's CUDA GroupQueryAttention runs in half precision
     only; a reference fp16/bf16 export casts ``lm.model`` in place, a fused one does not).
 
     Raises ValueError for another graph name or precision, or ``fused`` on a config it cannot
-    express; see :func:`export.onnx_builder.export_fused` and :func:`export.onnx_export.export_onnx`
+    express; see :func:`parscale_edge.export.onnx_builder.export_fused` and :func:`parscale_edge.export.onnx_export.export_onnx`
     for the rest."""
     if graph in ("auto", "fused"):
         from .onnx_builder import export_fused, fused_unsupported

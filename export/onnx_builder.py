@@ -1,6 +1,6 @@
 """Build the fast ("fused") decoder graph directly from the weights, with ONNX Runtime's fused ops.
 
-The TorchScript export (:mod:`export.onnx_export`) is the reference: it mirrors our PyTorch code
+The TorchScript export (:mod:`parscale_edge.export.onnx_export`) is the reference: it mirrors our PyTorch code
 node for node (unfused attention, ~2600 Constant nodes for smollm2-135m, past and present
 concatenated every step). This builder writes the graph a runtime wants, in the way
 onnxruntime-genai's model builder does: ``SkipSimplifiedLayerNormalization`` (plus two plain RMSNorms that ONNX Runtime fuses) for the RMSNorms and residual adds, ``GroupQueryAttention``
@@ -17,7 +17,7 @@ ParScale (Chen et al. 2025, Sec. 2) in this graph:
   in front of its packed q|k|v (zero queries, dropped after attention), because GroupQueryAttention
   reads no past on a first prompt. Every other step feeds zero prefix rows;
 * **positions**: GroupQueryAttention rotates the token in cache slot s by row s of the RoPE tables,
-  which are graph inputs (``rope.cos_cache``/``rope.sin_cache``, :func:`edge.runtime.rope_tables`):
+  which are graph inputs (``rope.cos_cache``/``rope.sin_cache``, :func:`parscale_edge.runtime.rope_tables`):
   identity rows for the prefix slots (prefix keys carry no RoPE), then position p at slot
   n_prefix + p, so real tokens keep the dense model's positions for every P;
 * **aggregate**: after the last layer only the requested positions are gathered, then the final
@@ -31,7 +31,7 @@ scaling). P = 1 feeds a zero aggregator (softmax over one stream is exactly 1) a
 Every GroupQueryAttention call is of a kind onnxruntime 1.31 (the newest onnxruntime-gpu as this is
 written) accepts for any batch: a right-padded first prompt, or one token per row after a past.
 A later multi-token chunk runs in one call only for a single cache row; the runtime steps it token
-by token otherwise (:meth:`edge.runtime.OnnxCausalLM.step`). No ``position_ids`` input is used:
+by token otherwise (:meth:`parscale_edge.runtime.OnnxCausalLM.step`). No ``position_ids`` input is used:
 CUDA GroupQueryAttention refuses it in some releases and the CPU kernel ignores it on a first prompt.
 
 Graph inputs (B user rows, S new tokens, K gathered positions, N = P*B, C = cache slots, M prefix rows):
@@ -58,10 +58,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edge.adapter import backbone_sha256, is_parscale_tensor, save_adapter
-from edge.atomic import atomic_folder
-from edge.loading import LoadedModel
-from edge.manifest import (AGG_INPUTS, CACHE_DTYPES, PACKED_WIDTHS_KEY, ROPE_INPUTS, TOKEN_ROWS_KEY, past_names,
+from parscale_edge.adapter import backbone_sha256, is_parscale_tensor, save_adapter
+from parscale_edge.atomic import atomic_folder
+from parscale_edge.loading import LoadedModel
+from parscale_edge.manifest import (AGG_INPUTS, CACHE_DTYPES, PACKED_WIDTHS_KEY, ROPE_INPUTS, TOKEN_ROWS_KEY, past_names,
                            prefix_row_names, present_names)
 
 OPSET = 17
@@ -142,7 +142,7 @@ def build_fused_graph(lm: LoadedModel, precision: str = "fp32") -> onnx.ModelPro
     CUDA GroupQueryAttention is half precision only) store the embedding, every projection, the
     RoPE tables and ``lm_head`` in half precision, and run the matmuls, GroupQueryAttention, the MLP
     activation and the KV cache (``past_key_values.*``/``present.*``) in it. Kept in float32, as in
-    :meth:`edge.model.ParScaleForCausalLM.to_mixed_precision`: the residual stream and its adds
+    :meth:`parscale_edge.model.ParScaleForCausalLM.to_mixed_precision`: the residual stream and its adds
     (the half outputs of attention and MLP are Cast to float32 before
     SkipSimplifiedLayerNormalization, whose normalized output is Cast back to half for the next
     MatMul), every RMSNorm and its weight, the final norm, the ParScale aggregator (its inputs stay
@@ -377,7 +377,7 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
     prefixes to the cache dtype when it writes them into the cache.
 
     Raises FileExistsError (``out_dir`` exists, no ``overwrite``), ValueError (a model in ``also``
-    has another backbone or repeats a P, or an unknown precision) and :class:`export.onnx_export.ExportError` when the
+    has another backbone or repeats a P, or an unknown precision) and :class:`parscale_edge.export.onnx_export.ExportError` when the
     ONNX checker rejects the graph.
     """
     from .onnx_export import _write_sidecars, save_checked
@@ -408,7 +408,7 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
             digest = next((m.notes["backbone_sha256"] for m in models.values() if "backbone_sha256" in m.notes),
                           None) or backbone_sha256(lm.model)
         for q, m in sorted(models.items()):
-            # each part file is an adapter (edge.adapter format, backbone hash included)
+            # each part file is an adapter (parscale_edge.adapter format, backbone hash included)
             options[q] = f"{PARSCALE_DIR}/p{q}.safetensors" if m.model.config.has_prefix else None
             if options[q]:
                 save_adapter(m.model, tmp / options[q], m.source, backbone_hash=digest)

@@ -3,7 +3,7 @@
 P is folded into the batch axis: the cache tensors have P*B rows (stream-major), while
 ``input_ids``, ``attention_mask``, ``position_ids`` and ``logits`` have B rows. The ParScale prefix
 and aggregator are initializers inside the graph, so the cache holds real tokens only.
-The folder layout is documented in :mod:`edge.manifest`.
+The folder layout is documented in :mod:`parscale_edge.manifest`.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import onnx
 import torch
 
-from edge.atomic import atomic_folder
-from edge.loading import LoadedModel
-from edge.manifest import CACHE_DTYPES, DATA_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, past_names, present_names
+from parscale_edge.atomic import atomic_folder
+from parscale_edge.loading import LoadedModel
+from parscale_edge.manifest import CACHE_DTYPES, DATA_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, past_names, present_names
 
 OPSET = 17
 #: export precisions (``--precision``) -> torch dtype of the weights and the KV cache. fp16/bf16 keep
@@ -57,10 +57,10 @@ def _dummy_inputs(cfg, P: int, kv_dtype: torch.dtype = torch.float32):
 
 def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = False,
                 opset: int = OPSET, check: bool = True, precision: str = "fp32") -> Path:
-    """Export ``lm`` to ``out_dir`` (see :mod:`edge.manifest` for the files and tensor names).
+    """Export ``lm`` to ``out_dir`` (see :mod:`parscale_edge.manifest` for the files and tensor names).
 
     ``precision`` fp32 (default), fp16 or bf16. fp16/bf16 cast ``lm.model`` in place with
-    :meth:`~edge.model.ParScaleForCausalLM.to_mixed_precision`: half-precision weights and KV cache
+    :meth:`~parscale_edge.model.ParScaleForCausalLM.to_mixed_precision`: half-precision weights and KV cache
     inputs/outputs (``manifest.cache_dtype``), float32 residual stream, norms, softmax, aggregator
     and ``logits``. fp32 also casts ``lm.model`` to float32 in place.
 

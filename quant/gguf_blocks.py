@@ -154,7 +154,7 @@ def dequantize_repacked(w: RepackedWeight, with_residual: bool = True) -> np.nda
     return out.reshape(N, -1)
 
 
-#: Packed MatMuls of the fused graph (export.onnx_builder.PACKED) and the weights they hold, in order.
+#: Packed MatMuls of the fused graph (parscale_edge.export.onnx_builder.PACKED) and the weights they hold, in order.
 PACKED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -189,9 +189,9 @@ def concat_repacked(parts: list[RepackedWeight]) -> RepackedWeight | None:
 def read_gguf_blocks(path: str | os.PathLike, names: set[str]) -> dict[str, RepackedWeight]:
     """Repack the GGUF tensors (by HF name) whose type allows it; others are absent from the result.
 
-    llama files: q/k rows are un-permuted exactly as :func:`edge.gguf_io.read_gguf_tensors` does
+    llama files: q/k rows are un-permuted exactly as :func:`parscale_edge.gguf_io.read_gguf_tensors` does
     (whole rows move, blocks along K are untouched)."""
-    from edge.gguf_io import _unpermute_rope, gguf_to_hf_name, open_gguf, read_gguf_config
+    from parscale_edge.gguf_io import _unpermute_rope, gguf_to_hf_name, open_gguf, read_gguf_config
 
     cfg = read_gguf_config(path)
     reader = open_gguf(path)

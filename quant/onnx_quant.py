@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edge.atomic import atomic_folder, check_replaceable, folder_size_mib
-from edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE, PACKED_WIDTHS_KEY, TOKEN_ROWS_KEY, Manifest
+from parscale_edge.atomic import atomic_folder, check_replaceable, folder_size_mib
+from parscale_edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE, PACKED_WIDTHS_KEY, TOKEN_ROWS_KEY, Manifest
 
 PRECISIONS = ("int4", "int8", "int8-dynamic")
 ALGORITHMS = ("rtn", "hqq", "gptq")
@@ -68,7 +68,7 @@ class QuantConfig:
     gguf_blocks: bool = True
 
     # gguf_blocks: when the export came from a GGUF, copy its quantized blocks into MatMulNBits
-    # instead of re-rounding (see quant.gguf_blocks and _keep_gguf_blocks): int4 copies the 4-bit
+    # instead of re-rounding (see parscale_edge.quant.gguf_blocks and _keep_gguf_blocks): int4 copies the 4-bit
     # types and keeps the GGUF's sensitive 8-bit-class tensors (Q6_K, Q8_0, an 8-bit head) at 8
     # bits; int8 copies the 8-bit container types. Copied nodes keep the GGUF's block size.
 
@@ -157,7 +157,7 @@ def _metadata(model: onnx.ModelProto) -> dict[str, str]:
 
 def _packed_widths(model: onnx.ModelProto, name: str, total: int, parts: int) -> list[int]:
     """Output widths of a packed node's parts, from the graph's metadata ``packed_widths`` (written by
-    export.onnx_builder as JSON {node name: [widths]})."""
+    parscale_edge.export.onnx_builder as JSON {node name: [widths]})."""
     import json
 
     widths = json.loads(_metadata(model).get(PACKED_WIDTHS_KEY, "{}")).get(name)
@@ -200,7 +200,7 @@ def apply_gguf_blocks(model: onnx.ModelProto, blocks: dict, node_to_weight: dict
     """Replace MatMul nodes by MatMulNBits nodes holding repacked GGUF blocks; returns their names.
 
     ``node_to_weight`` maps node names to HF weight names present in ``blocks``
-    (:func:`quant.gguf_blocks.read_gguf_blocks`). A weight with a residual (Q4_1) gets the exact
+    (:func:`parscale_edge.quant.gguf_blocks.read_gguf_blocks`). A weight with a residual (Q4_1) gets the exact
     correction ``+ blocksum(x) @ residual^T``; the block sums are computed once per input tensor (one
     MatMul with a 0/1 block-indicator matrix), the correction is one Gemm with the MatMulNBits output
     as C on graphs of 2-D token rows (metadata ``token_rows_2d``), else a MatMul and an Add."""
@@ -286,7 +286,7 @@ def _keep_gguf_blocks(cfg: QuantConfig, rw, is_head: bool) -> bool:
 
 def source_gguf(man: Manifest) -> Path | None:
     """The GGUF file an export was made from, when it can be found and its sha256 matches."""
-    from edge.hub import MODELS, fetch_gguf, sha256_file
+    from parscale_edge.hub import MODELS, fetch_gguf, sha256_file
 
     if man.source in MODELS:
         return fetch_gguf(man.source, progress=False)
@@ -364,7 +364,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
         QuantizationError: bad settings, an already quantized source, a block size that does not
             divide a weight's input dimension.
         ManifestError: ``src`` is not an export folder. FileExistsError: ``out`` exists.
-        edge.atomic.OutputPathError: ``overwrite`` may not replace ``out`` (it is or holds ``src``, or
+        parscale_edge.atomic.OutputPathError: ``overwrite`` may not replace ``out`` (it is or holds ``src``, or
             holds files this toolkit did not write).
     """
     cfg.validate()
@@ -419,7 +419,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
     if cfg.precision == "int8-dynamic":
         import onnxruntime as ort
 
-        from edge.runtime import ort_version
+        from parscale_edge.runtime import ort_version
 
         if ort_version(ort.__version__) < INT8_DYNAMIC_MIN_ORT:
             raise QuantizationError(
@@ -468,8 +468,8 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
         if check_positions and cfg.precision != "int8-dynamic" and cfg.accuracy_level == 4:
             man.quantization["accuracy_check"] = choose_accuracy_levels(tmp, tokens, check_positions, threads)
         if compare_positions:
-            from edge.evaluate import compare, onnx_logits_fn
-            from edge.runtime import OnnxCausalLM
+            from parscale_edge.evaluate import compare, onnx_logits_fn
+            from parscale_edge.runtime import OnnxCausalLM
 
             ref = OnnxCausalLM(src, device="cpu", threads=threads)
             cand = OnnxCausalLM(tmp, device="cpu", threads=threads)
@@ -491,8 +491,8 @@ def _eval_tokens(folder: Path, man: Manifest, text: str | None, n: int) -> list[
     """Token ids to measure on: ``text`` (default held-out stdlib code) with the folder's tokenizer,
     or seeded random ids when the folder has no tokenizer (tiny test models)."""
     if (folder / "tokenizer.json").exists():
-        from edge.evaluate import stdlib_text
-        from edge.tokenizer import Tokenizer
+        from parscale_edge.evaluate import stdlib_text
+        from parscale_edge.tokenizer import Tokenizer
 
         ids = Tokenizer.from_dir(folder).encode(text if text is not None else stdlib_text())
         if len(ids) < 2:
@@ -516,8 +516,8 @@ def choose_accuracy_levels(folder: Path, tokens: list[int], positions: int, thre
     Returns ``{"agreement_level4_vs_level0", "ppl_increase_level4_vs_level0", "chosen", "agreement",
     "ppl_increase", "positions", "threshold", "max_ppl_increase"}``.
     """
-    from edge.evaluate import compare, onnx_logits_fn
-    from edge.runtime import OnnxCausalLM
+    from parscale_edge.evaluate import compare, onnx_logits_fn
+    from parscale_edge.runtime import OnnxCausalLM
 
     path = folder / MODEL_FILE
     graph = onnx.load(str(path), load_external_data=False)
@@ -579,8 +579,8 @@ def _calibration_reader(src: Path, man: Manifest, text: str | None):
         raise QuantizationError("GPTQ needs calibration text: pass --calibration FILE")
     from onnxruntime.quantization import CalibrationDataReader
 
-    from edge.manifest import past_names
-    from edge.tokenizer import Tokenizer
+    from parscale_edge.manifest import past_names
+    from parscale_edge.tokenizer import Tokenizer
 
     ids = Tokenizer.from_dir(src).encode(text)[:2048]
     empty = np.zeros((man.parscale_n, man.num_key_value_heads, 0, man.head_dim), np.float32)

@@ -16,9 +16,9 @@ def golden_exports(tmp_path_factory):
     """Each golden model exported once per session: {name: (LoadedModel, OnnxCausalLM)}.
 
     The sessions run on ``PARSCALE_TEST_DEVICE`` (default cpu; bench/gpu_check.sh sets cuda)."""
-    from edge.loading import load_hf_folder
-    from edge.runtime import OnnxCausalLM
-    from export import export_onnx
+    from parscale_edge.loading import load_hf_folder
+    from parscale_edge.runtime import OnnxCausalLM
+    from parscale_edge.export import export_onnx
     from golden import GOLDEN, MODELS
 
     root = tmp_path_factory.mktemp("onnx")

@@ -39,7 +39,7 @@ def run_cases(model_dir: Path, forward) -> dict[tuple[str, int], float]:
 
 def fused_forward(rt):
     """Adapt the golden (ids, mask, pos, past) protocol to a fused graph's runtime ``rt``
-    (edge.runtime.OnnxCausalLM): left-padded chunks become right-padded ones with per-row lengths;
+    (parscale_edge.runtime.OnnxCausalLM): left-padded chunks become right-padded ones with per-row lengths;
     logits come back at the original columns (padded columns zeroed); ``past`` is the DecodeState."""
     def forward(ids, mask, pos, state):
         B, S = ids.shape

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge.adapter import apply_adapter, backbone_sha256, read_adapter
-from edge.evaluate import stdlib_text
-from edge.loading import load_model
-from edge.train import evaluate_perplexity
+from parscale_edge.adapter import apply_adapter, backbone_sha256, read_adapter
+from parscale_edge.evaluate import stdlib_text
+from parscale_edge.loading import load_model
+from parscale_edge.train import evaluate_perplexity
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from edge.cli import main
-from edge.manifest import Manifest
+from parscale_edge.cli import main
+from parscale_edge.manifest import Manifest
 from tiny_gguf import write_tiny_gguf
 
 
@@ -50,7 +50,7 @@ def test_convert_writes_authors_format(tiny, capsys):
     (["generate", "--top-p", "0", "-p", "x"], "top_p must be in (0, 1]"),
 ])
 def test_bad_input_is_one_clear_error_line(argv, msg, capsys, monkeypatch):
-    monkeypatch.setattr("edge.cli.ensure_export", lambda *a, **k: pytest.fail("must fail before loading"))
+    monkeypatch.setattr("parscale_edge.cli.ensure_export", lambda *a, **k: pytest.fail("must fail before loading"))
     if argv[2].startswith(("/", "smollm-", "0")):
         monkeypatch.undo()
     assert main(argv) == 2
@@ -69,8 +69,8 @@ def test_export_folder_with_other_p_is_refused(tiny, capsys):
 def test_ensure_export_caches_one_backbone_for_several_p(tiny, tmp_path, monkeypatch):
     """ensure_export(spec, [P...]) writes one fused folder offering every P (what `export -P 1,2,4`
     writes), reuses it, and an export folder must offer every P asked for."""
-    from edge.cli import CLIError, ensure_export
-    from edge.runtime import OnnxCausalLM, SamplingConfig
+    from parscale_edge.cli import CLIError, ensure_export
+    from parscale_edge.runtime import OnnxCausalLM, SamplingConfig
 
     gguf_path, root = tiny
     monkeypatch.setenv("PARSCALE_EDGE_CACHE", str(tmp_path / "cache"))
@@ -181,7 +181,7 @@ def test_more_bad_input_fails_cleanly_before_output(argv, msg, tmp_path, capsys)
 
 
 def test_eval_rejects_empty_ranges(golden_exports, capsys, tmp_path):
-    from edge.evaluate import perplexity
+    from parscale_edge.evaluate import perplexity
 
     for kw, msg in ((dict(max_positions=0), "max_positions must be >= 1"), (dict(window=1), "at least 2 tokens"),
                     (dict(stride=0), "stride must be in 1..window")):
@@ -195,9 +195,9 @@ def test_ensure_export_puts_a_trained_adapter_beside_conversions(tmp_path, monke
     import torch
     from safetensors.numpy import load_file
 
-    from edge.adapter import save_adapter
-    from edge.cli import ensure_export
-    from edge.loading import convert_to_parscale, save_hf_folder
+    from parscale_edge.adapter import save_adapter
+    from parscale_edge.cli import ensure_export
+    from parscale_edge.loading import convert_to_parscale, save_hf_folder
     from tiny import tiny_model
 
     monkeypatch.setenv("PARSCALE_EDGE_CACHE", str(tmp_path / "cache"))

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from edge.config import ParScaleConfig, UnsupportedModelError
-from edge.loading import CheckpointError, convert_to_parscale, load_hf_folder, save_hf_folder
+from parscale_edge.config import ParScaleConfig, UnsupportedModelError
+from parscale_edge.loading import CheckpointError, convert_to_parscale, load_hf_folder, save_hf_folder
 from tiny import tiny_model
 
 

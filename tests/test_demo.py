@@ -16,12 +16,12 @@ pytest.importorskip("gradio", reason="the demo extra is not installed: pip insta
 
 from gradio_client import Client  # noqa: E402
 
-from demo.app import build_app, launch  # noqa: E402
-from demo.models import load_model, load_pair  # noqa: E402
-from demo.streaming import Answer, take_turns  # noqa: E402
-from edge.cli import main  # noqa: E402
-from edge.runtime import RuntimeInputError, SamplingConfig  # noqa: E402
-from edge.tokenizer import StreamDecoder  # noqa: E402
+from parscale_edge.demo.app import build_app, launch  # noqa: E402
+from parscale_edge.demo.models import load_model, load_pair  # noqa: E402
+from parscale_edge.demo.streaming import Answer, take_turns  # noqa: E402
+from parscale_edge.cli import main  # noqa: E402
+from parscale_edge.runtime import RuntimeInputError, SamplingConfig  # noqa: E402
+from parscale_edge.tokenizer import StreamDecoder  # noqa: E402
 from tiny_gguf import write_tiny_gguf  # noqa: E402
 
 LEFT, RIGHT, STATUS = 1, 2, 5  # output positions: textbox, left pane, right pane, left numbers, right numbers, status
@@ -32,9 +32,9 @@ def tiny_pair(tmp_path_factory):
     """Two tiny exports: left one fused llama-family backbone offering P = 1, 2, 4 (conversions of the
     dense model with 3 prefix tokens, as `parscale export -P 1,2,4` writes), right a qwen2-family
     dense model."""
-    from edge.loading import convert_to_parscale
-    from edge.loading import load_model as load_checkpoint
-    from export import export_model
+    from parscale_edge.loading import convert_to_parscale
+    from parscale_edge.loading import load_model as load_checkpoint
+    from parscale_edge.export import export_model
 
     root = tmp_path_factory.mktemp("demo")
     write_tiny_gguf(root / "a.gguf", "llama", seed=0)
@@ -351,7 +351,7 @@ def test_profile_button_plots_the_pair(served):
     assert [p.name for p in pngs] == ["profile_decode.png", "profile_memory.png", "profile_ttft.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     # kept in the cache: the next start of the demo for this pair shows the plots at once
-    from demo.app import profile_dir, profile_view
+    from parscale_edge.demo.app import profile_dir, profile_view
 
     kept, kept_table = profile_view(profile_dir(served.models))
     assert sorted(Path(p).name for p in kept) == [p.name for p in pngs] and kept_table.split("\n\n")[0] == \

@@ -7,9 +7,9 @@ pytest.importorskip("gradio", reason="the demo extra is not installed: pip insta
 
 from gradio_client import Client  # noqa: E402
 
-from demo.app import build_app, launch  # noqa: E402
-from demo.models import DEFAULTS, load_pair  # noqa: E402
-from edge.runtime import SamplingConfig  # noqa: E402
+from parscale_edge.demo.app import build_app, launch  # noqa: E402
+from parscale_edge.demo.models import DEFAULTS, load_pair  # noqa: E402
+from parscale_edge.runtime import SamplingConfig  # noqa: E402
 from test_demo import answer, reference  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,9 @@ import onnx
 import pytest
 import torch
 
-from edge.manifest import DATA_FILE, MODEL_FILE, Manifest
-from edge.runtime import OnnxCausalLM
-from export import export_onnx
+from parscale_edge.manifest import DATA_FILE, MODEL_FILE, Manifest
+from parscale_edge.runtime import OnnxCausalLM
+from parscale_edge.export import export_onnx
 from conftest import golden_device
 from golden import GOLDEN, MODELS, run_cases
 

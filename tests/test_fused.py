@@ -1,13 +1,13 @@
-"""The fused graph (export.onnx_builder) against the authors' golden logits, the reference graph and
+"""The fused graph (parscale_edge.export.onnx_builder) against the authors' golden logits, the reference graph and
 itself: ragged batches, chunked prefill, P switching, preallocated-cache behaviour."""
 import tracemalloc
 
 import numpy as np
 import pytest
 
-from edge.loading import load_hf_folder
-from edge.runtime import OnnxCausalLM, RuntimeInputError, SamplingConfig
-from export import export_model
+from parscale_edge.loading import load_hf_folder
+from parscale_edge.runtime import OnnxCausalLM, RuntimeInputError, SamplingConfig
+from parscale_edge.export import export_model
 from golden import GOLDEN, MODELS, fused_forward, run_cases
 from tiny import tiny_model
 
@@ -123,8 +123,8 @@ def test_decode_steps_allocate_nothing_that_grows(tmp_path):
 def test_one_backbone_serves_several_p(tmp_path):
     """Dynamic parallel scaling: conversions of one dense model share the backbone export; each P
     run from the shared folder equals the same P exported alone."""
-    from edge.loading import convert_to_parscale
-    from edge.cli import main
+    from parscale_edge.loading import convert_to_parscale
+    from parscale_edge.cli import main
 
     dense = tiny_model("llama", P=1, tie=True, seed=7)
     convs = {P: convert_to_parscale(dense, P, n_tokens=3) for P in (2, 4)}
@@ -172,7 +172,7 @@ def test_damaged_fused_folder_is_refused_at_load(tmp_path, damage):
     import json
     import shutil
 
-    from edge.manifest import ManifestError
+    from parscale_edge.manifest import ManifestError
 
     lm = tiny_model("qwen2", P=2, seed=4)
     d = export_model(lm, tmp_path / "f", graph="fused")
@@ -197,7 +197,7 @@ def test_graph_feeds_group_query_attention_only_what_onnxruntime_1_31_takes(tmp_
     the CPU kernel on a first prompt): positions come from the cache slot and the RoPE tables."""
     import onnx
 
-    from edge.manifest import ROPE_INPUTS, prefix_row_names
+    from parscale_edge.manifest import ROPE_INPUTS, prefix_row_names
 
     d = export_model(tiny_model("qwen2", P=2, seed=1), tmp_path / "f", graph="fused")
     g = onnx.load(str(d / "model.onnx"), load_external_data=False).graph
@@ -209,7 +209,7 @@ def test_graph_feeds_group_query_attention_only_what_onnxruntime_1_31_takes(tmp_
 
 
 def test_rope_tables_are_identity_on_prefix_slots_then_the_dense_positions():
-    from edge.runtime import rope_tables
+    from parscale_edge.runtime import rope_tables
 
     cos, sin = rope_tables(20, 6, 16, 10000.0)
     cos0, sin0 = rope_tables(14, 0, 16, 10000.0)
@@ -254,7 +254,7 @@ def test_each_p_runs_with_its_own_smoothing_over_a_shared_backbone(tmp_path):
     keeps the authors' class default 0.01 must not impose it on a P=2 adapter trained with 0.1."""
     import torch
 
-    from edge.loading import convert_to_parscale
+    from parscale_edge.loading import convert_to_parscale
 
     dense = tiny_model("llama", P=1, tie=True, seed=9)
     dense.model.config.parscale_attn_smooth = 0.01

@@ -13,12 +13,12 @@ import pytest
 import torch
 from onnx import TensorProto
 
-import edge.runtime as runtime
-from edge.loading import convert_to_parscale, load_hf_folder
-from edge.manifest import Manifest, ManifestError
-from edge.runtime import AGG_INPUTS, OnnxCausalLM, SamplingConfig, allocate_kv_cache, bfloat16_bits, cache_host_array
-from export import export_model
-from export.onnx_builder import build_fused_graph
+import parscale_edge.runtime as runtime
+from parscale_edge.loading import convert_to_parscale, load_hf_folder
+from parscale_edge.manifest import Manifest, ManifestError
+from parscale_edge.runtime import AGG_INPUTS, OnnxCausalLM, SamplingConfig, allocate_kv_cache, bfloat16_bits, cache_host_array
+from parscale_edge.export import export_model
+from parscale_edge.export.onnx_builder import build_fused_graph
 from golden import GOLDEN, MODELS, fused_forward, run_cases
 from test_precision import CUDA_BF16_OPS
 from tiny import massive_activation_model, tiny_model
@@ -262,7 +262,7 @@ def test_fused_fp16_decodes_the_same_with_a_device_memory_cache(tmp_path, monkey
 
 
 def test_int4_from_a_fused_fp16_export_keeps_fp16_activations_and_cache(tmp_path):
-    from quant.onnx_quant import QuantConfig, quantize_folder
+    from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 
     lm = tiny_model("qwen2", P=2, seed=3)
     lm.model.init_parscale()
@@ -303,7 +303,7 @@ def test_fused_graph_on_an_older_onnxruntime_is_refused_with_the_version(tmp_pat
 
     import onnxruntime as ort
 
-    from edge.runtime import FUSED_MIN_ORT, ort_version
+    from parscale_edge.runtime import FUSED_MIN_ORT, ort_version
 
     assert ort_version("1.31.1") == (1, 31) and ort_version("1.33.0.dev20260101") == (1, 33) and ort_version("2") == (2, 0)
     assert FUSED_MIN_ORT == (1, 31)

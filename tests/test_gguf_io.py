@@ -1,12 +1,12 @@
-"""edge.gguf_io on tiny GGUF files written with gguf.GGUFWriter (offline, fast)."""
+"""parscale_edge.gguf_io on tiny GGUF files written with gguf.GGUFWriter (offline, fast)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import gguf
-from edge.config import UnsupportedModelError
-from edge.gguf_io import open_gguf, read_gguf, read_gguf_config, read_gguf_tensors, read_gguf_tokenizer
+from parscale_edge.config import UnsupportedModelError
+from parscale_edge.gguf_io import open_gguf, read_gguf, read_gguf_config, read_gguf_tensors, read_gguf_tokenizer
 from tiny_gguf import (HEAD_DIM, HEADS, HIDDEN, INTER, KV_HEADS, LAYERS, expected_after_roundtrip, llama_permute, qtype_of,
                        vocab_and_merges, write_tiny_gguf)
 

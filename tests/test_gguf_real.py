@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.gguf_io import read_gguf_config, read_gguf_tensors, read_gguf_tokenizer
-from edge.hub import MODELS, fetch_gguf, sha256_file
-from edge.tokenizer import StreamDecoder
+from parscale_edge.gguf_io import read_gguf_config, read_gguf_tensors, read_gguf_tokenizer
+from parscale_edge.hub import MODELS, fetch_gguf, sha256_file
+from parscale_edge.tokenizer import StreamDecoder
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge.loading import load_hf_folder
+from parscale_edge.loading import load_hf_folder
 from golden import GOLDEN, MODELS, load_cases, run_cases
 
 

@@ -183,7 +183,7 @@ def _row(kind, P, latency, mem, N=None, batch=1, model="m"):
 
 
 def test_interpolated_dense_cost_between_p1_and_the_larger_anchor():
-    from edge.scaling_law import PAPER
+    from parscale_edge.scaling_law import PAPER
 
     law = PAPER["stack-v2-python"]
     N, Na = 100e6, 300e6
@@ -214,8 +214,8 @@ def _fake_nvidia_smi(bin_dir: Path, body: str) -> None:
 
 
 def test_gpu_memory_and_description_come_from_nvidia_smi(tmp_path, monkeypatch):
-    import edge.profile as prof
-    from edge.device import gpu_description
+    import parscale_edge.profile as prof
+    from parscale_edge.device import gpu_description
 
     monkeypatch.setitem(sys.modules, "pynvml", None)  # NVML absent: nvidia-smi is asked
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")

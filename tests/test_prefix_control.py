@@ -7,14 +7,14 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
 
-from edge.adapter import AdapterError, apply_adapter, backbone_sha256, save_adapter
-from edge.cli import main
-from edge.loading import convert_to_parscale, load_gguf
-from edge.manifest import Manifest
-from edge.model import ParScaleForCausalLM
-from edge.runtime import OnnxCausalLM
-from edge.train import TrainConfig, TrainError, dense_view, train
-from export import export_model
+from parscale_edge.adapter import AdapterError, apply_adapter, backbone_sha256, save_adapter
+from parscale_edge.cli import main
+from parscale_edge.loading import convert_to_parscale, load_gguf
+from parscale_edge.manifest import Manifest
+from parscale_edge.model import ParScaleForCausalLM
+from parscale_edge.runtime import OnnxCausalLM
+from parscale_edge.train import TrainConfig, TrainError, dense_view, train
+from parscale_edge.export import export_model
 from tiny import tiny_model
 from tiny_gguf import write_tiny_gguf
 
@@ -218,7 +218,7 @@ def test_adapter_eval_summary_means_spreads_and_the_control_comparison():
 def test_demo_labels_the_adapter_pane_with_the_comparison(tmp_path):
     import json
 
-    from demo.models import adapter_verdict
+    from parscale_edge.demo.models import adapter_verdict
 
     assert adapter_verdict(tmp_path / "missing.json") is None
     f = tmp_path / "c.json"
@@ -234,7 +234,7 @@ def test_demo_labels_the_adapter_pane_with_the_comparison(tmp_path):
 
 
 def test_ensure_export_of_p1_with_a_control_adapter_exports_the_control(tmp_path, monkeypatch):
-    from edge import cli
+    from parscale_edge import cli
 
     dense, ctl = _control()
     path = save_adapter(ctl.model, tmp_path / "c.safetensors", source="tiny")

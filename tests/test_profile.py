@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from edge.profile import dense_twin_config, non_embedding_params, profile_folder, versus_dense_summary
+from parscale_edge.profile import dense_twin_config, non_embedding_params, profile_folder, versus_dense_summary
 from tiny import tiny_config
 
 
@@ -32,7 +32,7 @@ def test_dense_twin_matches_the_scaling_law_size():
     cfg = tiny_config("qwen2", 1, num_hidden_layers=4)
     N = non_embedding_params(cfg)
     # the count equals the real parameter count of the model minus the embedding
-    from edge.model import ParScaleForCausalLM
+    from parscale_edge.model import ParScaleForCausalLM
 
     m = ParScaleForCausalLM(cfg)
     assert N == sum(p.numel() for n, p in m.named_parameters() if "embed_tokens" not in n)
@@ -52,7 +52,7 @@ def test_versus_dense_summary_ratios():
 
 
 def test_device_info_is_cached(tmp_path, monkeypatch):
-    from edge import device
+    from parscale_edge import device
 
     calls = []
     monkeypatch.setattr(device, "measure_bandwidth", lambda: calls.append(1) or {"read_gbps": 12.5, "copy_gbps": 20.0,
@@ -64,7 +64,7 @@ def test_device_info_is_cached(tmp_path, monkeypatch):
 
 
 def test_bandwidth_measurement_is_plausible():
-    from edge.device import measure_bandwidth
+    from parscale_edge.device import measure_bandwidth
 
     bw = measure_bandwidth(size_mib=16, repeat=2)
     assert 0.1 < bw["read_gbps"] < 2000 and 0.1 < bw["copy_gbps"] < 2000
@@ -73,9 +73,9 @@ def test_bandwidth_measurement_is_plausible():
 def test_decode_read_bytes_skips_gather_only_tables(tmp_path):
     """A tied fp32 head reads the embedding every step (it counts); after int4 quantization the head
     is its own matrix and the fp32 embedding is only gathered (it does not)."""
-    from edge.profile import decode_read_bytes, folder_bytes
-    from export import export_model
-    from quant.onnx_quant import QuantConfig, quantize_folder
+    from parscale_edge.profile import decode_read_bytes, folder_bytes
+    from parscale_edge.export import export_model
+    from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
     from tiny import tiny_model
 
     lm = tiny_model("qwen2", P=1, tie=True, seed=3)

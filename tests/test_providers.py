@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edge import providers
-from edge.providers import CPU, CUDA, CUDA_OPTIONS, probe_model_bytes, provider_name, select
-from edge.runtime import OnnxCausalLM, select_providers
+from parscale_edge import providers
+from parscale_edge.providers import CPU, CUDA, CUDA_OPTIONS, probe_model_bytes, provider_name, select
+from parscale_edge.runtime import OnnxCausalLM, select_providers
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +124,7 @@ def test_unknown_device_is_a_clear_error():
 
 def test_provider_modules_import_without_torch_or_onnx():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
-            "import edge.providers, edge.profile\n"
-            "print(edge.providers.select('auto'))")
+            "import parscale_edge.providers, parscale_edge.profile\n"
+            "print(parscale_edge.providers.select('auto'))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "CPUExecutionProvider" in r.stdout, r.stderr

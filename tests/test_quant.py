@@ -8,11 +8,11 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 import tiny_gguf
-from edge.evaluate import compare, perplexity
-from edge.manifest import ManifestError, Manifest
-from edge.runtime import OnnxCausalLM
-from quant.gguf_blocks import dequantize_repacked, repack
-from quant.onnx_quant import QuantConfig, QuantizationError, quantize_folder
+from parscale_edge.evaluate import compare, perplexity
+from parscale_edge.manifest import ManifestError, Manifest
+from parscale_edge.runtime import OnnxCausalLM
+from parscale_edge.quant.gguf_blocks import dequantize_repacked, repack
+from parscale_edge.quant.onnx_quant import QuantConfig, QuantizationError, quantize_folder
 
 
 def _ops(folder):
@@ -86,8 +86,8 @@ def test_already_quantized_and_non_export_inputs(golden_exports, tmp_path):
 def test_dynamic_int8_warns(golden_exports, tmp_path):
     import onnxruntime as ort
 
-    from edge.runtime import ort_version
-    from quant.onnx_quant import INT8_DYNAMIC_MIN_ORT
+    from parscale_edge.runtime import ort_version
+    from parscale_edge.quant.onnx_quant import INT8_DYNAMIC_MIN_ORT
 
     _, rt = golden_exports["p1_dense"]
     if ort_version(ort.__version__) < INT8_DYNAMIC_MIN_ORT:  # .ci/ort_compat.sh (onnxruntime 1.31)
@@ -150,7 +150,7 @@ def test_repacked_blocks_dequantize_exactly_like_ggml(qt):
 
 
 def _gguf_export(tmp_path, monkeypatch, types):
-    from edge.cli import main
+    from parscale_edge.cli import main
 
     names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
              "mlp.up_proj", "mlp.down_proj"]
@@ -255,13 +255,13 @@ def test_gptq_without_calibration_text_is_refused(golden_exports, tmp_path):
 
 
 def test_quantize_needs_no_torch(golden_exports, tmp_path):
-    """The quant path (no GGUF source here) imports neither torch nor edge.loading."""
+    """The quant path (no GGUF source here) imports neither torch nor parscale_edge.loading."""
     import subprocess
     import sys
 
     _, rt = golden_exports["p1_dense"]
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from quant.onnx_quant import QuantConfig, quantize_folder\n"
+            "from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder\n"
             f"quantize_folder({str(rt.folder)!r}, {str(tmp_path / 'q')!r}, QuantConfig(precision='int4'),"
             " check_positions=16, compare_positions=16)\n"
             "print('ok')")

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge.evaluate import perplexity, stdlib_text
-from edge.loading import convert_to_parscale, load_model
-from edge.runtime import OnnxCausalLM, SamplingConfig
-from export import export_model
+from parscale_edge.evaluate import perplexity, stdlib_text
+from parscale_edge.loading import convert_to_parscale, load_model
+from parscale_edge.runtime import OnnxCausalLM, SamplingConfig
+from parscale_edge.export import export_model
 
 pytestmark = pytest.mark.slow
 
@@ -83,8 +83,8 @@ def fp32_export(dense, tmp_path_factory):
 def test_int4_reuses_gguf_blocks_and_meets_quality_target(fp32_export, tmp_path):
     """Issue target: smollm2-135m int4 within 2% of fp32 perplexity, top-1 agreement >= 95%, over
     >= 4096 positions of held-out code; int4 decodes faster than fp32 is measured in bench/."""
-    from edge.manifest import Manifest
-    from quant.onnx_quant import QuantConfig, quantize_folder
+    from parscale_edge.manifest import Manifest
+    from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 
     out = quantize_folder(fp32_export, tmp_path / "int4", QuantConfig(precision="int4"), compare_positions=4096,
                           threads=1)
@@ -99,8 +99,8 @@ def test_int4_reuses_gguf_blocks_and_meets_quality_target(fp32_export, tmp_path)
 
 
 def test_int8_stays_within_one_percent(fp32_export, tmp_path):
-    from edge.manifest import Manifest
-    from quant.onnx_quant import QuantConfig, quantize_folder
+    from parscale_edge.manifest import Manifest
+    from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 
     out = quantize_folder(fp32_export, tmp_path / "int8", QuantConfig(precision="int8"), compare_positions=2048,
                           threads=1)

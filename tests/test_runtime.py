@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge.runtime import RuntimeInputError, SamplingConfig, left_pad, sample_next
+from parscale_edge.runtime import RuntimeInputError, SamplingConfig, left_pad, sample_next
 
 
 def torch_greedy(model, prompt, n):
@@ -74,7 +74,7 @@ def test_left_pad_positions():
 
 def test_runtime_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
-            "import edge.runtime, edge.tokenizer, edge.manifest, edge.cli, edge.hub, edge.evaluate, edge.validate\n"
+            "import parscale_edge.runtime, parscale_edge.tokenizer, parscale_edge.manifest, parscale_edge.cli, parscale_edge.hub, parscale_edge.evaluate, parscale_edge.validate\n"
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

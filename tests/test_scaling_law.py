@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("scipy")
 
-from edge import scaling_law as sl  # noqa: E402
+from parscale_edge import scaling_law as sl  # noqa: E402
 
 RUNS_CSV = Path(__file__).parent / "data" / "scaling-law-runs.csv"
 DATASETS = ("stack-v2-python", "pile")

@@ -1,4 +1,4 @@
-"""edge.tokenizer: save/load, eos ids, chat templates, streaming detokenisation (offline, fast)."""
+"""parscale_edge.tokenizer: save/load, eos ids, chat templates, streaming detokenisation (offline, fast)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from edge.gguf_io import read_gguf_tokenizer
-from edge.tokenizer import CHATML_TEMPLATE, StreamDecoder, Tokenizer
+from parscale_edge.gguf_io import read_gguf_tokenizer
+from parscale_edge.tokenizer import CHATML_TEMPLATE, StreamDecoder, Tokenizer
 from tiny_gguf import write_tiny_gguf
 
 MULTIBYTE = "naïve café → 你好，世界！🙂 emoji 👍🏽 and 🇫🇷 flags; Ω≈ç√ 日本語テキスト 🙂🙂"
@@ -23,7 +23,7 @@ def tok(tmp_path_factory):
 
 def test_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import edge.tokenizer, edge.gguf_io, edge.hub\n"
+            "import parscale_edge.tokenizer, parscale_edge.gguf_io, parscale_edge.hub\n"
             "assert 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -11,12 +11,12 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
 
-from edge.adapter import (ADAPTER_FORMAT, AdapterError, apply_adapter, backbone_sha256, is_parscale_tensor,
+from parscale_edge.adapter import (ADAPTER_FORMAT, AdapterError, apply_adapter, backbone_sha256, is_parscale_tensor,
                           save_adapter)
-from edge.corpus import BlockOrder, is_heldout_module, stdlib_split
-from edge.evaluate import HELDOUT_MODULES
-from edge.loading import convert_to_parscale
-from edge.train import TrainConfig, TrainError, dense_view, lr_at, train
+from parscale_edge.corpus import BlockOrder, is_heldout_module, stdlib_split
+from parscale_edge.evaluate import HELDOUT_MODULES
+from parscale_edge.loading import convert_to_parscale
+from parscale_edge.train import TrainConfig, TrainError, dense_view, lr_at, train
 from tiny import tiny_model
 
 
@@ -180,7 +180,7 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
                    log=lambda m: None, stop_after=5)
     from safetensors import safe_open
 
-    from edge.train import _load_checkpoint
+    from parscale_edge.train import _load_checkpoint
 
     path = tmp_path / "b" / "checkpoint.safetensors"
     with safe_open(str(path), "pt") as f:
@@ -231,7 +231,7 @@ def test_dense_view_is_the_p1_parent_on_shared_weights_and_keeps_the_backbone_fr
 
 
 def test_full_training_changes_the_backbone_and_writes_a_loadable_hf_folder(tmp_path):
-    from edge.loading import load_hf_folder
+    from parscale_edge.loading import load_hf_folder
 
     lm = tiny_model(P=1)
     before = backbone_sha256(lm.model)

@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
 
-from edge.adapter import apply_adapter
-from edge.cli import main
-from edge.loading import load_gguf
-from edge.manifest import Manifest
+from parscale_edge.adapter import apply_adapter
+from parscale_edge.cli import main
+from parscale_edge.loading import load_gguf
+from parscale_edge.manifest import Manifest
 from tiny_gguf import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def test_train_then_export_with_adapter_matches_pytorch(tiny, capsys):
     assert man.parscale_n == 2 and man.parscale_n_tokens == 4
     assert man.extra["backbone_sha256"] == meta["backbone_sha256"]
 
-    from edge.runtime import OnnxCausalLM
+    from parscale_edge.runtime import OnnxCausalLM
 
     ref = apply_adapter(load_gguf(tiny / "tiny.gguf", progress=False), adapter).model
     ids = np.array([[5, 70, 80, 9, 100, 3]], dtype=np.int64)
@@ -74,7 +74,7 @@ def test_train_then_export_with_adapter_matches_pytorch(tiny, capsys):
     ("parallel", "--parallel must be >= 2"),
 ])
 def test_bad_train_input_is_one_clear_error_line(tiny, tmp_path, case, msg, capsys, monkeypatch):
-    monkeypatch.setattr("edge.loading.load_model", lambda *a, **k: pytest.fail("must fail before loading"))
+    monkeypatch.setattr("parscale_edge.loading.load_model", lambda *a, **k: pytest.fail("must fail before loading"))
     out = tmp_path / "o"
     args = _train_args(tiny, out)
     if case == "overlap":
@@ -112,7 +112,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny, tmp
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert main(_train_args(tiny, single, "--batch", "2", "--eval", "none")) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "edge.cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "parscale_edge.cli",
            *_train_args(tiny, ddp, "--batch", "1", "--eval", "none")]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -133,12 +133,12 @@ def test_named_model_with_an_adapter_of_another_named_model_is_refused_before_do
                                                                                         capsys):
     """The shipped smollm2-135m adapter given to `export qwen2.5-coder-0.5b`: refused from the
     adapter's metadata, naming both models, without fetching anything."""
-    import edge.hub
+    import parscale_edge.hub
 
     def no_fetch(*a, **k):
         raise AssertionError("fetched a model for an adapter that cannot fit it")
 
-    monkeypatch.setattr(edge.hub, "fetch_gguf", no_fetch)
+    monkeypatch.setattr(parscale_edge.hub, "fetch_gguf", no_fetch)
     monkeypatch.setenv("PARSCALE_EDGE_CACHE", str(tmp_path / "cache"))
     adapter = ROOT / "adapters" / "smollm2-135m-p2.safetensors"
     assert main(["-q", "export", "qwen2.5-coder-0.5b", "--adapter", str(adapter), "-o", str(tmp_path / "x")]) == 2

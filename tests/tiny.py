@@ -1,9 +1,9 @@
 """Tiny random-weight models for fast tests."""
 import torch
 
-from edge.config import ParScaleConfig
-from edge.loading import LoadedModel
-from edge.model import ParScaleForCausalLM
+from parscale_edge.config import ParScaleConfig
+from parscale_edge.loading import LoadedModel
+from parscale_edge.model import ParScaleForCausalLM
 
 
 def tiny_config(family="qwen2", P=1, tie=True, head_dim=16, **kw) -> ParScaleConfig:

@@ -3,9 +3,9 @@
 The speed table (bench/peers/run.py) compares runtimes that do not compute the same thing: the
 GGUF's Q4_1 weights are what llama.cpp runs and what our fp32 export dequantizes exactly, while
 onnxruntime-genai's builder re-rounds them (and its lm_head) to its own 4-bit blocks. This script
-scores the same sliding windows of held-out stdlib code (``edge.evaluate.stdlib_text``; window
+scores the same sliding windows of held-out stdlib code (``parscale_edge.evaluate.stdlib_text``; window
 512, stride 256, 4096 positions by default) with our fp32 export as the reference and reports,
-per candidate, perplexity, KL(ref || cand) and top-1 agreement (``edge.evaluate.compare``):
+per candidate, perplexity, KL(ref || cand) and top-1 agreement (``parscale_edge.evaluate.compare``):
 
 * ``ours-int4``: our int4 export (GGUF blocks reused, Q4_1 minimum corrected, accuracy_level 4);
 * ``ort-genai-int4``: onnxruntime-genai's int4 build of the same weights (run with plain
@@ -55,7 +55,7 @@ def llama_cpp_fn(threads: int, window: int):
     """Logits of llama.cpp on the GGUF for whole windows: float32 [1, S, vocab]."""
     from llama_cpp import Llama
 
-    from edge.hub import fetch_gguf
+    from parscale_edge.hub import fetch_gguf
     llm = Llama(model_path=str(fetch_gguf(MODEL, progress=False)), n_ctx=window, n_batch=window,
                 n_ubatch=window, n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
 
@@ -76,9 +76,9 @@ def main() -> None:
     ap.add_argument("-o", "--output", default="bench/results/peers_quality_smollm2.json")
     a = ap.parse_args()
 
-    from edge.device import device_info
-    from edge.evaluate import compare, onnx_logits_fn, stdlib_text
-    from edge.runtime import OnnxCausalLM
+    from parscale_edge.device import device_info
+    from parscale_edge.evaluate import compare, onnx_logits_fn, stdlib_text
+    from parscale_edge.runtime import OnnxCausalLM
 
     fp32 = OnnxCausalLM(ensure_ours("fp32", a.threads), device="cpu", threads=a.threads)
     tokens = fp32.tokenizer.encode(stdlib_text())[:a.positions + 1]
@@ -101,7 +101,7 @@ def main() -> None:
               f"{r['ref_perplexity']:.4f}), KL mean {r['kl_mean']:.4f}, top-1 {100 * r['top1_agreement']:.1f}%")
     doc = {"what": "4-bit peers' distance from our fp32 export of the same GGUF, same windows",
            "model": MODEL, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": device_info(),
-           "settings": {"text": "edge.evaluate.stdlib_text() (held-out stdlib modules)", "window": a.window,
+           "settings": {"text": "parscale_edge.evaluate.stdlib_text() (held-out stdlib modules)", "window": a.window,
                         "stride": a.window // 2, "positions": a.positions, "threads": a.threads,
                         "reference": "ours-fp32 (the GGUF dequantized exactly)"},
            "ort_genai_folder": str(genai), "results": results}

@@ -1,8 +1,8 @@
 """Peers, side by side in one run: prefill and decode speed of smollm2-135m in llama.cpp,
 onnxruntime-genai, optimum (ONNX Runtime), PyTorch eager and our own exports.
 
-Same model (smollm2-135m: the GGUF of ``edge.hub`` for llama.cpp, the same weights dequantized for
-everything else), same prompt (the first 256 tokens of ``edge.evaluate.stdlib_text()`` with the
+Same model (smollm2-135m: the GGUF of ``parscale_edge.hub`` for llama.cpp, the same weights dequantized for
+everything else), same prompt (the first 256 tokens of ``parscale_edge.evaluate.stdlib_text()`` with the
 model's tokenizer; every runtime is fed these ids), same settings (batch 1, greedy, 128 decode
 steps, ``--threads`` intra-op threads, default 1). Timed like ``bench/decode_prefill.py`` and
 llama-bench: the prefill is one call over the whole prompt, each decode step one call for one
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT / "bench")]
 
 MODEL = "smollm2-135m"
 #: (name, what it is, precision) in run order.
@@ -49,7 +49,7 @@ PEERS = [
     ("ort-genai-int4", "onnxruntime-genai model builder, int4 CPU", "int4"),
     ("optimum-fp32", "optimum ONNX export, ORTModelForCausalLM", "fp32"),
     ("optimum-graph-fp32", "optimum's model.onnx in a plain InferenceSession", "fp32"),
-    ("torch-eager-fp32", "PyTorch eager, our model (edge.loading)", "fp32"),
+    ("torch-eager-fp32", "PyTorch eager, our model (parscale_edge.loading)", "fp32"),
     ("ours-fp32", "parscale export P=1, OnnxCausalLM", "fp32"),
     ("ours-int4", "parscale export P=1 int4, OnnxCausalLM", "int4"),
 ]
@@ -58,7 +58,7 @@ OURS = ("ours-fp32", "ours-int4")
 
 # ------------------------------------------------------------------------------------- helpers
 def cache_dir() -> Path:
-    from edge.hub import default_cache_dir
+    from parscale_edge.hub import default_cache_dir
     return Path(default_cache_dir())
 
 
@@ -104,21 +104,21 @@ def ours_folder(precision: str) -> Path:
 
 def ensure_ours(precision: str, threads: int) -> Path:
     """Our P=1 export: the cached one, else `parscale export` (fp32) / quantize_folder (int4)."""
-    from edge.manifest import FORMAT_VERSION, Manifest
+    from parscale_edge.manifest import FORMAT_VERSION, Manifest
     folder = ours_folder(precision)
     if (folder / "manifest.json").exists() and Manifest.read(folder).format_version == FORMAT_VERSION:
         return folder
     if precision == "fp32":
-        from edge.cli import ensure_export
+        from parscale_edge.cli import ensure_export
         return Path(ensure_export(MODEL, 1, threads, progress=False))
-    from quant.onnx_quant import QuantConfig, quantize_folder
+    from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
     quantize_folder(ensure_ours("fp32", threads), folder, QuantConfig(precision="int4"), overwrite=True)
     return folder
 
 
 def prompt_ids(n: int) -> list[int]:
-    from edge.evaluate import stdlib_text
-    from edge.tokenizer import Tokenizer
+    from parscale_edge.evaluate import stdlib_text
+    from parscale_edge.tokenizer import Tokenizer
     ids = Tokenizer.from_dir(ensure_ours("fp32", 1)).encode(stdlib_text())[:n]
     if len(ids) < n:
         raise SystemExit(f"stdlib_text() has only {len(ids)} tokens, need {n}")
@@ -131,7 +131,7 @@ def prepare_hf_folder() -> Path:
     out = peers_dir() / f"{MODEL}-hf"
     if (out / "model.safetensors").exists():
         return out
-    from edge.loading import load_model, save_hf_folder
+    from parscale_edge.loading import load_model, save_hf_folder
     save_hf_folder(load_model(MODEL, progress=False), out)
     return out
 
@@ -141,7 +141,7 @@ def check_transformers(hf: Path, ids: list[int], threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edge.loading import load_model
+    from parscale_edge.loading import load_model
     torch.set_num_threads(threads)
     t = torch.tensor([ids])
     with torch.no_grad():
@@ -259,7 +259,7 @@ def _onnx_greedy(forward, prompt, gen_len):
 
 def work_ours(precision, prompt, gen_len, repeat, threads, logits_out):
     from decode_prefill import run_one
-    from edge.runtime import OnnxCausalLM
+    from parscale_edge.runtime import OnnxCausalLM
     folder = ensure_ours(precision, threads)
     rt = OnnxCausalLM(folder, device="cpu", threads=threads)
     if logits_out:
@@ -267,7 +267,7 @@ def work_ours(precision, prompt, gen_len, repeat, threads, logits_out):
         np.save(logits_out, rt.score(p)[0])
     run_one(rt, prompt[:16], 4)  # warm-up, as bench/decode_prefill.py
     runs = [run_one(rt, prompt, gen_len) for _ in range(repeat)]  # the project's own timing loop
-    from edge.runtime import SamplingConfig
+    from parscale_edge.runtime import SamplingConfig
     runs[0]["tokens"] = rt.generate([prompt], SamplingConfig(max_new_tokens=gen_len), eos_token_ids=[])[0]
     man = json.loads((folder / "manifest.json").read_text())
     q = man.get("quantization") or {}
@@ -281,7 +281,7 @@ def work_ours(precision, prompt, gen_len, repeat, threads, logits_out):
 def work_torch(prompt, gen_len, repeat, threads, logits_out):
     import torch
 
-    from edge.loading import load_model
+    from parscale_edge.loading import load_model
     torch.set_num_threads(threads)
     model = load_model(MODEL, progress=False).model.eval()
 
@@ -352,7 +352,7 @@ def work_llama_cpp(prompt, gen_len, repeat, threads, logits_out):
     import llama_cpp
     from llama_cpp import Llama
 
-    from edge.hub import fetch_gguf
+    from parscale_edge.hub import fetch_gguf
     gguf = fetch_gguf(MODEL, progress=False)
     llm = Llama(model_path=str(gguf), n_ctx=len(prompt) + gen_len + 16, n_batch=512, n_ubatch=512,
                 n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -583,7 +583,7 @@ def main() -> None:
     if a.worker:
         return worker_main(a)
 
-    from edge.device import device_info
+    from parscale_edge.device import device_info
     wanted = [p.strip() for p in a.peers.split(",") if p.strip()]
     unknown = set(wanted) - set(WORKERS)
     if unknown:
@@ -594,7 +594,7 @@ def main() -> None:
            "niceness": os.nice(0), "python": sys.version.split()[0],
            "settings": {"batch": 1, "prompt_len": a.prompt_len, "gen_len": a.gen_len, "threads": a.threads,
                         "repeat": a.repeat, "rounds": a.rounds, "greedy": True,
-                        "prompt": "edge.evaluate.stdlib_text() tokenized with the model's tokenizer, first "
+                        "prompt": "parscale_edge.evaluate.stdlib_text() tokenized with the model's tokenizer, first "
                                   f"{a.prompt_len} ids, fed as ids to every runtime",
                         "timing": "prefill: one call over the prompt; decode: one call per token, each timed; "
                                   "tok/s = prompt_len / median prefill and 1000 / median step ms"},

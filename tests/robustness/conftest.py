@@ -15,8 +15,8 @@ from robustness.helpers import train_qa_model
 @pytest.fixture(scope="session")
 def tiny_exports(tmp_path_factory):
     """{P: (LoadedModel, OnnxCausalLM)} for P in 1, 2, 4, 8 (vocab 97, hidden 48, 6 heads, 2 KV heads)."""
-    from edge.runtime import OnnxCausalLM
-    from export import export_onnx
+    from parscale_edge.runtime import OnnxCausalLM
+    from parscale_edge.export import export_onnx
     from tiny import tiny_model
 
     root = tmp_path_factory.mktemp("robust-tiny")
@@ -30,9 +30,9 @@ def tiny_exports(tmp_path_factory):
 @pytest.fixture(scope="session")
 def text_export(tmp_path_factory):
     """OnnxCausalLM of a tiny qwen2 GGUF (tokenizer included, context 256) converted to P=2."""
-    from edge.loading import convert_to_parscale, load_gguf
-    from edge.runtime import OnnxCausalLM
-    from export import export_onnx
+    from parscale_edge.loading import convert_to_parscale, load_gguf
+    from parscale_edge.runtime import OnnxCausalLM
+    from parscale_edge.export import export_onnx
     from tiny_gguf import write_tiny_gguf
 
     root = tmp_path_factory.mktemp("robust-text")
@@ -44,8 +44,8 @@ def text_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """(LoadedModel, OnnxCausalLM of its fp32 export) of :func:`train_qa_model`."""
-    from edge.runtime import OnnxCausalLM
-    from export import export_onnx
+    from parscale_edge.runtime import OnnxCausalLM
+    from parscale_edge.export import export_onnx
 
     prev = torch.get_num_threads()
     torch.set_num_threads(1)

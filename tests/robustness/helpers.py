@@ -40,7 +40,7 @@ def train_qa_model(steps: int = 60, seed: int = 0):
 
 def greedy(rt, prompt: list[int], n: int) -> list[int]:
     """n greedy tokens of one prompt through the runtime (no eos)."""
-    from edge.runtime import SamplingConfig
+    from parscale_edge.runtime import SamplingConfig
 
     return rt.generate([prompt], SamplingConfig(max_new_tokens=n), eos_token_ids=[])[0]
 

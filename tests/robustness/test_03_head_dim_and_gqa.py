@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from edge.runtime import OnnxCausalLM
-from export import export_onnx
+from parscale_edge.runtime import OnnxCausalLM
+from parscale_edge.export import export_onnx
 from tiny import tiny_model
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from edge.runtime import OnnxCausalLM
-from export import export_onnx
-from export.onnx_export import _DUMMY_B, _DUMMY_PAST, _DUMMY_S
+from parscale_edge.runtime import OnnxCausalLM
+from parscale_edge.export import export_onnx
+from parscale_edge.export.onnx_export import _DUMMY_B, _DUMMY_PAST, _DUMMY_S
 from tiny import tiny_model
 
 # 8 query heads over 2 KV heads (GQA repeat 4), head_dim 8, hidden 64: no config value equals a dummy size.

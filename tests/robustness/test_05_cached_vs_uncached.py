@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from edge.runtime import OnnxCausalLM
-from quant.onnx_quant import QuantConfig, quantize_folder
+from parscale_edge.runtime import OnnxCausalLM
+from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 from robustness.helpers import QA_TEXT, full_logits
 
 

@@ -10,8 +10,8 @@ import warnings
 import numpy as np
 import pytest
 
-from edge.runtime import OnnxCausalLM, SamplingConfig
-from quant.onnx_quant import QuantConfig, QuantizationError, quantize_folder
+from parscale_edge.runtime import OnnxCausalLM, SamplingConfig
+from parscale_edge.quant.onnx_quant import QuantConfig, QuantizationError, quantize_folder
 
 QUESTION = b"Q: What is the capital of France?\nA:"
 SENTENCE = b"Q: What do bees make?\nA: Bees make honey from the nectar of flowers.\n"
@@ -58,7 +58,7 @@ def test_quantized_answer_is_not_degenerate(trained, tmp_path, precision, symmet
 # ------------------------------------------------------------------------------ real model (slow)
 @pytest.fixture(scope="module")
 def smollm2_fp32():
-    from edge.cli import ensure_export
+    from parscale_edge.cli import ensure_export
 
     return ensure_export("smollm2-135m", 1, threads=1, progress=False)
 

@@ -6,9 +6,9 @@ import onnx
 import pytest
 import torch
 
-from edge.loading import CheckpointError, LoadedModel, build_model
-from edge.runtime import OnnxCausalLM
-from export import export_onnx
+from parscale_edge.loading import CheckpointError, LoadedModel, build_model
+from parscale_edge.runtime import OnnxCausalLM
+from parscale_edge.export import export_onnx
 from tiny import tiny_config, tiny_model
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"

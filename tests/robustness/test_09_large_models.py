@@ -10,10 +10,10 @@ import onnx
 import pytest
 import torch
 
-from edge.manifest import DATA_FILE, MODEL_FILE
-from edge.runtime import OnnxCausalLM
-from edge.validate import read_graph_summary
-from quant.onnx_quant import QuantConfig, quantize_folder
+from parscale_edge.manifest import DATA_FILE, MODEL_FILE
+from parscale_edge.runtime import OnnxCausalLM
+from parscale_edge.validate import read_graph_summary
+from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 
 
 def assert_relative_external_data(folder):
@@ -27,7 +27,7 @@ def assert_relative_external_data(folder):
                   and len(t.raw_data) > 4096]
     assert not big_inline
     onnx.checker.check_model(str(folder / MODEL_FILE))
-    # our own reader (edge.validate) sees the same references as the onnx package
+    # our own reader (parscale_edge.validate) sees the same references as the onnx package
     summary = read_graph_summary(folder / MODEL_FILE)
     assert {r.tensor for r in summary.external} == {t.name for t in ext}
     assert {r.location for r in summary.external} == {DATA_FILE}
@@ -63,7 +63,7 @@ def _free_gib(path) -> float:
 
 
 def _mem_gib() -> float:
-    from edge.validate import available_memory_bytes
+    from parscale_edge.validate import available_memory_bytes
 
     return (available_memory_bytes() or 0) / 2**30
 
@@ -72,10 +72,10 @@ def _mem_gib() -> float:
 @pytest.mark.large
 def test_model_above_2gb_round_trips_export_and_quantize(tmp_path):
     """About 1 minute and 7 GiB peak RSS on 2 cores (measured)."""
-    from edge.config import ParScaleConfig
-    from edge.loading import LoadedModel
-    from edge.model import ParScaleForCausalLM
-    from export import export_onnx
+    from parscale_edge.config import ParScaleConfig
+    from parscale_edge.loading import LoadedModel
+    from parscale_edge.model import ParScaleForCausalLM
+    from parscale_edge.export import export_onnx
 
     if _free_gib(tmp_path) < 10 or _mem_gib() < 10:
         pytest.skip(f"needs 10 GiB of disk and 10 GiB of memory free (have {_free_gib(tmp_path):.1f} / {_mem_gib():.1f})")

@@ -3,10 +3,10 @@ smollm2-135m it stays under 1.3x (slow). Weights larger than the free memory are
 ONNX Runtime starts (the kernel would kill the process without a message)."""
 import pytest
 
-from edge import validate
-from edge.profile import profile_folder
-from edge.runtime import OnnxCausalLM
-from edge.validate import LOAD_MEMORY_FACTOR, ExportFolderError
+from parscale_edge import validate
+from parscale_edge.profile import profile_folder
+from parscale_edge.runtime import OnnxCausalLM
+from parscale_edge.validate import LOAD_MEMORY_FACTOR, ExportFolderError
 
 
 def test_profiler_reports_load_memory_against_the_weight_file(tiny_exports):
@@ -40,8 +40,8 @@ def test_available_memory_is_read_from_proc():
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_real_model_session_peak_rss_stays_under_1_3x_the_weight_file(precision):
-    from edge.cli import ensure_export
-    from edge.profile import quantized_folder
+    from parscale_edge.cli import ensure_export
+    from parscale_edge.profile import quantized_folder
 
     folder = quantized_folder(ensure_export("smollm2-135m", 1, threads=1, progress=False), precision, threads=1)
     row = profile_folder(folder, batches=[1], prompt_lens=[8], gen_len=2, threads=1, repeat=1, warmup=0)[0]
@@ -53,7 +53,7 @@ def test_real_model_session_peak_rss_stays_under_1_3x_the_weight_file(precision)
 # --------------------------------------------- the KV cache of a request (issue 15: checked before allocating)
 @pytest.fixture(scope="module")
 def fused_p2(tmp_path_factory):
-    from export import export_model
+    from parscale_edge.export import export_model
     from tiny import tiny_model
 
     return export_model(tiny_model("qwen2", 2, seed=1), tmp_path_factory.mktemp("kv") / "fused")
@@ -61,8 +61,8 @@ def fused_p2(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["fused", "reference"])
 def test_a_kv_cache_larger_than_free_memory_is_refused_before_allocating(tiny_exports, fused_p2, kind, monkeypatch):
-    from edge.runtime import SamplingConfig
-    from edge.validate import MemoryCheckError
+    from parscale_edge.runtime import SamplingConfig
+    from parscale_edge.validate import MemoryCheckError
 
     rt = OnnxCausalLM(fused_p2 if kind == "fused" else tiny_exports[2][1].folder, "cpu", 1)
     monkeypatch.setattr(validate, "available_memory_bytes", lambda: 50_000)
@@ -76,7 +76,7 @@ def test_a_kv_cache_larger_than_free_memory_is_refused_before_allocating(tiny_ex
 
 
 def test_cli_names_the_kv_cache_size_and_the_fix(text_export, monkeypatch, capsys):
-    from edge.cli import main
+    from parscale_edge.cli import main
 
     calls = iter([10**12])  # the weights fit; the cache does not
     monkeypatch.setattr(validate, "available_memory_bytes", lambda: next(calls, 10_000))
@@ -92,7 +92,7 @@ def test_cli_names_the_kv_cache_size_and_the_fix(text_export, monkeypatch, capsy
                                  ["convert", "{src}", "-o", "{out}", "-P", "1000"],
                                  ["generate", "-m", "{src}", "-P", "1000", "-p", "hi"]])
 def test_parallel_is_bounded_before_any_work(tmp_path, cmd, capsys):
-    from edge.cli import main
+    from parscale_edge.cli import main
 
     src = tmp_path / "src"
     src.mkdir()

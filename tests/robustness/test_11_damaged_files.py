@@ -9,11 +9,11 @@ import onnx
 import pytest
 from safetensors.torch import load_file, save_file
 
-from edge.cli import main
-from edge.loading import CheckpointError, load_gguf, load_hf_folder, save_hf_folder
-from edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE
-from edge.runtime import OnnxCausalLM
-from edge.validate import ExportFolderError, read_graph_summary
+from parscale_edge.cli import main
+from parscale_edge.loading import CheckpointError, load_gguf, load_hf_folder, save_hf_folder
+from parscale_edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE
+from parscale_edge.runtime import OnnxCausalLM
+from parscale_edge.validate import ExportFolderError, read_graph_summary
 from tiny import tiny_model
 from tiny_gguf import write_tiny_gguf
 

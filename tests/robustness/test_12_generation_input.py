@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.cli import main
-from edge.runtime import RuntimeInputError, SamplingConfig, sample_next
+from parscale_edge.cli import main
+from parscale_edge.runtime import RuntimeInputError, SamplingConfig, sample_next
 
 
 @pytest.mark.parametrize("kw,msg", [

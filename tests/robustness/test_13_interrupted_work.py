@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from edge.manifest import Manifest
-from edge.runtime import OnnxCausalLM
-from export import export_onnx
+from parscale_edge.manifest import Manifest
+from parscale_edge.runtime import OnnxCausalLM
+from parscale_edge.export import export_onnx
 from robustness.interrupt_child import FAKE_PARTS, fake_payload
 from tiny import tiny_model
 
@@ -129,7 +129,7 @@ def fp32_src(tmp_path_factory):
 @pytest.mark.parametrize("kill,expect", [(("onnx", "save_model", 1), "int8"), (("os", "replace", 1), "int8"),
                                          (("os", "replace", 2), "none")], ids=["save", "replace#1", "replace#2"])
 def test_quantize_killed_leaves_old_output_or_none(fp32_src, tmp_path, refs, kill, expect):
-    from quant.onnx_quant import QuantConfig, quantize_folder
+    from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 
     out = quantize_folder(fp32_src, tmp_path / "q", QuantConfig(precision="int8", block_size=16),
                           check_positions=0, compare_positions=0)

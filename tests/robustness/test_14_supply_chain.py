@@ -12,14 +12,14 @@ from pathlib import Path
 import onnx
 import pytest
 
-from edge import hub
-from edge.cli import main
-from edge.hub import IntegrityError, ModelSpec, fetch_gguf
-from edge.loading import CheckpointError, load_hf_folder, load_model, save_hf_folder
-from edge.manifest import DATA_FILE, MODEL_FILE
-from edge.runtime import OnnxCausalLM
-from edge.tokenizer import render_chat_template
-from edge.validate import ExportFolderError
+from parscale_edge import hub
+from parscale_edge.cli import main
+from parscale_edge.hub import IntegrityError, ModelSpec, fetch_gguf
+from parscale_edge.loading import CheckpointError, load_hf_folder, load_model, save_hf_folder
+from parscale_edge.manifest import DATA_FILE, MODEL_FILE
+from parscale_edge.runtime import OnnxCausalLM
+from parscale_edge.tokenizer import render_chat_template
+from parscale_edge.validate import ExportFolderError
 from tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Row 15, --overwrite: it replaces only a folder this toolkit wrote (edge.atomic.check_replaceable),
+"""Row 15, --overwrite: it replaces only a folder this toolkit wrote (parscale_edge.atomic.check_replaceable),
 never the source, a folder holding the source, a link, or a folder with other files; every
 command that writes a folder (export, quantize, convert, train) is refused with one line, exit 2,
 and every file is still there."""
@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from edge.atomic import OWNER_FILE, OutputPathError, atomic_folder
-from edge.cli import main
-from edge.loading import save_hf_folder
-from edge.manifest import MANIFEST_FILE
-from export import export_onnx
+from parscale_edge.atomic import OWNER_FILE, OutputPathError, atomic_folder
+from parscale_edge.cli import main
+from parscale_edge.loading import save_hf_folder
+from parscale_edge.manifest import MANIFEST_FILE
+from parscale_edge.export import export_onnx
 from tiny import tiny_model
 
 
@@ -93,7 +93,7 @@ def test_quantize_onto_its_source_is_refused(tmp_path, capsys):
     refused(["-q", "quantize", str(src), "-o", str(src), "--overwrite", "--precision", "int8", "--block-size", "16"],
             capsys, "is the source")
     assert snapshot(src) == before
-    from quant.onnx_quant import QuantConfig, quantize_folder
+    from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 
     with pytest.raises(OutputPathError, match="the source"):
         quantize_folder(src, src, QuantConfig(precision="int8", block_size=16), overwrite=True)

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from edge.cli import ensure_export, export_cache_folder
-from edge.loading import save_hf_folder
-from edge.manifest import Manifest
-from edge.runtime import OnnxCausalLM
+from parscale_edge.cli import ensure_export, export_cache_folder
+from parscale_edge.loading import save_hf_folder
+from parscale_edge.manifest import Manifest
+from parscale_edge.runtime import OnnxCausalLM
 from tiny import tiny_model
 from tiny_gguf import write_tiny_gguf
 
@@ -51,7 +51,7 @@ def test_replaced_weights_export_again(cache, tmp_path):
     ("tokenizer_config.json", lambda d: d.update(chat_template="{{ messages[0]['content'] }}")),
 ])
 def test_edited_config_or_chat_template_exports_again(cache, tmp_path, name, edit):
-    from edge.loading import load_gguf  # the tiny GGUF brings a tokenizer with a chat template
+    from parscale_edge.loading import load_gguf  # the tiny GGUF brings a tokenizer with a chat template
 
     write_tiny_gguf(tmp_path / "t.gguf", "qwen2")
     src = save_hf_folder(load_gguf(tmp_path / "t.gguf", progress=False), tmp_path / "src")

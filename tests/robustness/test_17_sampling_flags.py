@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from edge.cli import _sampling, build_parser, main
-from edge.manifest import MANIFEST_FILE
+from parscale_edge.cli import _sampling, build_parser, main
+from parscale_edge.manifest import MANIFEST_FILE
 
 
 def sampling(*flags):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from edge.cli import main
-from edge.loading import CheckpointError, load_hf_folder, save_hf_folder
+from parscale_edge.cli import main
+from parscale_edge.loading import CheckpointError, load_hf_folder, save_hf_folder
 from tiny import tiny_model
 
 

@@ -1,16 +1,16 @@
 """Row 19, a hand-edited manifest.json: not an object, fields missing or of the wrong type, an unknown
 graph kind or precision, a cache dtype that does not match the precision (or the graph), a fused
 graph without parallel_options, part files outside the folder: one error line naming the manifest
-and the field (Manifest.read validates; edge.validate compares with the graph), never a traceback
+and the field (Manifest.read validates; parscale_edge.validate compares with the graph), never a traceback
 and never a file opened outside the folder."""
 import json
 import shutil
 
 import pytest
 
-from edge.cli import main
-from edge.manifest import MANIFEST_FILE, Manifest, ManifestError
-from export import export_model
+from parscale_edge.cli import main
+from parscale_edge.manifest import MANIFEST_FILE, Manifest, ManifestError
+from parscale_edge.export import export_model
 from tiny import tiny_model
 
 

@@ -8,10 +8,10 @@ import subprocess
 import onnx
 import pytest
 
-from edge import hub
-from edge.atomic import OutputPathError, write_json
-from edge.cli import main
-from edge.loading import save_hf_folder
+from parscale_edge import hub
+from parscale_edge.atomic import OutputPathError, write_json
+from parscale_edge.cli import main
+from parscale_edge.loading import save_hf_folder
 from tiny import tiny_model
 
 
@@ -29,12 +29,12 @@ def one_line(capsys, argv, *words):
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if a command gets as far as loading a model."""
-    import edge.cli
+    import parscale_edge.cli
 
     def boom(*a, **k):
         raise AssertionError("the output path was not checked before the work")
-    monkeypatch.setattr(edge.cli, "ensure_export", boom)
-    monkeypatch.setattr(edge.cli, "load_for_export", boom)
+    monkeypatch.setattr(parscale_edge.cli, "ensure_export", boom)
+    monkeypatch.setattr(parscale_edge.cli, "load_for_export", boom)
 
 
 @pytest.mark.parametrize("cmd", [["eval", "{m}"], ["compare", "{m}", "{m}"], ["scaling-law", "fit"],

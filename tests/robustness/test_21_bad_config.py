@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from edge.cli import main
-from edge.config import MAX_CONTEXT, ParScaleConfig, UnsupportedModelError
-from edge.loading import save_hf_folder
+from parscale_edge.cli import main
+from parscale_edge.config import MAX_CONTEXT, ParScaleConfig, UnsupportedModelError
+from parscale_edge.loading import save_hf_folder
 from tiny import tiny_model
 
 

@@ -2,7 +2,7 @@
 the positions the model knows), and a run that fails its data checks leaves no empty run folder."""
 import pytest
 
-from edge.cli import main
+from parscale_edge.cli import main
 from tiny_gguf import write_tiny_gguf
 
 
@@ -47,7 +47,7 @@ def test_a_run_that_fails_its_data_checks_leaves_no_folder(gguf, tmp_path, capsy
 
 
 def test_a_run_folder_under_a_file_is_refused_before_loading(gguf, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("edge.loading.load_model", lambda *a, **k: pytest.fail("must fail before loading"))
+    monkeypatch.setattr("parscale_edge.loading.load_model", lambda *a, **k: pytest.fail("must fail before loading"))
     (tmp_path / "afile").write_text("x")
     data = tmp_path / "d.txt"
     data.write_text("hello world " * 200)

@@ -4,14 +4,14 @@ import socket
 
 import pytest
 
-from edge.cli import main
+from parscale_edge.cli import main
 
 
 def test_a_busy_port_is_refused_before_loading(monkeypatch, capsys):
     pytest.importorskip("gradio")
-    import demo.models
+    import parscale_edge.demo.models
 
-    monkeypatch.setattr(demo.models, "load_pair", lambda *a, **k: pytest.fail("loaded the models first"))
+    monkeypatch.setattr(parscale_edge.demo.models, "load_pair", lambda *a, **k: pytest.fail("loaded the models first"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)

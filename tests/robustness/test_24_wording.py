@@ -13,11 +13,11 @@ import onnx
 import pytest
 from safetensors.torch import save_file
 
-from edge.cli import ensure_export, main
-from edge.loading import CheckpointError, load_hf_folder, save_hf_folder
-from edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE
-from edge.validate import ExportFolderError
-from export import export_onnx
+from parscale_edge.cli import ensure_export, main
+from parscale_edge.loading import CheckpointError, load_hf_folder, save_hf_folder
+from parscale_edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE
+from parscale_edge.validate import ExportFolderError
+from parscale_edge.export import export_onnx
 from tiny import tiny_model
 from tiny_gguf import write_tiny_gguf
 
@@ -50,7 +50,7 @@ def test_a_data_file_linked_from_outside_is_called_a_link(export, tmp_path):
     outside = tmp_path / "elsewhere.data"
     shutil.move(export / DATA_FILE, outside)
     (export / DATA_FILE).symlink_to(outside)
-    from edge.runtime import OnnxCausalLM
+    from parscale_edge.runtime import OnnxCausalLM
 
     with pytest.raises(ExportFolderError, match=rf"{export / DATA_FILE} is a link to {outside}, outside the model "
                                                 r"folder; .*copy the file in instead of linking it"):
