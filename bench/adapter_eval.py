@@ -78,6 +78,21 @@ def run_info(adapter: Path) -> dict:
             "run_evals": d.get("evals"), "run_dense": d.get("dense")}
 
 
+def finished(adapters) -> list[Path]:
+    """The adapters whose run is finished, in order; the others are named on stderr. A run writes
+    adapter.safetensors at every checkpoint, and only a finished run's history.json has
+    ``tokens_trained``, so a glob over runs/ must not score a run that is still training. An
+    adapter without a history.json (a shipped copy) counts as finished."""
+    out = []
+    for p in adapters:
+        h = p.parent / "history.json"
+        if h.exists() and "tokens_trained" not in json.loads(h.read_text()):
+            print(f"skipping {p}: its run is not finished ({h} has no tokens_trained yet)", file=sys.stderr)
+            continue
+        out.append(p)
+    return out
+
+
 def machine() -> dict:
     from parscale_edge.device import cpu_description, memory_gib
 
@@ -159,7 +174,7 @@ def main() -> None:
 
     from parscale_edge.hub import sha256_file
 
-    adapters = [Path(p) for p in a.adapters]
+    adapters = finished(map(Path, a.adapters))
     metas = {p: adapter_metadata(p) for p in adapters}
     shas = {p: sha256_file(p) for p in adapters}
     cache = Path(a.cache) if a.cache else None

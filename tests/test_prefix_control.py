@@ -243,3 +243,22 @@ def test_ensure_export_of_p1_with_a_control_adapter_exports_the_control(tmp_path
     out = cli.ensure_export("tiny", 1, progress=False, adapters=[str(path)])
     man = Manifest.read(out)
     assert man.parallel_options == {"1": "parscale/p1.safetensors"} and man.extra["prefix_only"] is True
+
+
+def test_adapter_eval_skips_the_adapter_of_a_run_still_training(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("adapter_eval", Path(__file__).resolve().parents[1] / "bench" / "adapter_eval.py")
+    ae = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ae)
+    done, running, shipped = (tmp_path / n for n in ("done", "running", "shipped"))
+    for d in (done, running, shipped):
+        d.mkdir()
+        (d / "adapter.safetensors").write_bytes(b"")
+    (done / "history.json").write_text(json.dumps({"tokens_trained": 100352, "evals": []}))
+    (running / "history.json").write_text(json.dumps({"evals": []}))  # written at a checkpoint
+    got = ae.finished([done / "adapter.safetensors", running / "adapter.safetensors", shipped / "adapter.safetensors"])
+    assert got == [done / "adapter.safetensors", shipped / "adapter.safetensors"]
+    assert "running/adapter.safetensors: its run is not finished" in capsys.readouterr().err
