@@ -243,3 +243,12 @@ def _validate(d, p: Path) -> None:
                 or folder not in (folder / rel).resolve().parents:
             bad(f"parallel_options P={k} names {rel!r}, which is not a file inside the folder; a manifest's paths "
                 "stay in its folder")
+
+
+#: the fix that ends most messages about a damaged export folder
+REEXPORT_HINT = "re-export it with `parscale export MODEL -o DIR`"
+
+
+class ExportFolderError(ManifestError):
+    """A file of an export folder is truncated, inconsistent with the others, or too large to load
+    (raised by :mod:`parscale_edge.validate` and :func:`parscale_edge.tokenizer.check_tokenizer`)."""

@@ -23,6 +23,8 @@ from typing import Any, Iterable, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from .manifest import MANIFEST_FILE, REEXPORT_HINT, ExportFolderError, Manifest
+
 __all__ = ["Tokenizer", "StreamDecoder", "CHATML_TEMPLATE", "END_OF_TURN_TOKENS", "render_chat_template"]
 
 #: Tokens that end an assistant turn in common chat formats. A chat model must stop on them as
@@ -170,12 +172,12 @@ class Tokenizer:
         (strings or AddedToken dicts), ``chat_template`` (string or list of named templates; a
         ``chat_template.jinja`` file, as newer transformers write, is used when the key is absent)
         and our extra key ``eos_token_ids`` (list of int). In an export folder (``manifest.json``
-        present) the tokenizer must belong to the model (:func:`parscale_edge.validate.check_tokenizer`).
+        present) the tokenizer must belong to the model (:func:`check_tokenizer`).
 
         Raises:
             FileNotFoundError: no ``tokenizer.json`` in ``path``.
             ValueError: a file is not valid JSON, or a special token is not in the vocabulary.
-            parscale_edge.validate.ExportFolderError (a ValueError): the tokenizer of an export folder has
+            parscale_edge.manifest.ExportFolderError (a ValueError): the tokenizer of an export folder has
                 another model's vocabulary size.
         """
         d = Path(path)
@@ -203,11 +205,7 @@ class Tokenizer:
         tok = cls(hf, bos_token=_token_content(cfg.get("bos_token")), eos_token=_token_content(cfg.get("eos_token")),
                   pad_token=_token_content(cfg.get("pad_token")), unk_token=_token_content(cfg.get("unk_token")),
                   chat_template=template, eos_token_ids=eos_ids, config=cfg)
-        from .manifest import MANIFEST_FILE, Manifest
-
         if (d / MANIFEST_FILE).is_file():
-            from .validate import check_tokenizer
-
             check_tokenizer(tok.vocab_size, d, Manifest.read(d))
         return tok
 
@@ -377,3 +375,20 @@ class StreamDecoder:
         self._ids = []
         self._prefix_offset = 0
         self._read_offset = 0
+
+
+def check_tokenizer(tokenizer_vocab_size: int, folder: str | os.PathLike, manifest: Manifest) -> None:
+    """A tokenizer loaded from an export folder belongs to the model.
+
+    Its vocabulary (added tokens included) must fit in the model's embedding rows (models often pad
+    them, so fewer tokens is fine) and, when the exporter recorded it, equal the exported
+    tokenizer's size. Raises ExportFolderError naming tokenizer.json and the fix."""
+    f = Path(folder) / "tokenizer.json"
+    fix = f"copy the tokenizer.json exported with this model into {folder}, or {REEXPORT_HINT}"
+    if tokenizer_vocab_size > manifest.vocab_size:
+        raise ExportFolderError(f"{f} has {tokenizer_vocab_size} tokens but the model has only {manifest.vocab_size} "
+                                f"embedding rows: the tokenizer belongs to another model; {fix}")
+    rec = manifest.tokenizer_vocab_size
+    if rec is not None and rec != tokenizer_vocab_size:
+        raise ExportFolderError(f"{f} has {tokenizer_vocab_size} tokens but the model was exported with a "
+                                f"tokenizer of {rec}: the tokenizer belongs to another model; {fix}")

@@ -18,19 +18,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import MANIFEST_FILE, MODEL_FILE, Manifest, ManifestError
+from .manifest import MANIFEST_FILE, MODEL_FILE, REEXPORT_HINT as _REEXPORT, ExportFolderError, Manifest, ManifestError
 
 #: Peak resident memory while ONNX Runtime creates a CPU session, as a multiple of the weight file
 #: (measured 1.26x on smollm2-135m fp32: the mapped file plus MLAS's pre-packed copies).
 LOAD_MEMORY_FACTOR = 1.3
 #: Set to 1 to skip the free-memory check (e.g. where /proc/meminfo under-reports).
 SKIP_MEMORY_CHECK_ENV = "PARSCALE_EDGE_SKIP_MEMORY_CHECK"
-
-_REEXPORT = "re-export it with `parscale export MODEL -o DIR`"
-
-
-class ExportFolderError(ManifestError):
-    """A file of an export folder is truncated, inconsistent with the others, or too large to load."""
 
 
 # ------------------------------------------------------------------------ protobuf wire format
@@ -327,7 +321,8 @@ def check_export_folder(folder: str | os.PathLike, manifest: Manifest, model_fil
     relative path inside ``folder`` and lies within its (not truncated) file; the manifest's P,
     layer count, KV heads, head_dim and vocabulary agree with the graph; the weights fit in the
     available memory (warning above 1/:data:`LOAD_MEMORY_FACTOR` of it). The tokenizer is checked
-    when it is loaded (:meth:`parscale_edge.tokenizer.Tokenizer.from_dir` calls :func:`check_tokenizer`).
+    when it is loaded (:meth:`parscale_edge.tokenizer.Tokenizer.from_dir` calls
+    :func:`parscale_edge.tokenizer.check_tokenizer`).
 
     Returns:
         The :class:`GraphSummary` of ``model_file``.
@@ -340,20 +335,3 @@ def check_export_folder(folder: str | os.PathLike, manifest: Manifest, model_fil
     _check_graph_matches_manifest(folder, model_file, g, manifest)
     _check_memory(folder, weight_bytes)
     return g
-
-
-def check_tokenizer(tokenizer_vocab_size: int, folder: str | os.PathLike, manifest: Manifest) -> None:
-    """A tokenizer loaded from an export folder belongs to the model.
-
-    Its vocabulary (added tokens included) must fit in the model's embedding rows (models often pad
-    them, so fewer tokens is fine) and, when the exporter recorded it, equal the exported
-    tokenizer's size. Raises ExportFolderError naming tokenizer.json and the fix."""
-    f = Path(folder) / "tokenizer.json"
-    fix = f"copy the tokenizer.json exported with this model into {folder}, or {_REEXPORT}"
-    if tokenizer_vocab_size > manifest.vocab_size:
-        raise ExportFolderError(f"{f} has {tokenizer_vocab_size} tokens but the model has only {manifest.vocab_size} "
-                                f"embedding rows: the tokenizer belongs to another model; {fix}")
-    rec = manifest.tokenizer_vocab_size
-    if rec is not None and rec != tokenizer_vocab_size:
-        raise ExportFolderError(f"{f} has {tokenizer_vocab_size} tokens but the model was exported with a "
-                                f"tokenizer of {rec}: the tokenizer belongs to another model; {fix}")
