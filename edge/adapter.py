@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import _umask
+from .atomic import current_umask
 
 ADAPTER_FORMAT = "parscale-edge-adapter/1"
 REQUIRED_METADATA = ("format", "parscale_n", "parscale_n_tokens", "num_layers", "backbone_sha256", "source")
@@ -119,7 +119,7 @@ def save_adapter(model: torch.nn.Module, path: str | os.PathLike, source: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files private (0600)
+    os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates files private (0600)
     os.replace(tmp, path)
     return path
 

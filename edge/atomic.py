@@ -123,7 +123,8 @@ def check_output_file(path: str | os.PathLike, flag: str = "--json") -> Path:
     return p
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (os.umask can only be read by setting it: set and restore)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -231,7 +232,7 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False,
         yield tmp
         files = sorted(p.name for p in tmp.iterdir())
         (tmp / OWNER_FILE).write_text(json.dumps({"written_by": "parscale-edge", "files": files}) + "\n")
-        mask = _umask()
+        mask = current_umask()
         for root, dirs, files in os.walk(tmp):
             for d in dirs:
                 os.chmod(os.path.join(root, d), 0o777 & ~mask)
@@ -269,7 +270,7 @@ def write_json(path: str | os.PathLike, obj) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(p), suffix=".partial", dir=p.parent)
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(obj, indent=2) + "\n")
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, p)
     except OSError as e:
         if tmp:

@@ -245,7 +245,7 @@ def read_gguf_config(path) -> ParScaleConfig:
 
 
 # ----------------------------------------------------------------------------------- tensors
-def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's ``permute`` of q/k rows for its interleaved RoPE (transformers'
     ``reverse_permute_weights``): rows go from pairs (2i, 2i+1) per head back to halves."""
     dim = w.shape[0]
@@ -302,9 +302,9 @@ def read_gguf_tensors(path, progress: bool = True) -> dict[str, np.ndarray]:
         shape = tuple(int(s) for s in reversed([int(x) for x in t.shape]))  # GGUF lists dims innermost-first
         w = np.asarray(w, dtype=np.float32).reshape(shape)
         if permuted and (t.name.endswith("attn_q.weight") or t.name.endswith("attn_q.bias")):
-            w = _unpermute_rope(w, cfg.num_attention_heads)
+            w = unpermute_rope(w, cfg.num_attention_heads)
         elif permuted and (t.name.endswith("attn_k.weight") or t.name.endswith("attn_k.bias")):
-            w = _unpermute_rope(w, cfg.num_key_value_heads)
+            w = unpermute_rope(w, cfg.num_key_value_heads)
         out[name] = np.array(w, dtype=np.float32, order="C", copy=True)  # own the memory (no memmap view)
     del reader
     _check_complete(out, cfg, path)

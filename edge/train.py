@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapter import backbone_sha256, is_parscale_tensor, save_adapter, share_backbone
-from .atomic import _umask, write_json
+from .atomic import current_umask, write_json
 from .corpus import BlockOrder, tokens_sha256
 from .evaluate import perplexity
 from .loading import LoadedModel, convert_to_parscale
@@ -268,7 +268,7 @@ def _save_checkpoint(path: Path, step: int, model, optimizer, history: dict, fin
             "state_scalars": state_meta}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"checkpoint": json.dumps(meta)})
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files private (0600)
+    os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates files private (0600)
     os.replace(tmp, path)
 
 

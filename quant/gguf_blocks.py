@@ -191,7 +191,7 @@ def read_gguf_blocks(path: str | os.PathLike, names: set[str]) -> dict[str, Repa
 
     llama files: q/k rows are un-permuted exactly as :func:`parscale_edge.gguf_io.read_gguf_tensors` does
     (whole rows move, blocks along K are untouched)."""
-    from parscale_edge.gguf_io import _unpermute_rope, gguf_to_hf_name, open_gguf, read_gguf_config
+    from parscale_edge.gguf_io import unpermute_rope, gguf_to_hf_name, open_gguf, read_gguf_config
 
     cfg = read_gguf_config(path)
     reader = open_gguf(path)
@@ -204,9 +204,9 @@ def read_gguf_blocks(path: str | os.PathLike, names: set[str]) -> dict[str, Repa
         raw = np.asarray(t.data)
         raw = raw.reshape(raw.shape[0], -1)
         if permuted and t.name.endswith("attn_q.weight"):
-            raw = _unpermute_rope(raw, cfg.num_attention_heads)
+            raw = unpermute_rope(raw, cfg.num_attention_heads)
         elif permuted and t.name.endswith("attn_k.weight"):
-            raw = _unpermute_rope(raw, cfg.num_key_value_heads)
+            raw = unpermute_rope(raw, cfg.num_key_value_heads)
         out[name] = repack(np.ascontiguousarray(raw), t.tensor_type.name)
     del reader
     return out
