@@ -1,6 +1,13 @@
 """parscale-edge: ParScale (parallel scaling) language models on small devices.
 
-The runtime path (:mod:`parscale_edge.runtime`, :mod:`parscale_edge.tokenizer`, :mod:`parscale_edge.manifest`) imports without
-torch; :mod:`parscale_edge.model` and :mod:`parscale_edge.loading` need the ``export`` extra.
+One import package built from four folders (``pyproject.toml``'s package-dir): ``edge/`` is this
+package, ``export/``, ``quant/`` and ``demo/`` are its subpackages; ``python -m parscale_edge`` is
+the ``parscale`` command. Layers, lowest first: the contract (``config``, ``manifest``, ``atomic``,
+``hub``, ``tokenizer``); then the torch side (``model``, ``loading``, ``adapter``, ``gguf_io``,
+``corpus``, ``train``; needs the ``export`` extra) beside the runtime side (``runtime``,
+``kv_cache``, ``providers``, ``validate``, ``device``; imports without torch); then the tools
+(``export``, ``quant``, ``evaluate``, ``scaling_law``, ``plots``, ``prepare``, ``profile``,
+``report``); last the faces (``cli``, ``demo``). ``bench/`` imports library modules, never the CLI.
+README "Layout" follows ``-P`` through these layers; the ParScale spec is docs/parscale.md.
 """
 __version__ = "0.1.0"

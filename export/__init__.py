@@ -2,7 +2,9 @@
 
 Two graphs over the same weights: ``fused`` (:mod:`parscale_edge.export.onnx_builder`, the default: ONNX Runtime's
 fused ops, preallocated KV cache, ParScale parts as inputs) and ``reference``
-(:mod:`parscale_edge.export.onnx_export`, a TorchScript trace of our PyTorch model, node for node)."""
+(:mod:`parscale_edge.export.onnx_export`, a TorchScript trace of our PyTorch model, node for node).
+A tool layer (README "Layout"): built on the torch side, writes the manifest the runtime reads.
+Their inputs, outputs and cache row orders: docs/graphs.md."""
 from __future__ import annotations
 
 import os
