@@ -106,5 +106,5 @@ def test_int8_stays_within_one_percent(fp32_export, tmp_path):
                           threads=1)
     r = Manifest.read(out).quantization["quality_vs_fp32"]
     assert abs(r["cand_perplexity"] / r["ref_perplexity"] - 1) < 0.01
-    # accuracy_level 4 rounds activations to int8 per block: about 97% top-1 agreement (README)
+    # accuracy_level 4 rounds activations to int8 per block: about 97% top-1 agreement (docs/quantization.md)
     assert r["top1_agreement"] >= 0.95

@@ -1,7 +1,7 @@
 """Row 5, cached against uncached: "prefill k tokens, then decode one at a time" equals "prefill all
 at once" within 1e-4 (fp32) at every position. Quantized graphs whose kernels depend on the number
 of rows (per-tensor dynamic int8; int4 MatMulNBits at accuracy_level 4) differ: the difference is
-measured and bounded here, and documented in the README (Quantization)."""
+measured and bounded here, and documented in docs/quantization.md."""
 import warnings
 
 import numpy as np

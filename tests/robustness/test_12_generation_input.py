@@ -1,5 +1,5 @@
 """Row 12, generation input: an empty prompt, a prompt longer than the context (an error: the
-README documents that the runtime never truncates silently), max_new_tokens <= 0, a negative or
+docs/reliability.md documents that the runtime never truncates silently), max_new_tokens <= 0, a negative or
 non-finite temperature, top_p outside (0, 1], out-of-range token ids, non-UTF-8 bytes and lone
 surrogates are clear errors, never a crash. Hypothesis fuzzes prompts and sampling settings: the
 text is always valid UTF-8 and generation stops within max_new_tokens."""
