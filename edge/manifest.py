@@ -15,14 +15,14 @@ in float32 for every precision (B user rows, S new tokens, P streams):
 Inputs: ``input_ids`` int64 [B, S]; ``attention_mask`` int64 [B, past+S] (1 = real token);
 ``position_ids`` int64 [B, S]; ``past_key_values.{i}.key`` / ``.value`` [P*B, kv_heads, past, head_dim].
 Outputs: ``logits`` [B, S, vocab]; ``present.{i}.key`` / ``.value`` [P*B, kv_heads, past+S, head_dim].
-Cache rows are stream-major (row p*B + b).
+Cache rows are stream-major (row p*B + b; :data:`CACHE_ROW_ORDER`, :func:`cache_row`).
 
 ``fused`` (parscale_edge.export.onnx_builder: GroupQueryAttention over one preallocated cache bound as both past
 and present; format 3). Inputs: ``input_ids`` int64 [B, S] (right-padded); ``seqlens_k`` int32 [B]
 (cache tokens after the step, prefix included, minus 1); ``total_sequence_length`` int32 [] (n_prefix
 + S on a first prompt, else the cache's slots C); ``logits_index`` int64 [B, K]; :data:`AGG_INPUTS`;
 ``past_key_values.{i}.key`` / ``.value`` [P*B, kv_heads, C, head_dim]; :func:`prefix_row_names`;
-:data:`ROPE_INPUTS`. Outputs: ``logits`` [B, K, vocab]; ``present.{i}.*`` (the past's buffer).
+:data:`ROPE_INPUTS` (:func:`rope_tables`). Outputs: ``logits`` [B, K, vocab]; ``present.{i}.*`` (the past's buffer).
 Cache rows are batch-major (row b*P + p); the first n_prefix slots of stream p's rows hold its
 ParScale prefix (at most :data:`MAX_PREFIX_SLOTS`); the parts of each P > 1 live in the part file
 ``parallel_options[P]`` (an parscale_edge.adapter file: prefixes, aggregator, smoothing). docs/parscale.md
@@ -63,8 +63,38 @@ AGG_INPUTS = ("parscale.aggregate.w1", "parscale.aggregate.b1", "parscale.aggreg
 MAX_PREFIX_SLOTS = 128
 #: Fused graphs: GroupQueryAttention's RoPE tables, graph inputs [slots, head_dim/2] of the cache dtype,
 #: indexed by cache slot: identity rows for the n prefix slots, then position p at slot n + p
-#: (:func:`parscale_edge.runtime.rope_tables`). GroupQueryAttention then takes every position from the slot.
+#: (:func:`rope_tables`). GroupQueryAttention then takes every position from the slot.
 ROPE_INPUTS = ("rope.cos_cache", "rope.sin_cache")
+
+
+#: The graph kinds (``Manifest.graph``), each with its KV-cache row order: row ``p*B + b`` holds stream
+#: p of user row b in a reference graph (stream-major, as the PyTorch model replicates), row ``b*P + p``
+#: in a fused graph (batch-major: one sample's streams are contiguous).
+CACHE_ROW_ORDER = {"reference": "stream-major", "fused": "batch-major"}
+
+
+def cache_row(graph: str, p: int, b: int, P: int, B: int) -> int:
+    """The KV-cache row of stream ``p`` (0 <= p < P) of user row ``b`` (0 <= b < B) in a cache of
+    P*B rows of graph kind ``graph`` (:data:`CACHE_ROW_ORDER`). Raises KeyError for another kind."""
+    return {"reference": p * B + b, "fused": b * P + p}[graph]
+
+
+def rope_tables(slots: int, n_prefix: int, head_dim: int, theta: float):
+    """Fused graphs: the :data:`ROPE_INPUTS` for a cache of ``slots`` slots whose first ``n_prefix``
+    hold the ParScale prefix: cos and sin, numpy float32 [slots, head_dim/2] (half-split RoPE,
+    frequencies theta^(-2i/head_dim) as in the dense model; a runtime feeds them in the cache dtype).
+
+    GroupQueryAttention rotates the token in cache slot s by row s. Rows 0..n_prefix-1 are the
+    identity (cos 1, sin 0 exactly), so prefix keys enter the cache unrotated (the authors' prefix
+    takes no position); row n_prefix + p rotates by position p, so real tokens keep the positions
+    0..S-1 of the dense model whatever P is (docs/parscale.md, "positions")."""
+    import numpy as np
+
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    freqs = np.arange(max(0, slots - n_prefix), dtype=np.float32)[:, None] * inv_freq[None]
+    ident = np.zeros((min(slots, n_prefix), head_dim // 2), np.float32)
+    return (np.concatenate([ident + 1.0, np.cos(freqs)]).astype(np.float32),
+            np.concatenate([ident, np.sin(freqs)]).astype(np.float32))
 
 
 def prefix_row_names(num_layers: int) -> list[str]:
@@ -131,20 +161,6 @@ class Manifest:
         """P's ParScale part file, relative to the folder (fused graphs, P > 1), else None."""
         return (self.parallel_options or {}).get(str(P))
 
-    def empty_cache(self, batch: int) -> list:
-        """An empty KV cache for ``batch`` user rows as numpy arrays, for a plain ``session.run``:
-        2*num_layers arrays [P*batch, kv_heads, 0, head_dim] of dtype ``cache_dtype``.
-
-        Raises ManifestError for a bfloat16 cache: numpy has no bfloat16, so such an export runs
-        through IO binding with ONNX Runtime OrtValues (see parscale_edge.profile.GraphStepper)."""
-        import numpy as np
-
-        if self.cache_dtype not in ("float32", "float16"):
-            raise ManifestError(f"this export keeps its KV cache in {self.cache_dtype}, which numpy cannot hold; "
-                                "run it with IO binding (OrtValues), e.g. on CUDA")
-        z = np.zeros((self.parscale_n * batch, self.num_key_value_heads, 0, self.head_dim), dtype=self.cache_dtype)
-        return [z] * (2 * self.num_layers)
-
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
@@ -209,7 +225,7 @@ def _validate(d, p: Path) -> None:
         if not isinstance(d[k], str):
             bad(f"{k} must be a string, got {d[k]!r}")
     graph = d.get("graph", "reference")
-    if graph not in ("reference", "fused"):
+    if graph not in CACHE_ROW_ORDER:
         bad(f"unknown graph kind {graph!r} (reference or fused)")
     prec = d["precision"]
     if prec not in _PRECISIONS:
