@@ -312,7 +312,16 @@ def profile_folder(folder: str | os.PathLike, batches: list[int], prompt_lens: l
     per (batch, prompt_len) (see :func:`measure_folder`). ``parallel``: the P to run a fused folder
     that offers several (default: its own).
 
+    ``bandwidth_gbps``: the read bandwidth (GB/s) a CPU run's ``bandwidth_share`` divides by; None
+    measures it with the run's thread count (``threads``, else every logical core, ONNX Runtime's
+    default; :func:`parscale_edge.device.read_bandwidth_gbps`, cached), so a 2-thread decode is
+    compared with what 2 threads can read. Every row records it as ``bandwidth_ref_gbps``.
+
     Raises RuntimeError with the worker's stderr tail if it fails."""
+    if bandwidth_gbps is None and device != "cuda":
+        from .device import read_bandwidth_gbps
+
+        bandwidth_gbps = read_bandwidth_gbps(threads or os.cpu_count() or 1)
     args = dict(folder=str(folder), batches=batches, prompt_lens=prompt_lens, gen_len=gen_len, threads=threads,
                 repeat=repeat, warmup=warmup, bandwidth_gbps=bandwidth_gbps, device=device, io_binding=io_binding,
                 parallel=parallel)
@@ -324,7 +333,7 @@ def profile_folder(folder: str | os.PathLike, batches: list[int], prompt_lens: l
     if r.returncode != 0:
         raise RuntimeError(f"profiling {folder} failed: {r.stderr.strip()[-1500:]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    return [{**res["load"], **run} for run in res["runs"]]
+    return [{**res["load"], **run, "bandwidth_ref_gbps": bandwidth_gbps} for run in res["runs"]]
 
 
 if __name__ == "__main__":
