@@ -12,21 +12,26 @@ names (float32 for fp32 and quantized exports, float16 for fp16, bfloat16 for bf
 in float32 for every precision (B user rows, S new tokens, P streams):
 
 ``reference`` (parscale_edge.export.onnx_export: the TorchScript trace; prefix and aggregator inside the graph).
-Inputs: ``input_ids`` int64 [B, S]; ``attention_mask`` int64 [B, past+S] (1 = real token);
-``position_ids`` int64 [B, S]; ``past_key_values.{i}.key`` / ``.value`` [P*B, kv_heads, past, head_dim].
+Inputs (:data:`REFERENCE_STEP_INPUTS`, then :func:`past_names`): ``input_ids`` int64 [B, S];
+``attention_mask`` int64 [B, past+S] (1 = real token); ``position_ids`` int64 [B, S];
+``past_key_values.{i}.key`` / ``.value`` [P*B, kv_heads, past, head_dim].
 Outputs: ``logits`` [B, S, vocab]; ``present.{i}.key`` / ``.value`` [P*B, kv_heads, past+S, head_dim].
 Cache rows are stream-major (row p*B + b; :data:`CACHE_ROW_ORDER`, :func:`cache_row`).
 
 ``fused`` (parscale_edge.export.onnx_builder: GroupQueryAttention over one preallocated cache bound as both past
-and present; format 3). Inputs: ``input_ids`` int64 [B, S] (right-padded); ``seqlens_k`` int32 [B]
-(cache tokens after the step, prefix included, minus 1); ``total_sequence_length`` int32 [] (n_prefix
-+ S on a first prompt, else the cache's slots C); ``logits_index`` int64 [B, K]; :data:`AGG_INPUTS`;
-``past_key_values.{i}.key`` / ``.value`` [P*B, kv_heads, C, head_dim]; :func:`prefix_row_names`;
-:data:`ROPE_INPUTS` (:func:`rope_tables`). Outputs: ``logits`` [B, K, vocab]; ``present.{i}.*`` (the past's buffer).
-Cache rows are batch-major (row b*P + p); the first n_prefix slots of stream p's rows hold its
-ParScale prefix (at most :data:`MAX_PREFIX_SLOTS`); the parts of each P > 1 live in the part file
-``parallel_options[P]`` (an parscale_edge.adapter file: prefixes, aggregator, smoothing). docs/parscale.md
-has the semantics.
+and present; format 3). With N = P*B cache rows, C cache slots, K gathered positions, M prefix rows:
+inputs (:func:`graph_inputs`) :data:`FUSED_STEP_INPUTS`: ``input_ids`` int64 [B, S] (right-padded); ``seqlens_k`` int32 [B]
+(cache tokens after the step, prefix included, minus 1); ``total_sequence_length`` int32 [] (M + S
+on a first prompt, else C); ``logits_index`` int64 [B, K]; then :data:`AGG_INPUTS` float32
+(``w1`` [P*H, A], ``b1`` [A], ``w2`` [A, P], ``b2`` [P], ``smooth`` []; A = H, or 1 for P = 1);
+``past_key_values.{i}.key`` / ``.value`` [N, kv_heads, C, head_dim] (each bound to the same buffer
+as the matching ``present``); :func:`prefix_row_names` [N, M, (heads + 2*kv_heads)*head_dim];
+:data:`ROPE_INPUTS` [>= C, head_dim/2] (:func:`rope_tables`); cache, prefix rows and RoPE tables
+of the cache dtype. Outputs: ``logits`` [B, K, vocab];
+``present.{i}.*`` (the past's buffer). Cache rows are batch-major (row b*P + p); the first n_prefix
+slots of stream p's rows hold its ParScale prefix (at most :data:`MAX_PREFIX_SLOTS`); the parts of
+each P > 1 live in the part file ``parallel_options[P]`` (an parscale_edge.adapter file: prefixes,
+aggregator, smoothing). docs/parscale.md has the semantics.
 """
 from __future__ import annotations
 
@@ -103,6 +108,27 @@ def prefix_row_names(num_layers: int) -> list[str]:
     rows per stream, zero queries then the stream's prefix keys and values, which GroupQueryAttention
     writes into the first cache slots; every other step feeds M = 0 rows (the prefix is in the cache)."""
     return [f"parscale.prefix_rows.{i}" for i in range(num_layers)]
+
+
+#: Reference graphs: the inputs in front of the cache, in graph order.
+REFERENCE_STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
+#: Fused graphs: the inputs in front of :data:`AGG_INPUTS`, in graph order.
+FUSED_STEP_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")
+
+
+def graph_inputs(graph: str, num_layers: int) -> list[str]:
+    """Every input name of a ``graph`` (``reference`` or ``fused``) graph, in graph order.
+    Raises ValueError for another graph kind."""
+    if graph not in CACHE_ROW_ORDER:
+        raise ValueError(f"unknown graph kind {graph!r} (reference or fused)")
+    if graph == "reference":
+        return [*REFERENCE_STEP_INPUTS, *past_names(num_layers)]
+    return [*FUSED_STEP_INPUTS, *AGG_INPUTS, *past_names(num_layers), *prefix_row_names(num_layers), *ROPE_INPUTS]
+
+
+def graph_outputs(num_layers: int) -> list[str]:
+    """Every output name, in graph order, for both graph kinds: ``logits`` then :func:`present_names`."""
+    return ["logits", *present_names(num_layers)]
 
 
 def past_names(num_layers: int) -> list[str]:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .kv_cache import KVCache, cache_host_array, cache_types, tensor_shape
-from .manifest import (AGG_INPUTS, FORMAT_VERSION, MAX_PREFIX_SLOTS, MODEL_FILE, ROPE_INPUTS, Manifest, ManifestError,
-                       past_names, prefix_row_names, present_names, rope_tables)
+from .manifest import (AGG_INPUTS, FORMAT_VERSION, MAX_PREFIX_SLOTS, MODEL_FILE, REFERENCE_STEP_INPUTS, ROPE_INPUTS,
+                       Manifest, ManifestError, graph_outputs, past_names, prefix_row_names, present_names, rope_tables)
 from .validate import check_export_folder, check_kv_memory
 
 #: The oldest ONNX Runtime the fused graph is tested on: .ci/ort_compat.sh runs the fused-graph tests
@@ -244,7 +244,7 @@ class OnnxCausalLM:
         self._past_names = past_names(self.L)
         self._present_names = present_names(self.L)
         self._prefix_names = prefix_row_names(self.L) if self.fused else []
-        self._outputs = ["logits", *self._present_names]
+        self._outputs = graph_outputs(self.L)
         self._tokenizer = None
         self._ort = ort
         # the provider the session really uses (a CUDA entry of select_providers is a (name, options) tuple)
@@ -407,7 +407,7 @@ class OnnxCausalLM:
         if attention_mask.shape != (B, plen + S):
             raise RuntimeInputError(f"attention_mask has shape {attention_mask.shape}, expected (B, past+S) = "
                                     f"{(B, plen + S)}")
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feed = dict(zip(REFERENCE_STEP_INPUTS, (input_ids, attention_mask, position_ids)))
         if isinstance(past[0], np.ndarray):
             feed = {k: v.astype(np.int64, copy=False) for k, v in feed.items()}
             feed.update(zip(self._past_names, past))

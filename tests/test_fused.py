@@ -267,3 +267,26 @@ def test_each_p_runs_with_its_own_smoothing_over_a_shared_backbone(tmp_path):
     alone = OnnxCausalLM(export_model(p2, tmp_path / "alone", graph="reference"), device="cpu", threads=1)
     ids = np.random.default_rng(2).integers(4, 97, (1, 9))
     np.testing.assert_allclose(shared.score(ids, parallel=2), alone.score(ids), atol=1e-4)
+
+
+def test_both_graphs_declare_the_manifests_inputs_outputs_and_row_orders(tmp_path):
+    """parscale_edge.manifest is the contract of both graphs: their input and output names in
+    order, and the cache row of stream p of user row b."""
+    import onnx
+
+    from parscale_edge.kv_cache import KVCache
+    from parscale_edge.manifest import cache_row, graph_inputs, graph_outputs
+
+    lm = tiny_model("qwen2", P=2, seed=2)
+    L = lm.model.config.num_hidden_layers
+    for graph in ("reference", "fused"):
+        g = onnx.load(str(export_model(lm, tmp_path / graph, graph=graph) / "model.onnx"), load_external_data=False).graph
+        assert [i.name for i in g.input] == graph_inputs(graph, L)
+        assert [o.name for o in g.output] == graph_outputs(L)
+    assert [cache_row("reference", p, b, 2, 3) for b in range(3) for p in range(2)] == [0, 3, 1, 4, 2, 5]
+    assert [cache_row("fused", p, b, 2, 3) for b in range(3) for p in range(2)] == [0, 1, 2, 3, 4, 5]
+    rt = OnnxCausalLM(tmp_path / "fused", device="cpu", threads=1)
+    st = rt.new_state(3, 4)
+    assert (st.cache.row_order, st.cache.row(1, 0), st.cache.P * st.cache.batch) == ("batch-major", 1, 6)
+    ref = KVCache.empty(OnnxCausalLM(tmp_path / "reference", device="cpu", threads=1).manifest, 3)
+    assert (ref.row_order, ref.row(1, 0), ref.tensors[0].shape[0]) == ("stream-major", 3, 6)
