@@ -74,8 +74,9 @@ class KVCache:
         tensors: 2*num_layers tensors [P*batch, kv_heads, slots, head_dim] of ``cache_dtype``, in
             ``past_key_values.{i}.key`` / ``.value`` order: numpy arrays on the host (uint16 bits
             for bfloat16) or OrtValues (on the host or in a device's memory).
-        values: the OrtValues to bind to a session, same order (wrapping ``tensors`` without a
-            copy when those are numpy arrays; ``tensors`` itself when they are OrtValues).
+        values: the OrtValues to bind to a session, same order: ``tensors`` itself when those are
+            OrtValues; for a fused cache of numpy arrays, OrtValues wrapping them without a copy;
+            empty for a reference cache of numpy arrays (fed to ``session.run`` as they are).
         n_prefix: slots at the front of every row holding its stream's ParScale prefix (fused
             graphs; reference graphs keep the prefix inside the graph, 0).
         capacity: slots per row, prefix included (fused: preallocated; reference: the tokens held).
@@ -170,6 +171,14 @@ class KVCache:
             del host
             tensors = values
         return cls("fused", P, shape[0] // P, tensors, values, cache_dtype, n, shape[2])
+
+    @staticmethod
+    def planned_nbytes(manifest: Manifest, P: int, batch: int, slots: int) -> int:
+        """Bytes a cache of P*batch rows and ``slots`` slots per row takes for ``manifest``'s export
+        (every layer, keys and values; 4 bytes per float32 element, 2 per float16/bfloat16), before
+        allocating it. Raises ManifestError for an unknown cache dtype."""
+        item = np.dtype(cache_types(manifest.cache_dtype)[1]).itemsize
+        return 2 * manifest.num_layers * P * batch * manifest.num_key_value_heads * slots * manifest.head_dim * item
 
     def row(self, p: int, b: int) -> int:
         """The tensor row of stream ``p`` of user row ``b`` (:func:`parscale_edge.manifest.cache_row`)."""

@@ -19,11 +19,12 @@ Outputs: ``logits`` [B, S, vocab]; ``present.{i}.key`` / ``.value`` [P*B, kv_hea
 Cache rows are stream-major (row p*B + b; :data:`CACHE_ROW_ORDER`, :func:`cache_row`).
 
 ``fused`` (parscale_edge.export.onnx_builder: GroupQueryAttention over one preallocated cache bound as both past
-and present; format 3). With N = P*B cache rows, C cache slots, K gathered positions, M prefix rows:
-inputs (:func:`graph_inputs`) :data:`FUSED_STEP_INPUTS`: ``input_ids`` int64 [B, S] (right-padded); ``seqlens_k`` int32 [B]
-(cache tokens after the step, prefix included, minus 1); ``total_sequence_length`` int32 [] (M + S
-on a first prompt, else C); ``logits_index`` int64 [B, K]; then :data:`AGG_INPUTS` float32
-(``w1`` [P*H, A], ``b1`` [A], ``w2`` [A, P], ``b2`` [P], ``smooth`` []; A = H, or 1 for P = 1);
+and present; format 3). With N = P*B cache rows, C cache slots, K gathered positions, M prefix rows,
+inputs (:func:`graph_inputs`): :data:`FUSED_STEP_INPUTS` ``input_ids`` int64 [B, S] (right-padded);
+``seqlens_k`` int32 [B] (cache tokens after the step, prefix included, minus 1);
+``total_sequence_length`` int32 [] (M + S on a first prompt, else C); ``logits_index`` int64 [B, K];
+then :data:`AGG_INPUTS` float32 (``w1`` [P*H, A], ``b1`` [A], ``w2`` [A, P], ``b2`` [P], ``smooth`` [];
+A = H, or 1 for P = 1);
 ``past_key_values.{i}.key`` / ``.value`` [N, kv_heads, C, head_dim] (each bound to the same buffer
 as the matching ``present``); :func:`prefix_row_names` [N, M, (heads + 2*kv_heads)*head_dim];
 :data:`ROPE_INPUTS` [>= C, head_dim/2] (:func:`rope_tables`); cache, prefix rows and RoPE tables

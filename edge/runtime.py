@@ -175,6 +175,7 @@ class DecodeState:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` ran (the cache is gone)."""
         return self.cache.closed
 
     def close(self) -> None:
@@ -480,9 +481,8 @@ class OnnxCausalLM:
         m = self.manifest
         n = m.parscale_n_tokens if P > 1 or m.part_file(P) else 0  # prefix slots (P = 1: the prefix-only control)
         slots = n + capacity
-        item = 2 if m.cache_dtype in ("float16", "bfloat16") else 4
-        need = 2 * self.L * P * batch * m.num_key_value_heads * slots * m.head_dim * item
-        check_kv_memory(need, f"P={P} x {batch} row(s) x {slots} slots x {self.L} layers, {m.cache_dtype}",
+        check_kv_memory(KVCache.planned_nbytes(m, P, batch, slots),
+                        f"P={P} x {batch} row(s) x {slots} slots x {self.L} layers, {m.cache_dtype}",
                         "ask for fewer new tokens (-n / max_new_tokens) or a smaller P")
 
     def step(self, state: DecodeState, input_ids: np.ndarray, query_lens: np.ndarray | None = None,
