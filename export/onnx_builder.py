@@ -369,7 +369,7 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
     has another backbone or repeats a P, or an unknown precision) and :class:`parscale_edge.export.onnx_export.ExportError` when the
     ONNX checker rejects the graph.
     """
-    from .onnx_export import _write_sidecars, save_checked
+    from .onnx_export import save_checked, write_sidecars
 
     out = Path(out_dir)
     cfg = lm.model.config
@@ -401,6 +401,6 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
             options[q] = f"{PARSCALE_DIR}/p{q}.safetensors" if m.model.config.has_prefix else None
             if options[q]:
                 save_adapter(m.model, tmp / options[q], m.source, backbone_hash=digest)
-        _write_sidecars(lm, tmp, OPSET, precision, graph=GRAPH_KIND,
+        write_sidecars(lm, tmp, OPSET, precision, graph=GRAPH_KIND,
                         parallel_options={str(k): v for k, v in options.items()})
     return out

@@ -112,7 +112,7 @@ def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = F
         del proto.metadata_props[:]
         save_checked(proto, tmp, meta, check)
         del proto
-        _write_sidecars(lm, tmp, opset, precision)
+        write_sidecars(lm, tmp, opset, precision)
     return out
 
 
@@ -131,7 +131,7 @@ def save_checked(proto: onnx.ModelProto, folder: Path, meta: dict[str, str], che
             raise ExportError(f"the exported graph fails the ONNX checker: {e}") from e
 
 
-def _write_sidecars(lm: LoadedModel, folder: Path, opset: int, precision: str = "fp32", graph: str = "reference",
+def write_sidecars(lm: LoadedModel, folder: Path, opset: int, precision: str = "fp32", graph: str = "reference",
                     parallel_options: dict[str, str | None] | None = None) -> None:
     """manifest.json, tokenizer files and generation_config.json next to the graph."""
     cfg = lm.model.config
