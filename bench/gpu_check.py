@@ -195,10 +195,11 @@ def profile_jobs(plan: Plan, work: Path) -> list[dict]:
 def _golden_logits(folder: Path, name: str, device: str) -> tuple[list, dict, str]:
     """Run every golden case of ``name`` on ``device``; (logits at compared positions, errors vs the
     authors' logits, provider). Fused graphs run through the runtime's preallocated, IO-bound cache
-    (device memory on CUDA), reference graphs through a GraphStepper."""
+    (device memory on CUDA), reference graphs through ``OnnxCausalLM.forward`` (a cache of OrtValues,
+    IO binding, on CUDA and for bfloat16)."""
     import numpy as np
 
-    from parscale_edge.profile import GraphStepper
+    from parscale_edge.kv_cache import KVCache
     from parscale_edge.runtime import OnnxCausalLM
     from golden import GOLDEN, fused_forward, run_cases
 
@@ -208,11 +209,11 @@ def _golden_logits(folder: Path, name: str, device: str) -> tuple[list, dict, st
     if rt.fused:
         step = fused_forward(rt)
     else:
-        st = GraphStepper(rt, io_binding=on_gpu or rt.manifest.cache_dtype == "bfloat16",
-                          device_type="cuda" if on_gpu else "cpu")
+        bound = on_gpu or rt.manifest.cache_dtype == "bfloat16"
 
         def step(ids, mask, pos, past):
-            return st.step(ids, mask, pos, past if past is not None else st.empty(ids.shape[0]))
+            return rt.forward(ids, mask, pos, past if past is not None else
+                              KVCache.empty(rt.manifest, ids.shape[0], ort_values=bound).tensors)
     seen = []
 
     def fwd(ids, mask, pos, past):
@@ -347,7 +348,7 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
         res["checks"]["fused int4 (from fp16) on device: top-1 agreement with the same int4 on CPU"] = {
             "value": v, "limit": 0.98, "ok": v >= 0.98}
     # massive activations: no NaN/Inf on a 512-token prompt and one decode step
-    from parscale_edge.profile import GraphStepper
+    from parscale_edge.kv_cache import KVCache
 
     ids = np.random.default_rng(0).integers(0, 97, (1, 512))
     for graph, p in [("reference", q) for q in precisions[1:]] + [("fused", q) for q in precisions[1:]]:
@@ -361,12 +362,12 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
                 state = rt.new_state(1, 513)
                 logits = rt.step(state, ids, None, np.arange(512)[None])
                 step = rt.decode(state, logits[:, -1].argmax(-1))
-                cache = state.buffers  # numpy on the CPU, device OrtValues on CUDA
+                cache = state.cache.tensors  # numpy on the CPU, device OrtValues on CUDA
             else:
-                st = GraphStepper(rt, io_binding=on_gpu or p == "bf16", device_type="cuda" if on_gpu else "cpu")
-                logits, cache = st.step(ids, np.ones((1, 512), np.int64), np.arange(512)[None], st.empty(1))
-                step, cache = st.step(logits[:, -1].argmax(-1)[:, None], np.ones((1, 513), np.int64),
-                                      np.array([[512]]), cache)
+                empty = KVCache.empty(rt.manifest, 1, ort_values=on_gpu or p == "bf16").tensors
+                logits, cache = rt.forward(ids, np.ones((1, 512), np.int64), np.arange(512)[None], empty)
+                step, cache = rt.forward(logits[:, -1].argmax(-1)[:, None], np.ones((1, 513), np.int64),
+                                         np.array([[512]]), cache)
             ok = bool(np.isfinite(logits).all() and np.isfinite(step).all())
             for c in cache:  # a bfloat16 OrtValue cannot be read by numpy: its logits stand for it
                 if isinstance(c, np.ndarray) or c.data_type() != "tensor(bfloat16)":

@@ -50,9 +50,9 @@ DEFAULTS = DemoDefaults()
 
 def _rss_mib() -> float | None:
     """This process's resident set (VmRSS, MiB); None where /proc is not readable."""
-    from parscale_edge.profile import _proc_status_mib
+    from parscale_edge.profile import proc_status_mib
 
-    return _proc_status_mib("VmRSS")
+    return proc_status_mib("VmRSS")
 
 
 def _release_freed_memory() -> None:

@@ -695,7 +695,7 @@ def cmd_profile(a) -> None:
     rows = []
     for model, kind, P, folder, extra in tqdm(jobs, desc="profiling", disable=a.quiet):
         for r in profile_folder(folder, batches, prompt_lens, a.gen_len, a.threads, a.repeat, a.warmup,
-                                info["bandwidth"]["read_gbps"], device=a.device,
+                                device=a.device,
                                 parallel=extra.pop("parallel", None)):
             rows.append({"model": model, "kind": kind, **r, "P": P, "folder": str(folder), **extra})
     on_gpu = any(r.get("vram_peak_mib") is not None for r in rows)

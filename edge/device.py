@@ -67,28 +67,61 @@ def gpu_description() -> list[dict] | None:
     return gpus or None
 
 
-def measure_bandwidth(size_mib: int = 256, repeat: int = 5) -> dict:
-    """Single-thread memory bandwidth, GB/s (1e9 bytes/s), best of ``repeat``.
+def measure_bandwidth(size_mib: int = 256, repeat: int = 5, threads: int = 1) -> dict:
+    """Memory bandwidth reached by ``threads`` threads, GB/s (1e9 bytes/s), best of ``repeat``.
 
     ``read``: the faster of two full reductions (``max``, ``sum``) over a float32 array of
     ``size_mib`` MiB (bytes read / time): the relevant number for decode, which streams the
-    weights once per token. ``copy``: ``np.copyto`` (bytes read + written / time). On a shared
-    machine other processes lower both: the best of several runs is reported."""
+    weights once per token. ``copy``: ``np.copyto`` (bytes read + written / time). With several
+    threads each reduces or copies its own contiguous slice at the same time (numpy releases the
+    GIL in both), as ONNX Runtime's intra-op threads split a MatMul. On a shared machine other
+    processes lower both: the best of several runs is reported. Raises ValueError for threads < 1."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    from concurrent.futures import ThreadPoolExecutor
+
     n = size_mib * 2**20 // 4
     a = np.ones(n, dtype=np.float32)
     b = np.empty_like(a)
     a.sum()
+    cuts = np.linspace(0, n, threads + 1).astype(int)
+    parts = [(a[lo:hi], b[lo:hi]) for lo, hi in zip(cuts[:-1], cuts[1:])]
     best_read = best_copy = float("inf")
-    for _ in range(repeat):
-        for reduce in (np.max, np.sum):
+    with ThreadPoolExecutor(threads) as pool:
+        def timed(fn) -> float:
             t0 = time.perf_counter()
-            reduce(a)
-            best_read = min(best_read, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        best_copy = min(best_copy, time.perf_counter() - t0)
+            list(pool.map(fn, parts))
+            return time.perf_counter() - t0
+
+        for _ in range(repeat):
+            for reduce in (np.max, np.sum):
+                best_read = min(best_read, timed(lambda ab: reduce(ab[0])))
+            best_copy = min(best_copy, timed(lambda ab: np.copyto(ab[1], ab[0])))
     return {"read_gbps": round(a.nbytes / best_read / 1e9, 2), "copy_gbps": round(2 * a.nbytes / best_copy / 1e9, 2),
-            "array_mib": size_mib}
+            "array_mib": size_mib, "threads": threads}
+
+
+def read_bandwidth_gbps(threads: int, cache_dir: str | os.PathLike | None = None) -> float:
+    """Read bandwidth of ``threads`` threads (:func:`measure_bandwidth`), GB/s: the reference the
+    profiler divides a run's decode traffic by, so a run and its reference use the same threads.
+    Cached per thread count in ``<cache>/bandwidth.json`` (re-measured when the CPU model or core
+    count changed). Raises ValueError for threads < 1."""
+    from .hub import default_cache_dir
+
+    cpu = cpu_description()
+    key = f"{cpu['model']}|{cpu['logical_cores']}|{threads}"
+    path = Path(cache_dir or default_cache_dir()) / "bandwidth.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        cached = {}
+    if not isinstance(cached, dict) or not isinstance(cached.get(key), dict) or "read_gbps" not in cached[key]:
+        cached = cached if isinstance(cached, dict) else {}
+        cached[key] = {**measure_bandwidth(threads=threads), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        from .atomic import write_json
+
+        write_json(path, cached)
+    return float(cached[key]["read_gbps"])
 
 
 def device_info(cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> dict:

@@ -12,21 +12,27 @@ names (float32 for fp32 and quantized exports, float16 for fp16, bfloat16 for bf
 in float32 for every precision (B user rows, S new tokens, P streams):
 
 ``reference`` (parscale_edge.export.onnx_export: the TorchScript trace; prefix and aggregator inside the graph).
-Inputs: ``input_ids`` int64 [B, S]; ``attention_mask`` int64 [B, past+S] (1 = real token);
-``position_ids`` int64 [B, S]; ``past_key_values.{i}.key`` / ``.value`` [P*B, kv_heads, past, head_dim].
+Inputs (:data:`REFERENCE_STEP_INPUTS`, then :func:`past_names`): ``input_ids`` int64 [B, S];
+``attention_mask`` int64 [B, past+S] (1 = real token); ``position_ids`` int64 [B, S];
+``past_key_values.{i}.key`` / ``.value`` [P*B, kv_heads, past, head_dim].
 Outputs: ``logits`` [B, S, vocab]; ``present.{i}.key`` / ``.value`` [P*B, kv_heads, past+S, head_dim].
-Cache rows are stream-major (row p*B + b).
+Cache rows are stream-major (row p*B + b; :data:`CACHE_ROW_ORDER`, :func:`cache_row`).
 
 ``fused`` (parscale_edge.export.onnx_builder: GroupQueryAttention over one preallocated cache bound as both past
-and present; format 3). Inputs: ``input_ids`` int64 [B, S] (right-padded); ``seqlens_k`` int32 [B]
-(cache tokens after the step, prefix included, minus 1); ``total_sequence_length`` int32 [] (n_prefix
-+ S on a first prompt, else the cache's slots C); ``logits_index`` int64 [B, K]; :data:`AGG_INPUTS`;
-``past_key_values.{i}.key`` / ``.value`` [P*B, kv_heads, C, head_dim]; :func:`prefix_row_names`;
-:data:`ROPE_INPUTS`. Outputs: ``logits`` [B, K, vocab]; ``present.{i}.*`` (the past's buffer).
-Cache rows are batch-major (row b*P + p); the first n_prefix slots of stream p's rows hold its
-ParScale prefix (at most :data:`MAX_PREFIX_SLOTS`); the parts of each P > 1 live in the part file
-``parallel_options[P]`` (an parscale_edge.adapter file: prefixes, aggregator, smoothing). docs/parscale.md
-has the semantics.
+and present; format 3). With N = P*B cache rows, C cache slots, K gathered positions, M prefix rows,
+inputs (:func:`graph_inputs`): :data:`FUSED_STEP_INPUTS` ``input_ids`` int64 [B, S] (right-padded);
+``seqlens_k`` int32 [B] (cache tokens after the step, prefix included, minus 1);
+``total_sequence_length`` int32 [] (M + S on a first prompt, else C); ``logits_index`` int64 [B, K];
+then :data:`AGG_INPUTS` float32 (``w1`` [P*H, A], ``b1`` [A], ``w2`` [A, P], ``b2`` [P], ``smooth`` [];
+A = H, or 1 for P = 1);
+``past_key_values.{i}.key`` / ``.value`` [N, kv_heads, C, head_dim] (each bound to the same buffer
+as the matching ``present``); :func:`prefix_row_names` [N, M, (heads + 2*kv_heads)*head_dim];
+:data:`ROPE_INPUTS` [>= C, head_dim/2] (:func:`rope_tables`); cache, prefix rows and RoPE tables
+of the cache dtype. Outputs: ``logits`` [B, K, vocab];
+``present.{i}.*`` (the past's buffer). Cache rows are batch-major (row b*P + p); the first n_prefix
+slots of stream p's rows hold its ParScale prefix (at most :data:`MAX_PREFIX_SLOTS`); the parts of
+each P > 1 live in the part file ``parallel_options[P]`` (an parscale_edge.adapter file: prefixes,
+aggregator, smoothing). docs/parscale.md has the semantics.
 """
 from __future__ import annotations
 
@@ -63,8 +69,38 @@ AGG_INPUTS = ("parscale.aggregate.w1", "parscale.aggregate.b1", "parscale.aggreg
 MAX_PREFIX_SLOTS = 128
 #: Fused graphs: GroupQueryAttention's RoPE tables, graph inputs [slots, head_dim/2] of the cache dtype,
 #: indexed by cache slot: identity rows for the n prefix slots, then position p at slot n + p
-#: (:func:`parscale_edge.runtime.rope_tables`). GroupQueryAttention then takes every position from the slot.
+#: (:func:`rope_tables`). GroupQueryAttention then takes every position from the slot.
 ROPE_INPUTS = ("rope.cos_cache", "rope.sin_cache")
+
+
+#: The graph kinds (``Manifest.graph``), each with its KV-cache row order: row ``p*B + b`` holds stream
+#: p of user row b in a reference graph (stream-major, as the PyTorch model replicates), row ``b*P + p``
+#: in a fused graph (batch-major: one sample's streams are contiguous).
+CACHE_ROW_ORDER = {"reference": "stream-major", "fused": "batch-major"}
+
+
+def cache_row(graph: str, p: int, b: int, P: int, B: int) -> int:
+    """The KV-cache row of stream ``p`` (0 <= p < P) of user row ``b`` (0 <= b < B) in a cache of
+    P*B rows of graph kind ``graph`` (:data:`CACHE_ROW_ORDER`). Raises KeyError for another kind."""
+    return {"reference": p * B + b, "fused": b * P + p}[graph]
+
+
+def rope_tables(slots: int, n_prefix: int, head_dim: int, theta: float):
+    """Fused graphs: the :data:`ROPE_INPUTS` for a cache of ``slots`` slots whose first ``n_prefix``
+    hold the ParScale prefix: cos and sin, numpy float32 [slots, head_dim/2] (half-split RoPE,
+    frequencies theta^(-2i/head_dim) as in the dense model; a runtime feeds them in the cache dtype).
+
+    GroupQueryAttention rotates the token in cache slot s by row s. Rows 0..n_prefix-1 are the
+    identity (cos 1, sin 0 exactly), so prefix keys enter the cache unrotated (the authors' prefix
+    takes no position); row n_prefix + p rotates by position p, so real tokens keep the positions
+    0..S-1 of the dense model whatever P is (docs/parscale.md, "positions")."""
+    import numpy as np
+
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    freqs = np.arange(max(0, slots - n_prefix), dtype=np.float32)[:, None] * inv_freq[None]
+    ident = np.zeros((min(slots, n_prefix), head_dim // 2), np.float32)
+    return (np.concatenate([ident + 1.0, np.cos(freqs)]).astype(np.float32),
+            np.concatenate([ident, np.sin(freqs)]).astype(np.float32))
 
 
 def prefix_row_names(num_layers: int) -> list[str]:
@@ -73,6 +109,27 @@ def prefix_row_names(num_layers: int) -> list[str]:
     rows per stream, zero queries then the stream's prefix keys and values, which GroupQueryAttention
     writes into the first cache slots; every other step feeds M = 0 rows (the prefix is in the cache)."""
     return [f"parscale.prefix_rows.{i}" for i in range(num_layers)]
+
+
+#: Reference graphs: the inputs in front of the cache, in graph order.
+REFERENCE_STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
+#: Fused graphs: the inputs in front of :data:`AGG_INPUTS`, in graph order.
+FUSED_STEP_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")
+
+
+def graph_inputs(graph: str, num_layers: int) -> list[str]:
+    """Every input name of a ``graph`` (``reference`` or ``fused``) graph, in graph order.
+    Raises ValueError for another graph kind."""
+    if graph not in CACHE_ROW_ORDER:
+        raise ValueError(f"unknown graph kind {graph!r} (reference or fused)")
+    if graph == "reference":
+        return [*REFERENCE_STEP_INPUTS, *past_names(num_layers)]
+    return [*FUSED_STEP_INPUTS, *AGG_INPUTS, *past_names(num_layers), *prefix_row_names(num_layers), *ROPE_INPUTS]
+
+
+def graph_outputs(num_layers: int) -> list[str]:
+    """Every output name, in graph order, for both graph kinds: ``logits`` then :func:`present_names`."""
+    return ["logits", *present_names(num_layers)]
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -130,20 +187,6 @@ class Manifest:
     def part_file(self, P: int) -> str | None:
         """P's ParScale part file, relative to the folder (fused graphs, P > 1), else None."""
         return (self.parallel_options or {}).get(str(P))
-
-    def empty_cache(self, batch: int) -> list:
-        """An empty KV cache for ``batch`` user rows as numpy arrays, for a plain ``session.run``:
-        2*num_layers arrays [P*batch, kv_heads, 0, head_dim] of dtype ``cache_dtype``.
-
-        Raises ManifestError for a bfloat16 cache: numpy has no bfloat16, so such an export runs
-        through IO binding with ONNX Runtime OrtValues (see parscale_edge.profile.GraphStepper)."""
-        import numpy as np
-
-        if self.cache_dtype not in ("float32", "float16"):
-            raise ManifestError(f"this export keeps its KV cache in {self.cache_dtype}, which numpy cannot hold; "
-                                "run it with IO binding (OrtValues), e.g. on CUDA")
-        z = np.zeros((self.parscale_n * batch, self.num_key_value_heads, 0, self.head_dim), dtype=self.cache_dtype)
-        return [z] * (2 * self.num_layers)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -209,7 +252,7 @@ def _validate(d, p: Path) -> None:
         if not isinstance(d[k], str):
             bad(f"{k} must be a string, got {d[k]!r}")
     graph = d.get("graph", "reference")
-    if graph not in ("reference", "fused"):
+    if graph not in CACHE_ROW_ORDER:
         bad(f"unknown graph kind {graph!r} (reference or fused)")
     prec = d["precision"]
     if prec not in _PRECISIONS:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _proc_status_mib(field: str) -> float | None:
+def proc_status_mib(field: str) -> float | None:
     """VmRSS / VmHWM of this process from /proc (MiB), None where /proc is unavailable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -67,7 +67,7 @@ def time_request(rt, prompts: list[list[int]], gen_len: int) -> dict:
             t = time.perf_counter()
             logits = rt.decode(state, nxt)
             steps.append((time.perf_counter() - t) * 1e3)
-        return {"prefill_ms": prefill_ms, "decode_ms": steps, "kv_bytes": state.kv_bytes}
+        return {"prefill_ms": prefill_ms, "decode_ms": steps, "kv_bytes": state.cache.nbytes}
     finally:
         state.close()
 
@@ -148,65 +148,6 @@ class PeakSampler:
         return self.peak
 
 
-# ------------------------------------------------------------------------------------ one step
-class GraphStepper:
-    """Calls an export's graph once per prefill/decode step, the way the profiler times it.
-
-    ``io_binding=False``: plain ``session.run`` with numpy arrays (what ``OnnxCausalLM.forward``
-    does; the cache goes to the host and back every step). ``io_binding=True``: the cache stays
-    where the session runs (OrtValues on ``device_type``, ``cuda`` or ``cpu``); only input ids,
-    mask, positions go in and the logits come back to the host. IO binding is also the only way
-    to run a bfloat16 cache (numpy has no bfloat16).
-
-    ``step(ids, mask, pos, cache)`` with int64 ids/pos [B, S], mask [B, past+S] and ``cache`` from
-    :meth:`empty` or a previous step returns (logits float32 [B, S, vocab], cache). Raises
-    ManifestError for a bfloat16 cache without IO binding.
-    """
-
-    def __init__(self, rt, io_binding: bool = False, device_type: str = "cpu"):
-        from .manifest import past_names, present_names
-
-        self.rt, self.io_binding, self.device_type = rt, io_binding, device_type
-        m = rt.manifest
-        self._past, self._present = past_names(m.num_layers), present_names(m.num_layers)
-
-    def empty(self, batch: int) -> list:
-        m = self.rt.manifest
-        if not self.io_binding:
-            return m.empty_cache(batch)
-        import onnxruntime as ort
-
-        shape = (m.parscale_n * batch, m.num_key_value_heads, 0, m.head_dim)
-        # empty (0 tokens), so it may live on the host: nothing is copied to the device
-        if m.cache_dtype == "bfloat16":
-            v = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros(shape, np.uint16), 16)  # 16: BFLOAT16
-        else:
-            v = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, m.cache_dtype))
-        return [v] * (2 * m.num_layers)
-
-    def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: list) -> tuple[np.ndarray, list]:
-        if not self.io_binding:
-            return self.rt.forward(ids, mask, pos, cache)
-        b = self.rt.session.io_binding()
-        for name, arr in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
-            b.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=np.int64))
-        for name, v in zip(self._past, cache):
-            b.bind_ortvalue_input(name, v)
-        b.bind_output("logits", "cpu")
-        for name in self._present:
-            b.bind_output(name, self.device_type, 0)
-        self.rt.session.run_with_iobinding(b)
-        out = b.get_outputs()
-        return out[0].numpy(), list(out[1:])
-
-    @staticmethod
-    def cache_bytes(cache: list) -> int:
-        """Bytes held by a cache from :meth:`step` (numpy arrays or OrtValues)."""
-        from .runtime import cache_nbytes
-
-        return cache_nbytes(cache)
-
-
 def measure_folder(folder: str, batches: list[int], prompt_lens: list[int], gen_len: int, threads: int | None,
                    repeat: int, warmup: int, bandwidth_gbps: float | None, parallel: int | None = None,
                    device: str = "cpu", io_binding: bool | None = None) -> dict:
@@ -249,18 +190,18 @@ def _load_for_profile(folder: str, device: str, threads: int | None, parallel: i
     importing onnxruntime, the session's own increase and its ratio to the file size (file MiB:
     model.onnx and its data plus this P's ParScale part file), provider, cache dtype, GPU memory
     before / after loading. Raises RuntimeError when ``device`` is cuda but the session runs on the CPU."""
-    rss_before = _proc_status_mib("VmRSS")
+    rss_before = proc_status_mib("VmRSS")
     import onnxruntime  # noqa: F401 - imported before the session so that the load increase is the session's own
 
     from .providers import CUDA
     from .runtime import OnnxCausalLM
 
-    rss_imported = _proc_status_mib("VmRSS")
+    rss_imported = proc_status_mib("VmRSS")
     vram_before = gpu_memory_used_mib() if device != "cpu" else None
     t0 = time.perf_counter()
     rt = OnnxCausalLM(folder, device=device, threads=threads, parallel=parallel)
     load_ms = (time.perf_counter() - t0) * 1e3
-    peak_load = _proc_status_mib("VmHWM")
+    peak_load = proc_status_mib("VmHWM")
     provider = rt.session.get_providers()[0]
     if device == "cuda" and provider != CUDA:
         raise RuntimeError(f"--device cuda was asked for, but the session runs on {provider}")
@@ -290,7 +231,7 @@ def _time_runs(make_one, batches: list[int], prompt_lens: list[int], gen_len: in
             for _ in range(warmup):
                 one()
             if "steady_rss_mib" not in load:  # after the first warm-up: weights paged in, arenas sized
-                load["steady_rss_mib"] = _proc_status_mib("VmRSS")
+                load["steady_rss_mib"] = proc_status_mib("VmRSS")
             pres, steps, kv = [], [], 0
             _reset_peak_rss()  # so the peak below belongs to this batch size and prompt length
             sampler = PeakSampler().start() if on_gpu else None
@@ -304,12 +245,12 @@ def _time_runs(make_one, batches: list[int], prompt_lens: list[int], gen_len: in
                    "ttft_ms": float(np.median(pres)), "prefill_tokens_per_s": B * S / float(np.median(pres)) * 1e3,
                    "decode_ms_p50": d50, "decode_ms_p90": d90, "decode_tokens_per_s": 1e3 * B / d50,
                    "kv_cache_mib": kv / 2**20, "latency_ms": float(np.median(pres)) + gen_len * d50,
-                   "peak_rss_mib": _proc_status_mib("VmHWM"),
+                   "peak_rss_mib": proc_status_mib("VmHWM"),
                    "vram_peak_mib": sampler.stop() if sampler else None}
             if bandwidth_gbps and not on_gpu:  # the host's bandwidth says nothing about a GPU
                 run["bandwidth_share"] = (weight_bytes + kv_mid) / (d50 / 1e3) / (bandwidth_gbps * 1e9)
             runs.append(run)
-    load.setdefault("steady_rss_mib", _proc_status_mib("VmRSS"))
+    load.setdefault("steady_rss_mib", proc_status_mib("VmRSS"))
     return runs
 
 
@@ -317,17 +258,21 @@ def measure_folder_bound(folder: str, batches: list[int], prompt_lens: list[int]
                          threads: int | None, repeat: int, warmup: int, bandwidth_gbps: float | None,
                          device: str = "cpu", io_binding: bool | None = None) -> dict:
     """:func:`measure_folder` for reference graphs on a GPU or with a half-precision cache: each
-    step through a :class:`GraphStepper`, so the cache can stay on the device and be fp16/bf16.
+    step is one :meth:`parscale_edge.runtime.OnnxCausalLM.forward` call (only the graph call is
+    timed, as in :func:`time_request`), with a :class:`parscale_edge.kv_cache.KVCache` of OrtValues
+    under IO binding, so the cache can stay on the device and be fp16/bf16.
 
-    ``io_binding`` None: on for CUDA and for bfloat16 caches, off on the CPU. Returns ``{"load": {...}, "runs": [{...}, ...]}``; each run has
+    ``io_binding`` None: on for CUDA and for bfloat16 caches, off on the CPU (numpy arrays, plain
+    ``session.run``). Returns ``{"load": {...}, "runs": [{...}, ...]}``; each run has
     prefill/decode timings, its own peak RSS (VmHWM reset before it), on a GPU the device memory in
     use before loading / after loading / at its peak (``vram_*_mib``, whole GPU, from
     :func:`gpu_memory_used_mib`), KV cache bytes at the end and the share of the memory-bandwidth
     limit reached by decode. Raises RuntimeError when ``device`` is cuda but the session runs on the CPU."""
+    from .kv_cache import KVCache
+
     rt, load, on_gpu = _load_for_profile(folder, device, threads)
     if io_binding is None:
         io_binding = on_gpu or rt.manifest.cache_dtype == "bfloat16"
-    stepper = GraphStepper(rt, io_binding, "cuda" if on_gpu else "cpu")
     load["io_binding"] = io_binding
     rng = np.random.default_rng(0)
 
@@ -336,18 +281,22 @@ def measure_folder_bound(folder: str, batches: list[int], prompt_lens: list[int]
         pos = np.arange(S, dtype=np.int64)[None].repeat(B, 0)
 
         def one() -> tuple[float, list[float], int]:
+            cache = KVCache.empty(rt.manifest, B, ort_values=io_binding)
             t = time.perf_counter()
-            logits, past = stepper.step(ids, np.ones((B, S), np.int64), pos, stepper.empty(B))
+            logits, present = rt.forward(ids, np.ones((B, S), np.int64), pos, cache.tensors)
             pre = (time.perf_counter() - t) * 1e3
+            cache.advance(present)
             nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
             steps = []
             for i in range(gen_len):
                 T = S + i + 1
                 t = time.perf_counter()
-                logits, past = stepper.step(nxt, np.ones((B, T), np.int64), np.full((B, 1), T - 1, np.int64), past)
+                logits, present = rt.forward(nxt, np.ones((B, T), np.int64), np.full((B, 1), T - 1, np.int64),
+                                             cache.tensors)
                 steps.append((time.perf_counter() - t) * 1e3)
+                cache.advance(present)
                 nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-            return pre, steps, stepper.cache_bytes(past)
+            return pre, steps, cache.nbytes
         return one
 
     runs = _time_runs(make_one, batches, prompt_lens, gen_len, repeat, warmup, load, on_gpu,
@@ -363,7 +312,16 @@ def profile_folder(folder: str | os.PathLike, batches: list[int], prompt_lens: l
     per (batch, prompt_len) (see :func:`measure_folder`). ``parallel``: the P to run a fused folder
     that offers several (default: its own).
 
+    ``bandwidth_gbps``: the read bandwidth (GB/s) a CPU run's ``bandwidth_share`` divides by; None
+    measures it with the run's thread count (``threads``, else every logical core, ONNX Runtime's
+    default; :func:`parscale_edge.device.read_bandwidth_gbps`, cached), so a 2-thread decode is
+    compared with what 2 threads can read. Every row records it as ``bandwidth_ref_gbps``.
+
     Raises RuntimeError with the worker's stderr tail if it fails."""
+    if bandwidth_gbps is None and device != "cuda":
+        from .device import read_bandwidth_gbps
+
+        bandwidth_gbps = read_bandwidth_gbps(threads or os.cpu_count() or 1)
     args = dict(folder=str(folder), batches=batches, prompt_lens=prompt_lens, gen_len=gen_len, threads=threads,
                 repeat=repeat, warmup=warmup, bandwidth_gbps=bandwidth_gbps, device=device, io_binding=io_binding,
                 parallel=parallel)
@@ -375,7 +333,7 @@ def profile_folder(folder: str | os.PathLike, batches: list[int], prompt_lens: l
     if r.returncode != 0:
         raise RuntimeError(f"profiling {folder} failed: {r.stderr.strip()[-1500:]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    return [{**res["load"], **run} for run in res["runs"]]
+    return [{**res["load"], **run, "bandwidth_ref_gbps": bandwidth_gbps} for run in res["runs"]]
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import (AGG_INPUTS, FORMAT_VERSION, MAX_PREFIX_SLOTS, MODEL_FILE, ROPE_INPUTS, Manifest, ManifestError,
-                       past_names, prefix_row_names, present_names)
+from .kv_cache import KVCache, cache_host_array, cache_types, tensor_shape
+from .manifest import (AGG_INPUTS, FORMAT_VERSION, MAX_PREFIX_SLOTS, MODEL_FILE, REFERENCE_STEP_INPUTS, ROPE_INPUTS,
+                       Manifest, ManifestError, graph_outputs, past_names, prefix_row_names, present_names, rope_tables)
 from .validate import check_export_folder, check_kv_memory
 
 #: The oldest ONNX Runtime the fused graph is tested on: .ci/ort_compat.sh runs the fused-graph tests
@@ -28,66 +29,6 @@ def ort_version(version: str) -> tuple[int, int]:
     """(major, minor) of an ONNX Runtime version string ("1.32.0", "1.33.0.dev20260101")."""
     major, minor = (version.split(".") + ["0"])[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
-#: ``manifest.cache_dtype`` -> (ONNX element type number, numpy dtype holding its bits on the host).
-#: numpy has no bfloat16: a bfloat16 cache is held as its uint16 bit patterns (:func:`bfloat16_bits`).
-CACHE_TYPES = {"float32": (1, np.float32), "float16": (10, np.float16), "bfloat16": (16, np.uint16)}
-
-
-def bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 values -> bfloat16 bit patterns, uint16 of the same shape (round to nearest even,
-    as torch's ``.to(torch.bfloat16)``; NaN stays a quiet NaN, overflow rounds to inf)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        rounded[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
-    return rounded
-
-
-def cache_types(cache_dtype: str) -> tuple[int, type]:
-    """(ONNX element type, numpy host dtype) of a ``manifest.cache_dtype`` (:data:`CACHE_TYPES`).
-    Raises ManifestError for another name."""
-    if cache_dtype not in CACHE_TYPES:
-        raise ManifestError(f"unknown KV cache dtype {cache_dtype!r} in the manifest; use one of "
-                            f"{', '.join(CACHE_TYPES)} (re-export the model)")
-    return CACHE_TYPES[cache_dtype]
-
-
-def cache_host_array(x: np.ndarray, cache_dtype: str) -> np.ndarray:
-    """float32 ``x`` in the host representation of ``cache_dtype`` (:data:`CACHE_TYPES`): float32,
-    float16, or uint16 bfloat16 bits; same shape. Raises ManifestError for another cache dtype."""
-    host = cache_types(cache_dtype)[1]
-    return bfloat16_bits(x) if host is np.uint16 else np.ascontiguousarray(x, dtype=host)
-
-
-def rope_tables(slots: int, n_prefix: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """GroupQueryAttention's RoPE tables for a fused-graph cache of ``slots`` slots whose first
-    ``n_prefix`` hold the ParScale prefix: cos and sin, float32 [slots, head_dim/2] (half-split RoPE,
-    frequencies theta^(-2i/head_dim) as in the dense model).
-
-    GroupQueryAttention rotates the token in cache slot s by row s. Rows 0..n_prefix-1 are the
-    identity (cos 1, sin 0 exactly), so prefix keys enter the cache unrotated (the authors' prefix
-    takes no position); row n_prefix + p rotates by position p, so real tokens keep the positions
-    0..S-1 of the dense model whatever P is (docs/parscale.md, "positions")."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
-    freqs = np.arange(max(0, slots - n_prefix), dtype=np.float32)[:, None] * inv_freq[None]
-    ident = np.zeros((min(slots, n_prefix), head_dim // 2), np.float32)
-    return (np.concatenate([ident + 1.0, np.cos(freqs)]).astype(np.float32),
-            np.concatenate([ident, np.sin(freqs)]).astype(np.float32))
-
-
-def cache_nbytes(values: Sequence) -> int:
-    """Bytes held by KV-cache tensors: numpy arrays, or ONNX Runtime OrtValues (host or device;
-    float32 4 bytes per element, float16/bfloat16 2)."""
-    total = 0
-    for v in values:
-        if isinstance(v, np.ndarray):
-            total += v.nbytes
-        else:
-            total += int(np.prod(v.shape())) * (2 if v.data_type() in ("tensor(float16)", "tensor(bfloat16)") else 4)
-    return total
 
 
 def request_capacity(prompt_tokens: int, max_new_tokens: int, context: int) -> int:
@@ -208,92 +149,39 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     return ids, mask, pos
 
 
-def allocate_kv_cache(shape: tuple[int, int, int, int], num_layers: int, cache_dtype: str,
-                      prefix: Sequence[tuple[np.ndarray, np.ndarray]] = (), device: str = "cpu",
-                      device_memory: bool = False) -> tuple[list, list]:
-    """The 2*num_layers KV-cache tensors of one fused-graph request, zeros with the ParScale prefix.
-
-    Args:
-        shape: (P*B, kv_heads, capacity, head_dim); rows batch-major (b*P + p).
-        cache_dtype: ``manifest.cache_dtype`` (float32, float16, bfloat16).
-        prefix: per layer (keys, values), each [P, kv_heads, n, head_dim] in the host representation
-            of ``cache_dtype`` (:func:`cache_host_array`), written into the first n slots of every
-            row of stream p; empty for P = 1.
-        device: ONNX Runtime device name of the session (``cpu``, ``cuda``).
-        device_memory: False: numpy arrays on the host, wrapped (no copy) by the OrtValues bound to
-            the session (the CPU path). True: OrtValues allocated on ``device`` and filled from one
-            host staging array of one tensor's size, reused for every tensor and dropped at the end
-            (no host copy of the cache is kept; the CUDA path).
-    Returns:
-        (buffers, values): the cache as kept in :class:`DecodeState` (numpy arrays, or the
-        OrtValues themselves) and the OrtValues to bind, in past/present name order.
-    Raises:
-        ManifestError: an unknown ``cache_dtype``.
-    """
-    import onnxruntime as ort
-
-    onnx_type, host_dtype = cache_types(cache_dtype)
-    OV = ort.OrtValue
-    n = prefix[0][0].shape[2] if len(prefix) else 0
-    P = prefix[0][0].shape[0] if n else 1
-
-    def with_prefix(buf: np.ndarray, j: int) -> np.ndarray:
-        if n:  # ParScale: prefix, written once per request
-            buf.reshape(shape[0] // P, P, *shape[1:])[:, :, :, :n] = prefix[j // 2][j % 2][None]
-        return buf
-
-    if not device_memory:
-        buffers = [with_prefix(np.zeros(shape, dtype=host_dtype), j) for j in range(2 * num_layers)]
-        # both wrap the numpy memory, no copy (numpy has no bfloat16: its bits are uint16)
-        values = [OV.ortvalue_from_numpy_with_onnx_type(b, onnx_type) if host_dtype is np.uint16
-                  else OV.ortvalue_from_numpy(b) for b in buffers]
-        return buffers, values
-    host = np.zeros(shape, dtype=host_dtype)
-    values = []
-    for j in range(2 * num_layers):
-        v = OV.ortvalue_from_shape_and_type(list(shape), onnx_type, device, 0)
-        v.update_inplace(with_prefix(host, j))  # same size in bytes; uint16 bits for bfloat16
-        values.append(v)
-    del host
-    return values, values
-
-
 class DecodeState:
-    """What one request holds between graph calls: the KV cache and the per-row lengths.
+    """What one request holds between graph calls: its :class:`parscale_edge.kv_cache.KVCache`
+    (``cache``: tensors, row order, prefix slots, per-row lengths, placement) and the graph inputs
+    bound or fed beside it.
 
-    Fused graphs: ``buffers`` are 2*L preallocated caches [P*B, kv_heads, capacity, head_dim] of the
-    manifest's ``cache_dtype`` (rows batch-major, ``b*P + p``; the first ``n_prefix`` slots of every
-    row hold that stream's ParScale prefix), bound once to ONNX Runtime as both ``past`` and
-    ``present`` (IO binding), so a decode step allocates nothing that grows with the generated
-    length. On the CPU they are numpy arrays (float32, float16, or uint16 holding bfloat16 bits);
-    on CUDA they are OrtValues in device memory, with no host copy. ``lengths`` int64 [B]:
-    cache slots in use per user row, prefix included.
-    Reference graphs: ``past`` is the list of 2*L present tensors of the last call (concatenated).
-    :meth:`close` drops the cache (generators call it in ``finally``)."""
+    Fused graphs: the cache is preallocated and bound once to ONNX Runtime as both ``past`` and
+    ``present`` (``binding``, IO binding), so a decode step allocates nothing that grows with the
+    generated length; ``decode_io`` (CPU) holds the decode step's small input and logits arrays,
+    bound once; ``prefix_rows`` are the per-layer [P, n_prefix, .] rows a first prompt feeds;
+    ``rope`` the cos/sin OrtValues bound for this cache (:func:`parscale_edge.manifest.rope_tables`).
+    Reference graphs: ``mask`` the attention mask so far, int64 [B, tokens]; ``positions`` the last
+    position per row, int64 [B, 1]. :meth:`close` drops the cache (generators call it in ``finally``)."""
 
-    def __init__(self, batch: int, P: int, n_prefix: int = 0, capacity: int = 0):
-        self.batch, self.P, self.n_prefix, self.capacity = batch, P, n_prefix, capacity
-        self.lengths = np.full(batch, n_prefix, dtype=np.int64)
-        self.buffers: list = []  # numpy arrays (CPU) or device OrtValues (CUDA)
-        self.past: list[np.ndarray] | None = None  # reference graphs
-        self.mask: np.ndarray | None = None  # reference graphs: attention mask so far
-        self.positions: np.ndarray | None = None  # reference graphs: last position per row [B, 1]
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.batch, self.P = cache.batch, cache.P
+        self.mask: np.ndarray | None = None
+        self.positions: np.ndarray | None = None
         self.binding = None
-        self.decode_io: dict[str, np.ndarray] | None = None  # fused, CPU: decode-step arrays bound once
+        self.decode_io: dict[str, np.ndarray] | None = None
         self.decode_bound = False
-        self.prefix_rows: list[np.ndarray] = []  # fused: per layer [P, n, .] fed by a first prompt
-        self.rope: list = []  # fused: the cos/sin OrtValues bound for this cache (parscale_edge.runtime.rope_tables)
-        self.closed = False
+        self.prefix_rows: list[np.ndarray] = []
+        self.rope: list = []
 
     @property
-    def kv_bytes(self) -> int:
-        """Bytes held by the cache (preallocated capacity for fused graphs)."""
-        return cache_nbytes(self.buffers or self.past or [])
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (the cache is gone)."""
+        return self.cache.closed
 
     def close(self) -> None:
         """Free the cache now (idempotent)."""
-        self.buffers, self.past, self.binding, self.decode_io, self.closed = [], None, None, None, True
-        self.rope = []
+        self.cache.close()
+        self.binding, self.decode_io, self.rope = None, None, []
 
 
 class OnnxCausalLM:
@@ -357,7 +245,7 @@ class OnnxCausalLM:
         self._past_names = past_names(self.L)
         self._present_names = present_names(self.L)
         self._prefix_names = prefix_row_names(self.L) if self.fused else []
-        self._outputs = ["logits", *self._present_names]
+        self._outputs = graph_outputs(self.L)
         self._tokenizer = None
         self._ort = ort
         # the provider the session really uses (a CUDA entry of select_providers is a (name, options) tuple)
@@ -475,42 +363,44 @@ class OnnxCausalLM:
         self.P = self._check_parallel(int(P))
 
     # ----------------------------------------------------------------------------- one graph call
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        """Reference graphs: an empty cache for ``batch`` user rows, 2*L arrays
-        [P*batch, kv_heads, 0, head_dim] of the manifest's ``cache_dtype`` (float32 or float16).
-        Raises ManifestError for a bfloat16 cache (numpy has none: see parscale_edge.profile.GraphStepper)."""
-        return self.manifest.empty_cache(batch)
-
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Reference graphs: run the graph once.
+                past: list | None = None) -> tuple[np.ndarray, list]:
+        """Reference graphs: run the graph once (the one reference-graph call; :meth:`prefill`,
+        :meth:`decode`, :meth:`score` and the profiler all go through it).
 
         Args:
             input_ids, position_ids: int64 [B, S]; attention_mask: int64 [B, past+S].
-            past: 2*L arrays [P*B, kv_heads, past, head_dim] or None for an empty cache.
+            past: 2*L tensors [P*B, kv_heads, past, head_dim] (rows stream-major) or None for an
+                empty cache (:meth:`parscale_edge.kv_cache.KVCache.empty`). numpy arrays run a plain
+                ``session.run`` (the cache goes to the host and back every step); OrtValues run with
+                IO binding, the present cache staying in the session's device memory (the only way
+                to feed a bfloat16 cache).
         Returns:
-            logits float32 [B, S, vocab] and the present cache (2*L arrays, past+S tokens).
+            logits float32 [B, S, vocab] (on the host) and the present cache: 2*L tensors of past+S
+            slots, numpy arrays or OrtValues as ``past``.
         Raises:
             RuntimeInputError: shapes that disagree (the message names both sizes), token ids outside
                 the vocabulary, or a fused graph (use :meth:`prefill`/:meth:`decode`/:meth:`score`).
+            ManifestError: ``past`` None for a bfloat16 cache (numpy cannot hold one).
         """
         if self.fused:
             raise RuntimeInputError("forward() drives reference graphs; this export is a fused graph: use "
                                     "prefill()/decode() or score()")
         B, S = input_ids.shape
         if past is None:
-            past = self.empty_past(B)
+            past = KVCache.empty(self.manifest, B).tensors
         if len(past) != 2 * self.L:
             raise RuntimeInputError(f"past has {len(past)} tensors; this model needs {2 * self.L} (2 per layer)")
-        rows, plen = past[0].shape[0], past[0].shape[2]
+        shapes = [tensor_shape(t) for t in past]
+        rows, plen = shapes[0][0], shapes[0][2]
         if rows != self.P * B:
             raise RuntimeInputError(
                 f"the KV cache has {rows} rows but input_ids has batch {B}: with P={self.P} streams the "
                 f"cache needs P*B = {self.P * B} rows (stream-major). Use a cache from the same batch")
         want = (self.P * B, self.manifest.num_key_value_heads, plen, self.manifest.head_dim)
-        bad = next((i for i, t in enumerate(past) if t.shape != want), None)
+        bad = next((i for i, shape in enumerate(shapes) if shape != want), None)
         if bad is not None:
-            raise RuntimeInputError(f"{self._past_names[bad]} has shape {past[bad].shape}, expected "
+            raise RuntimeInputError(f"{self._past_names[bad]} has shape {shapes[bad]}, expected "
                                     f"(P*B, kv_heads, past, head_dim) = {want}")
         self._check_token_ids(input_ids)
         if position_ids.shape != (B, S):
@@ -518,12 +408,23 @@ class OnnxCausalLM:
         if attention_mask.shape != (B, plen + S):
             raise RuntimeInputError(f"attention_mask has shape {attention_mask.shape}, expected (B, past+S) = "
                                     f"{(B, plen + S)}")
-        feed = {"input_ids": input_ids.astype(np.int64, copy=False),
-                "attention_mask": attention_mask.astype(np.int64, copy=False),
-                "position_ids": position_ids.astype(np.int64, copy=False)}
-        feed.update(zip(self._past_names, past))
-        out = self.session.run(self._outputs, feed)
-        return out[0], out[1:]
+        feed = dict(zip(REFERENCE_STEP_INPUTS, (input_ids, attention_mask, position_ids)))
+        if isinstance(past[0], np.ndarray):
+            feed = {k: v.astype(np.int64, copy=False) for k, v in feed.items()}
+            feed.update(zip(self._past_names, past))
+            out = self.session.run(self._outputs, feed)
+            return out[0], out[1:]
+        io = self.session.io_binding()
+        for name, arr in feed.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=np.int64))
+        for name, v in zip(self._past_names, past):
+            io.bind_ortvalue_input(name, v)
+        io.bind_output("logits", "cpu")
+        for name in self._present_names:
+            io.bind_output(name, self._device, 0)
+        self.session.run_with_iobinding(io)
+        out = io.get_outputs()
+        return out[0].numpy(), list(out[1:])
 
     def new_state(self, batch: int, capacity: int, parallel: int | None = None) -> DecodeState:
         """An empty request for ``batch`` user rows and up to ``capacity`` tokens per row (prompt +
@@ -539,7 +440,7 @@ class OnnxCausalLM:
         P = self._check_parallel(self.P if parallel is None else int(parallel))
         self._check_kv_memory(batch, capacity, P)
         if not self.fused:
-            return DecodeState(batch, P)
+            return DecodeState(KVCache.empty(self.manifest, batch))
         parts = self._parallel_parts(P)
         m, n = self.manifest, parts["n_prefix"]
         if m.rope_theta is None:
@@ -547,12 +448,11 @@ class OnnxCausalLM:
         if capacity > m.max_position_embeddings or n > MAX_PREFIX_SLOTS:
             raise RuntimeInputError(f"a request of {capacity} tokens with {n} prefix slots exceeds the model's "
                                     f"context ({m.max_position_embeddings} tokens, at most {MAX_PREFIX_SLOTS} prefix slots)")
-        st = DecodeState(batch, P, n, n + capacity)
         shape = (P * batch, m.num_key_value_heads, n + capacity, m.head_dim)
-        st.buffers, values = allocate_kv_cache(shape, self.L, m.cache_dtype, parts["prefix"], self._device,
-                                               device_memory=self._device != "cpu")
+        st = DecodeState(KVCache.allocate(shape, self.L, m.cache_dtype, P, parts["prefix"], self._device,
+                                          device_memory=self._device != "cpu"))
         io = self.session.io_binding()
-        for past_name, present_name, v in zip(self._past_names, self._present_names, values):
+        for past_name, present_name, v in zip(self._past_names, self._present_names, st.cache.values):
             io.bind_ortvalue_input(past_name, v)
             io.bind_ortvalue_output(present_name, v)  # GroupQueryAttention writes in place
         for name, v in parts["agg"].items():
@@ -571,7 +471,7 @@ class OnnxCausalLM:
         and ``total_sequence_length`` = the cache's size, so GroupQueryAttention reads the past."""
         for name, r in zip(self._prefix_names, st.prefix_rows):
             self._bind_cache_input(st.binding, name, np.zeros((st.P * st.batch, 0, r.shape[2]), r.dtype))
-        st.binding.bind_cpu_input("total_sequence_length", np.array(st.capacity, dtype=np.int32))
+        st.binding.bind_cpu_input("total_sequence_length", np.array(st.cache.capacity, dtype=np.int32))
 
     def _check_kv_memory(self, batch: int, capacity: int, P: int) -> None:
         """The request's KV cache (P*batch rows of prefix + ``capacity`` slots, every layer, key and
@@ -581,9 +481,8 @@ class OnnxCausalLM:
         m = self.manifest
         n = m.parscale_n_tokens if P > 1 or m.part_file(P) else 0  # prefix slots (P = 1: the prefix-only control)
         slots = n + capacity
-        item = 2 if m.cache_dtype in ("float16", "bfloat16") else 4
-        need = 2 * self.L * P * batch * m.num_key_value_heads * slots * m.head_dim * item
-        check_kv_memory(need, f"P={P} x {batch} row(s) x {slots} slots x {self.L} layers, {m.cache_dtype}",
+        check_kv_memory(KVCache.planned_nbytes(m, P, batch, slots),
+                        f"P={P} x {batch} row(s) x {slots} slots x {self.L} layers, {m.cache_dtype}",
                         "ask for fewer new tokens (-n / max_new_tokens) or a smaller P")
 
     def step(self, state: DecodeState, input_ids: np.ndarray, query_lens: np.ndarray | None = None,
@@ -613,19 +512,20 @@ class OnnxCausalLM:
             raise RuntimeInputError("step() drives fused graphs; use forward() on a reference graph")
         if state.closed or state.binding is None:
             raise RuntimeInputError("this decode state was closed; start a new one with new_state()")
+        cache = state.cache
         B, S = input_ids.shape
         self._check_token_ids(input_ids)
         if B != state.batch:
             raise RuntimeInputError(f"input_ids has batch {B} but the KV cache was made for batch {state.batch} "
                                     f"({state.P * state.batch} stream rows with P={state.P}); use a state of the same batch")
         q = np.full(B, S, dtype=np.int64) if query_lens is None else np.asarray(query_lens, dtype=np.int64)
-        if int((state.lengths + S).max()) > state.capacity:
+        if int((cache.lengths + S).max()) > cache.capacity:
             raise RuntimeInputError(f"the chunk of {S} tokens does not fit: the cache holds "
-                                    f"{state.capacity - state.n_prefix} tokens per row and row lengths are "
-                                    f"{(state.lengths - state.n_prefix).tolist()}; make a state with a larger capacity")
+                                    f"{cache.capacity - cache.n_prefix} tokens per row and row lengths are "
+                                    f"{(cache.lengths - cache.n_prefix).tolist()}; make a state with a larger capacity")
         if logits_index is None:
             logits_index = np.maximum(q - 1, 0)[:, None]
-        fresh = bool((state.lengths == state.n_prefix).all())
+        fresh = bool((cache.lengths == cache.n_prefix).all())
         if S > 1 and not fresh:
             if state.P * B > 1 or not 0 <= int(logits_index.max()) < int(q[0]):
                 return self._step_tokenwise(state, input_ids, q, logits_index)
@@ -641,7 +541,7 @@ class OnnxCausalLM:
                 d = state.decode_io = {"input_ids": np.zeros((B, 1), np.int64), "seqlens_k": np.zeros(B, np.int32),
                                        "logits_index": np.zeros((B, 1), np.int64), "logits": np.zeros((B, 1, V), np.float32)}
             d["input_ids"][:] = input_ids
-            d["seqlens_k"][:] = state.lengths  # the new token's slot; an idle row's scratch entry goes there too
+            d["seqlens_k"][:] = cache.lengths  # the new token's slot; an idle row's scratch entry goes there too
             d["logits_index"][:] = logits_index
             if not state.decode_bound:
                 ov = self._ort.OrtValue.ortvalue_from_numpy
@@ -650,20 +550,20 @@ class OnnxCausalLM:
                 io.bind_ortvalue_output("logits", ov(d["logits"]))
                 state.decode_bound = True
             self.session.run_with_iobinding(io)
-            state.lengths += q
+            cache.lengths += q
             return d["logits"].copy()
         state.decode_bound = False
         first = fresh and S > 1
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         if first:  # a first prompt: right-padded rows, the prefix rows in front, nothing read from the cache
-            io.bind_cpu_input("seqlens_k", (state.n_prefix + np.maximum(q, 1) - 1).astype(np.int32))
-            io.bind_cpu_input("total_sequence_length", np.array(state.n_prefix + S, dtype=np.int32))
+            io.bind_cpu_input("seqlens_k", (cache.n_prefix + np.maximum(q, 1) - 1).astype(np.int32))
+            io.bind_cpu_input("total_sequence_length", np.array(cache.n_prefix + S, dtype=np.int32))
             rows = [np.ascontiguousarray(np.broadcast_to(r[None], (B, *r.shape)).reshape(B * r.shape[0], *r.shape[1:]))
                     for r in state.prefix_rows]  # [P, n, .] -> [B*P, n, .], batch-major
             for name, r in zip(self._prefix_names, rows):
                 self._bind_cache_input(io, name, r)
         else:
-            io.bind_cpu_input("seqlens_k", (state.lengths + np.maximum(q, 1) - 1).astype(np.int32))
+            io.bind_cpu_input("seqlens_k", (cache.lengths + np.maximum(q, 1) - 1).astype(np.int32))
         io.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, dtype=np.int64))
         shape = (B, K, self.manifest.vocab_size)
         if self._device == "cpu":  # ORT writes straight into this array
@@ -677,7 +577,7 @@ class OnnxCausalLM:
         finally:
             if first:
                 self._bind_steps(state)
-        state.lengths = state.lengths + q
+        cache.lengths = cache.lengths + q
         return out if self._device == "cpu" else dev.numpy()
 
     def _step_tokenwise(self, state: DecodeState, input_ids: np.ndarray, q: np.ndarray,
@@ -728,7 +628,8 @@ class OnnxCausalLM:
         pad = self.manifest.pad_token_id
         eos = self.manifest.eos_token_ids
         ids, st.mask, pos = left_pad(prompts, pad if pad is not None else (eos[0] if eos else 0))
-        logits, st.past = self.forward(ids, st.mask, pos, None)
+        logits, present = self.forward(ids, st.mask, pos, st.cache.tensors)
+        st.cache.advance(present)
         st.positions = pos[:, -1:]
         return st, logits[:, -1]
 
@@ -741,11 +642,12 @@ class OnnxCausalLM:
         if self.fused:
             q = np.ones(state.batch, dtype=np.int64) if active is None else active.astype(np.int64)
             return self.step(state, tokens, q)[:, 0]
-        if state.past is None:
+        if state.closed:
             raise RuntimeInputError("this decode state was closed; start a new one with prefill()")
         state.positions = state.positions + 1
         state.mask = np.concatenate([state.mask, np.ones((state.batch, 1), dtype=np.int64)], axis=1)
-        logits, state.past = self.forward(tokens, state.mask, state.positions, state.past)
+        logits, present = self.forward(tokens, state.mask, state.positions, state.cache.tensors)
+        state.cache.advance(present)
         return logits[:, -1]
 
     def score(self, input_ids: np.ndarray, parallel: int | None = None) -> np.ndarray:

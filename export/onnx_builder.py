@@ -17,7 +17,7 @@ ParScale (Chen et al. 2025, Sec. 2) in this graph:
   in front of its packed q|k|v (zero queries, dropped after attention), because GroupQueryAttention
   reads no past on a first prompt. Every other step feeds zero prefix rows;
 * **positions**: GroupQueryAttention rotates the token in cache slot s by row s of the RoPE tables,
-  which are graph inputs (``rope.cos_cache``/``rope.sin_cache``, :func:`parscale_edge.runtime.rope_tables`):
+  which are graph inputs (``rope.cos_cache``/``rope.sin_cache``, :func:`parscale_edge.manifest.rope_tables`):
   identity rows for the prefix slots (prefix keys carry no RoPE), then position p at slot
   n_prefix + p, so real tokens keep the dense model's positions for every P;
 * **aggregate**: after the last layer only the requested positions are gathered, then the final
@@ -34,15 +34,9 @@ A later multi-token chunk runs in one call only for a single cache row; the runt
 by token otherwise (:meth:`parscale_edge.runtime.OnnxCausalLM.step`). No ``position_ids`` input is used:
 CUDA GroupQueryAttention refuses it in some releases and the CPU kernel ignores it on a first prompt.
 
-Graph inputs (B user rows, S new tokens, K gathered positions, N = P*B, C = cache slots, M prefix rows):
-``input_ids`` int64 [B, S]; ``seqlens_k`` int32 [B] (tokens in the cache after this step, prefix
-included, minus 1); ``total_sequence_length`` int32 [] (M + S for a first prompt, else C);
-``logits_index`` int64 [B, K]; ``parscale.aggregate.w1`` float32 [P*H, A], ``.b1`` [A], ``.w2``
-[A, P], ``.b2`` [P], ``.smooth`` [] (A = H; the runtime feeds A = 1 for P = 1); ``past_key_values.{i}.key/.value``
-[N, kv_heads, C, head_dim] of the cache dtype (float32, float16 or bfloat16 for precision
-fp32/fp16/bf16; bound to the same buffer as the matching ``present``); ``parscale.prefix_rows.{i}``
-[N, M, (heads + 2*kv_heads)*head_dim] of the cache dtype; ``rope.cos_cache``/``rope.sin_cache``
-[>= C, head_dim/2] of the cache dtype. Outputs: ``logits`` float32 [B, K, vocab]; ``present.{i}.key/.value``.
+Graph inputs and outputs, their shapes, dtypes and order are the contract in
+:mod:`parscale_edge.manifest` (its ``fused`` section, :func:`parscale_edge.manifest.graph_inputs`);
+this builder declares them from its names.
 
 Half precision (fp16/bf16, the CUDA path): weights, matmuls, GroupQueryAttention and the KV cache in
 half; the residual stream, norms, aggregator and logits in float32 (:func:`build_fused_graph`).
@@ -61,8 +55,8 @@ from onnx import TensorProto, helper, numpy_helper
 from parscale_edge.adapter import backbone_sha256, is_parscale_tensor, save_adapter
 from parscale_edge.atomic import atomic_folder
 from parscale_edge.loading import LoadedModel
-from parscale_edge.manifest import (AGG_INPUTS, CACHE_DTYPES, PACKED_WIDTHS_KEY, ROPE_INPUTS, TOKEN_ROWS_KEY, past_names,
-                           prefix_row_names, present_names)
+from parscale_edge.manifest import (AGG_INPUTS, CACHE_DTYPES, FUSED_STEP_INPUTS, PACKED_WIDTHS_KEY, ROPE_INPUTS,
+                                    TOKEN_ROWS_KEY, past_names, prefix_row_names, present_names)
 
 OPSET = 17
 GRAPH_KIND = "fused"
@@ -164,16 +158,11 @@ def build_fused_graph(lm: LoadedModel, precision: str = "fp32") -> onnx.ModelPro
                            cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size)
     g = _Graph()
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
-    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
-              helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
-              helper.make_tensor_value_info("total_sequence_length", i32, []),
-              helper.make_tensor_value_info("logits_index", i64, ["batch", "gathered"]),
-              # the aggregator's hidden width is H for P > 1; P = 1 feeds width 1 (its softmax is 1 anyway)
-              helper.make_tensor_value_info(AGG_INPUTS[0], f32, ["parallel_hidden", "aggregator_width"]),
-              helper.make_tensor_value_info(AGG_INPUTS[1], f32, ["aggregator_width"]),
-              helper.make_tensor_value_info(AGG_INPUTS[2], f32, ["aggregator_width", "parallel"]),
-              helper.make_tensor_value_info(AGG_INPUTS[3], f32, ["parallel"]),
-              helper.make_tensor_value_info(AGG_INPUTS[4], f32, [])]
+    step = [(i64, ["batch", "sequence"]), (i32, ["batch"]), (i32, []), (i64, ["batch", "gathered"])]
+    inputs = [helper.make_tensor_value_info(n, t, shape) for n, (t, shape) in zip(FUSED_STEP_INPUTS, step)]
+    # the aggregator's hidden width is H for P > 1; P = 1 feeds width 1 (its softmax is 1 anyway)
+    agg = [["parallel_hidden", "aggregator_width"], ["aggregator_width"], ["aggregator_width", "parallel"], ["parallel"], []]
+    inputs += [helper.make_tensor_value_info(n, f32, shape) for n, shape in zip(AGG_INPUTS, agg)]
     cache_shape = ["stream_batch", kv, "capacity", hd]
     inputs += [helper.make_tensor_value_info(n, ht, cache_shape) for n in past_names(L)]
     qkv_width = (nh + 2 * kv) * hd
@@ -380,7 +369,7 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
     has another backbone or repeats a P, or an unknown precision) and :class:`parscale_edge.export.onnx_export.ExportError` when the
     ONNX checker rejects the graph.
     """
-    from .onnx_export import write_sidecars, save_checked
+    from .onnx_export import save_checked, write_sidecars
 
     out = Path(out_dir)
     cfg = lm.model.config

@@ -18,7 +18,8 @@ import torch
 
 from parscale_edge.atomic import atomic_folder
 from parscale_edge.loading import LoadedModel
-from parscale_edge.manifest import CACHE_DTYPES, DATA_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, past_names, present_names
+from parscale_edge.manifest import (CACHE_DTYPES, DATA_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, graph_inputs, graph_outputs,
+                                    past_names, present_names)
 
 OPSET = 17
 #: export precisions (``--precision``) -> torch dtype of the weights and the KV cache. fp16/bf16 keep
@@ -86,8 +87,7 @@ def export_onnx(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = F
     with atomic_folder(out, overwrite, sources=[lm.source]) as tmp:
         raw = tmp / "raw"
         raw.mkdir()
-        inputs = ["input_ids", "attention_mask", "position_ids", *past_names(L)]
-        outputs = ["logits", *present_names(L)]
+        inputs, outputs = graph_inputs("reference", L), graph_outputs(L)
         axes = {"input_ids": {0: "batch", 1: "sequence"},
                 "attention_mask": {0: "batch", 1: "total_sequence"},
                 "position_ids": {0: "batch", 1: "sequence"},

@@ -72,7 +72,7 @@ def test_chunked_prefill_equals_one_prefill_at_every_position(tmp_path):
     st = rt.new_state(2, 16)
     parts = [rt.step(st, ids[:, a:b], None, np.arange(b - a)[None].repeat(2, 0)) for a, b in ((0, 5), (5, 6), (6, 13))]
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, atol=1e-4)
-    assert st.lengths.tolist() == [13 + st.n_prefix] * 2
+    assert st.cache.lengths.tolist() == [13 + st.cache.n_prefix] * 2
 
 
 def test_state_errors_name_both_sizes(tmp_path):
@@ -98,14 +98,14 @@ def test_state_errors_name_both_sizes(tmp_path):
     st, _ = rt.prefill([[5, 6]], 4)
     with pytest.raises(RuntimeInputError, match=rf"got {V}..{V}"):
         rt.decode(st, np.array([V]))
-    assert st.lengths.tolist() == [2 + rt.prefix_slots()]  # the refused step changed nothing
+    assert st.cache.lengths.tolist() == [2 + rt.prefix_slots()]  # the refused step changed nothing
 
 
 def test_decode_steps_allocate_nothing_that_grows(tmp_path):
     lm = tiny_model("qwen2", P=2, seed=2)
     rt = OnnxCausalLM(export_model(lm, tmp_path / "f", graph="fused"), device="cpu", threads=1)
     st, logits = rt.prefill([[5, 6, 7]], 100)
-    buffers = [b.ctypes.data for b in st.buffers]
+    buffers = [b.ctypes.data for b in st.cache.tensors]
     logits = rt.decode(st, logits.argmax(-1))  # the first decode step binds its small arrays once
     peaks = []
     for window in range(3):
@@ -114,8 +114,8 @@ def test_decode_steps_allocate_nothing_that_grows(tmp_path):
             logits = rt.decode(st, logits.argmax(-1))
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
-    assert [b.ctypes.data for b in st.buffers] == buffers  # the same cache memory all along
-    assert st.lengths[0] == st.n_prefix + 3 + 91
+    assert [b.ctypes.data for b in st.cache.tensors] == buffers  # the same cache memory all along
+    assert st.cache.lengths[0] == st.cache.n_prefix + 3 + 91
     assert max(peaks) - min(peaks) < 4096, peaks  # steps 60-90 need no more memory than steps 0-30
     assert max(peaks) < 64 * 1024  # and the per-step traffic is small (logits of one row: 388 bytes)
 
@@ -209,7 +209,7 @@ def test_graph_feeds_group_query_attention_only_what_onnxruntime_1_31_takes(tmp_
 
 
 def test_rope_tables_are_identity_on_prefix_slots_then_the_dense_positions():
-    from parscale_edge.runtime import rope_tables
+    from parscale_edge.manifest import rope_tables
 
     cos, sin = rope_tables(20, 6, 16, 10000.0)
     cos0, sin0 = rope_tables(14, 0, 16, 10000.0)
@@ -227,13 +227,13 @@ def test_first_prompt_leaves_the_prefix_in_the_cache_bit_exact(tmp_path, precisi
     lm = tiny_model("qwen2", P=2, seed=4)
     rt = OnnxCausalLM(export_model(lm, tmp_path / "f", graph="fused", precision=precision), device="cpu", threads=1)
     st = rt.new_state(2, 12)
-    n = st.n_prefix
+    n = st.cache.n_prefix
     assert n > 0
-    before = [b[:, :, :n].copy() for b in st.buffers]
+    before = [b[:, :, :n].copy() for b in st.cache.tensors]
     rt.step(st, np.random.default_rng(0).integers(4, 97, (2, 9)), np.array([9, 4]))
-    for a, b in zip(before, st.buffers):
+    for a, b in zip(before, st.cache.tensors):
         assert np.array_equal(a, b[:, :, :n])
-    assert st.lengths.tolist() == [n + 9, n + 4]
+    assert st.cache.lengths.tolist() == [n + 9, n + 4]
 
 
 @pytest.mark.parametrize("P", [1, 2])
@@ -267,3 +267,26 @@ def test_each_p_runs_with_its_own_smoothing_over_a_shared_backbone(tmp_path):
     alone = OnnxCausalLM(export_model(p2, tmp_path / "alone", graph="reference"), device="cpu", threads=1)
     ids = np.random.default_rng(2).integers(4, 97, (1, 9))
     np.testing.assert_allclose(shared.score(ids, parallel=2), alone.score(ids), atol=1e-4)
+
+
+def test_both_graphs_declare_the_manifests_inputs_outputs_and_row_orders(tmp_path):
+    """parscale_edge.manifest is the contract of both graphs: their input and output names in
+    order, and the cache row of stream p of user row b."""
+    import onnx
+
+    from parscale_edge.kv_cache import KVCache
+    from parscale_edge.manifest import cache_row, graph_inputs, graph_outputs
+
+    lm = tiny_model("qwen2", P=2, seed=2)
+    L = lm.model.config.num_hidden_layers
+    for graph in ("reference", "fused"):
+        g = onnx.load(str(export_model(lm, tmp_path / graph, graph=graph) / "model.onnx"), load_external_data=False).graph
+        assert [i.name for i in g.input] == graph_inputs(graph, L)
+        assert [o.name for o in g.output] == graph_outputs(L)
+    assert [cache_row("reference", p, b, 2, 3) for b in range(3) for p in range(2)] == [0, 3, 1, 4, 2, 5]
+    assert [cache_row("fused", p, b, 2, 3) for b in range(3) for p in range(2)] == [0, 1, 2, 3, 4, 5]
+    rt = OnnxCausalLM(tmp_path / "fused", device="cpu", threads=1)
+    st = rt.new_state(3, 4)
+    assert (st.cache.row_order, st.cache.row(1, 0), st.cache.P * st.cache.batch) == ("batch-major", 1, 6)
+    ref = KVCache.empty(OnnxCausalLM(tmp_path / "reference", device="cpu", threads=1).manifest, 3)
+    assert (ref.row_order, ref.row(1, 0), ref.tensors[0].shape[0]) == ("stream-major", 3, 6)

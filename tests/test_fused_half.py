@@ -13,10 +13,10 @@ import pytest
 import torch
 from onnx import TensorProto
 
-import parscale_edge.runtime as runtime
 from parscale_edge.loading import convert_to_parscale, load_hf_folder
-from parscale_edge.manifest import Manifest, ManifestError
-from parscale_edge.runtime import AGG_INPUTS, OnnxCausalLM, SamplingConfig, allocate_kv_cache, bfloat16_bits, cache_host_array
+from parscale_edge.kv_cache import KVCache, bfloat16_bits, cache_host_array
+from parscale_edge.manifest import AGG_INPUTS, Manifest, ManifestError
+from parscale_edge.runtime import OnnxCausalLM, SamplingConfig
 from parscale_edge.export import export_model
 from parscale_edge.export.onnx_builder import build_fused_graph
 from golden import GOLDEN, MODELS, fused_forward, run_cases
@@ -62,8 +62,8 @@ def test_fused_fp16_reproduces_golden_logits_and_fp32_top1(golden_fused, name):
     assert 1e-4 < max(err16.values()) < 0.03, err16
     assert len(a) >= 100 and float((a.argmax(-1) == b.argmax(-1)).mean()) >= 0.99
     st, logits = f16.prefill([[5, 6, 7]], 4)
-    assert logits.dtype == np.float32 and all(buf.dtype == np.float16 for buf in st.buffers)
-    assert st.kv_bytes == 2 * man.num_layers * man.parscale_n * man.num_key_value_heads * st.capacity * man.head_dim * 2
+    assert logits.dtype == np.float32 and all(buf.dtype == np.float16 for buf in st.cache.tensors)
+    assert st.cache.nbytes == 2 * man.num_layers * man.parscale_n * man.num_key_value_heads * st.cache.capacity * man.head_dim * 2
 
 
 def _typed_graph(lm, precision: str) -> tuple[onnx.GraphProto, dict[str, int]]:
@@ -141,7 +141,7 @@ def test_fused_fp16_of_a_model_with_massive_activations_has_no_nan_on_512_tokens
         for _ in range(3):
             steps.append(rt.decode(st, steps[-1].argmax(-1)))
         assert np.isfinite(logits).all() and np.isfinite(np.concatenate(steps)).all(), prec
-        assert all(np.isfinite(b.astype(np.float32)).all() for b in st.buffers), prec
+        assert all(np.isfinite(b.astype(np.float32)).all() for b in st.cache.tensors), prec
         out[prec] = np.concatenate([logits, *steps])
     a, b = out["fp32"], out["fp16"]
     assert np.abs(a - b).max() < 0.02 * np.abs(a).max()
@@ -173,8 +173,8 @@ def test_fp16_backbone_serves_several_p_and_keeps_float32_part_files(tmp_path):
         assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.95 and np.abs(a - b).max() < 0.05 * np.abs(a).max()
         st = shared.new_state(2, 4, parallel=P)  # the prefix of layer 0, stream 1, row 1 of two: fp16-rounded
         k = parts["model.layers.0.self_attn.prefix_k"]
-        np.testing.assert_array_equal(st.buffers[0][1 * P + 1, :, :3], k[1].astype(np.float16))
-        assert st.buffers[0][:, :, 3:].max() == 0
+        np.testing.assert_array_equal(st.cache.tensors[0][1 * P + 1, :, :3], k[1].astype(np.float16))
+        assert st.cache.tensors[0][:, :, 3:].max() == 0
     shared.set_parallel(2)
     assert len(shared.generate([[5, 6, 7]], greedy, [])[0]) == 8
 
@@ -228,8 +228,9 @@ def test_device_memory_cache_holds_the_same_bits_as_the_host_cache(cache_dtype):
     prefix = [tuple(cache_host_array(rng.standard_normal((P, kv, n, hd)).astype(np.float32), cache_dtype)
                     for _ in range(2)) for _ in range(L)]
     shape = (P * B, kv, cap, hd)
-    host, host_values = allocate_kv_cache(shape, L, cache_dtype, prefix)
-    dev, dev_values = allocate_kv_cache(shape, L, cache_dtype, prefix, "cpu", device_memory=True)
+    host_cache = KVCache.allocate(shape, L, cache_dtype, P, prefix)
+    dev_cache = KVCache.allocate(shape, L, cache_dtype, P, prefix, "cpu", device_memory=True)
+    host, host_values, dev, dev_values = host_cache.tensors, host_cache.values, dev_cache.tensors, dev_cache.values
     assert dev is dev_values and len(dev) == 2 * L and not isinstance(dev[0], np.ndarray)
     onnx_type = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)"}
     for j in range(2 * L):
@@ -238,9 +239,7 @@ def test_device_memory_cache_holds_the_same_bits_as_the_host_cache(cache_dtype):
         np.testing.assert_array_equal(got, host[j])
         np.testing.assert_array_equal(got.reshape(B, P, kv, cap, hd)[2, 1, :, :n], prefix[j // 2][j % 2][1])
         assert not got[:, :, n:].any()
-    st = runtime.DecodeState(B, P, n, cap)
-    st.buffers = dev
-    assert st.kv_bytes == sum(h.nbytes for h in host) == 2 * L * P * B * kv * cap * hd * host[0].itemsize
+    assert dev_cache.nbytes == sum(h.nbytes for h in host) == 2 * L * P * B * kv * cap * hd * host[0].itemsize
 
 
 def test_fused_fp16_decodes_the_same_with_a_device_memory_cache(tmp_path, monkeypatch):
@@ -253,11 +252,11 @@ def test_fused_fp16_decodes_the_same_with_a_device_memory_cache(tmp_path, monkey
     greedy = SamplingConfig(max_new_tokens=12)
     want = rt.generate(prompts, greedy, [])
     st, _ = rt.prefill(prompts, 12)
-    want_bytes = st.kv_bytes
-    alloc = runtime.allocate_kv_cache
-    monkeypatch.setattr(runtime, "allocate_kv_cache", lambda *a, **k: alloc(*a, **{**k, "device_memory": True}))
+    want_bytes = st.cache.nbytes
+    alloc = KVCache.allocate
+    monkeypatch.setattr(KVCache, "allocate", lambda *a, **k: alloc(*a, **{**k, "device_memory": True}))
     st, _ = rt.prefill(prompts, 12)
-    assert not isinstance(st.buffers[0], np.ndarray) and st.kv_bytes == want_bytes
+    assert not isinstance(st.cache.tensors[0], np.ndarray) and st.cache.nbytes == want_bytes
     assert rt.generate(prompts, greedy, []) == want
 
 
@@ -279,7 +278,7 @@ def test_int4_from_a_fused_fp16_export_keeps_fp16_activations_and_cache(tmp_path
     assert all(scales[n.input[2]] == F16 for n in nbits)  # fp16 scales: fp16 activations
     rt = OnnxCausalLM(out, device="cpu", threads=1)
     st, logits = rt.prefill([[5, 6, 7]], 4)
-    assert np.isfinite(logits).all() and st.buffers[0].dtype == np.float16
+    assert np.isfinite(logits).all() and st.cache.tensors[0].dtype == np.float16
     # random weights at block 16: rounding shows, nothing breaks (real-model bounds: the GPU check)
     q = man.quantization["quality_vs_fp32"]
     assert q["positions"] == 64 and 0 < q["kl_mean"] < 0.5

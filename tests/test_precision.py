@@ -14,7 +14,7 @@ from onnx import TensorProto
 
 from parscale_edge.loading import load_hf_folder
 from parscale_edge.manifest import Manifest, ManifestError
-from parscale_edge.profile import GraphStepper
+from parscale_edge.kv_cache import KVCache
 from parscale_edge.runtime import OnnxCausalLM
 from parscale_edge.export import export_onnx
 from golden import GOLDEN, run_cases
@@ -58,7 +58,7 @@ def test_fp16_reproduces_golden_logits_and_fp32_top1(half_exports, name):
 
     def fwd(rt, tag):
         def f(ids, mask, pos, past):
-            logits, present = rt.forward(ids, mask, pos, past if past is not None else rt.manifest.empty_cache(ids.shape[0]))
+            logits, present = rt.forward(ids, mask, pos, past if past is not None else KVCache.empty(rt.manifest, ids.shape[0]).tensors)
             seen.setdefault(tag, []).append(logits[mask[:, -ids.shape[1]:].astype(bool)])
             assert logits.dtype == np.float32 and present[0].dtype == np.dtype(rt.manifest.cache_dtype)
             return logits, present
@@ -118,7 +118,7 @@ def test_bf16_graph_uses_only_ops_the_cuda_provider_runs_in_bfloat16(half_export
     assert {"MatMul", "Concat"} <= bf16_ops and bf16_ops <= CUDA_BF16_OPS, bf16_ops - CUDA_BF16_OPS
     assert {o.name: o.type.tensor_type.elem_type for o in model.graph.output}["logits"] == TensorProto.FLOAT
     with pytest.raises(ManifestError, match="numpy cannot hold"):
-        man.empty_cache(1)
+        KVCache.empty(man, 1)
 
 
 def test_fp16_export_of_a_bf16_model_with_massive_activations_has_no_nan_on_512_tokens(tmp_path):
@@ -136,7 +136,7 @@ def test_fp16_export_of_a_bf16_model_with_massive_activations_has_no_nan_on_512_
     out = {}
     for name, folder in (("fp32", fp32), ("fp16", fp16)):
         rt = OnnxCausalLM(folder, device="cpu", threads=1)
-        logits, present = rt.forward(ids, mask, pos, rt.manifest.empty_cache(1))
+        logits, present = rt.forward(ids, mask, pos, KVCache.empty(rt.manifest, 1).tensors)
         nxt = logits[:, -1].argmax(-1)[:, None]
         step, present = rt.forward(nxt, np.ones((1, 513), np.int64), np.array([[512]]), present)
         assert np.isfinite(logits).all() and np.isfinite(step).all(), name
@@ -159,7 +159,7 @@ def test_pytorch_mixed_precision_model_matches_its_fp16_export(half_exports):
     assert half.dtype == torch.float32 and cache[0].dtype == torch.float16
     assert ref.model.norm.weight.dtype == torch.float32 and ref.model.aggregate_layer[0].weight.dtype == torch.float32
     rt = OnnxCausalLM(half_exports["p2_untied", "fp16"], device="cpu", threads=1)
-    got, _ = rt.forward(ids, np.ones_like(ids), np.arange(9)[None].repeat(2, 0), rt.manifest.empty_cache(2))
+    got, _ = rt.forward(ids, np.ones_like(ids), np.arange(9)[None].repeat(2, 0), KVCache.empty(rt.manifest, 2).tensors)
     assert np.abs(got - half.numpy()).max() < 0.02 and np.abs(got - want32.numpy()).max() < 0.03
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         ref.to_mixed_precision(torch.float64)
@@ -168,20 +168,23 @@ def test_pytorch_mixed_precision_model_matches_its_fp16_export(half_exports):
 def test_io_binding_stepper_matches_plain_runs_and_counts_half_cache_bytes(half_exports):
     for prec in ("fp32", "fp16"):
         rt = OnnxCausalLM(half_exports["p4_tied", prec], device="cpu", threads=1)
-        plain, bound = GraphStepper(rt, io_binding=False), GraphStepper(rt, io_binding=True, device_type="cpu")
+        plain, bound = KVCache.empty(rt.manifest, 2), KVCache.empty(rt.manifest, 2, ort_values=True)
         ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])
         mask, pos = np.ones((2, 4), np.int64), np.arange(4)[None].repeat(2, 0)
-        la, ca = plain.step(ids, mask, pos, plain.empty(2))
-        lb, cb = bound.step(ids, mask, pos, bound.empty(2))
+        la, ca = rt.forward(ids, mask, pos, plain.tensors)
+        lb, cb = rt.forward(ids, mask, pos, bound.tensors)
         nxt = la[:, -1].argmax(-1)[:, None]
-        la2, ca = plain.step(nxt, np.ones((2, 5), np.int64), np.full((2, 1), 4), ca)
-        lb2, cb = bound.step(nxt, np.ones((2, 5), np.int64), np.full((2, 1), 4), cb)
+        la2, ca = rt.forward(nxt, np.ones((2, 5), np.int64), np.full((2, 1), 4), ca)
+        lb2, cb = rt.forward(nxt, np.ones((2, 5), np.int64), np.full((2, 1), 4), cb)
+        plain.advance(ca)
+        bound.advance(cb)
         np.testing.assert_array_equal(la, lb)
         np.testing.assert_array_equal(la2, lb2)
         m = rt.manifest
         item = 2 if prec == "fp16" else 4
         expect = 2 * m.num_layers * m.parscale_n * 2 * m.num_key_value_heads * 5 * m.head_dim * item
-        assert GraphStepper.cache_bytes(ca) == GraphStepper.cache_bytes(cb) == expect
+        assert plain.nbytes == bound.nbytes == expect
+        assert plain.on_host and not bound.on_host
 
 
 def test_int4_from_an_fp16_export_keeps_fp16_activations_and_cache(half_exports, tmp_path):

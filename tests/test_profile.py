@@ -70,6 +70,42 @@ def test_bandwidth_measurement_is_plausible():
     assert 0.1 < bw["read_gbps"] < 2000 and 0.1 < bw["copy_gbps"] < 2000
 
 
+def test_reference_bandwidth_is_measured_with_the_requested_threads_and_cached_per_count(tmp_path, monkeypatch):
+    from parscale_edge import device
+
+    real, calls = device.measure_bandwidth, []
+    monkeypatch.setattr(device, "measure_bandwidth", lambda threads: calls.append(threads) or
+                        {"read_gbps": 10.0 * threads, "copy_gbps": 1.0, "array_mib": 1, "threads": threads})
+    assert device.read_bandwidth_gbps(2, tmp_path) == 20.0
+    assert device.read_bandwidth_gbps(2, tmp_path) == 20.0  # cached
+    assert device.read_bandwidth_gbps(1, tmp_path) == 10.0  # another thread count is measured again
+    assert calls == [2, 1]
+    assert real(size_mib=4, repeat=1, threads=2)["threads"] == 2
+    with pytest.raises(ValueError, match="threads"):
+        real(size_mib=4, repeat=1, threads=0)
+
+
+def test_profile_divides_by_a_bandwidth_of_the_runs_thread_count(monkeypatch):
+    """profile_folder measures its reference with the run's threads and hands it to the worker."""
+    import subprocess
+
+    from parscale_edge import device, profile
+
+    asked, sent = [], []
+    monkeypatch.setattr(device, "read_bandwidth_gbps", lambda threads: asked.append(threads) or 7.5)
+
+    def worker(argv, **kw):
+        sent.append(json.loads(argv[-1]))
+        return subprocess.CompletedProcess(argv, 0, json.dumps({"load": {}, "runs": [{"batch": 1}]}), "")
+
+    monkeypatch.setattr(profile.subprocess, "run", worker)
+    rows = profile_folder("unused", batches=[1], prompt_lens=[4], gen_len=2, threads=2)
+    assert asked == [2] and sent[0]["bandwidth_gbps"] == 7.5 and sent[0]["threads"] == 2
+    assert rows == [{"batch": 1, "bandwidth_ref_gbps": 7.5}]
+    profile_folder("unused", batches=[1], prompt_lens=[4], gen_len=2, threads=2, bandwidth_gbps=3.0)
+    assert asked == [2] and sent[1]["bandwidth_gbps"] == 3.0  # a given reference is used as is
+
+
 def test_decode_read_bytes_skips_gather_only_tables(tmp_path):
     """A tied fp32 head reads the embedding every step (it counts); after int4 quantization the head
     is its own matrix and the fp32 embedding is only gathered (it does not)."""

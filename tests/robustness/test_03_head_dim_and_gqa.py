@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from parscale_edge.kv_cache import KVCache
 from parscale_edge.runtime import OnnxCausalLM
 from parscale_edge.export import export_onnx
 from tiny import tiny_model
@@ -29,7 +30,7 @@ def test_declared_input_shapes_are_what_the_runtime_feeds(odd_heads):
     for name in rt._past_names:
         assert declared[name] == ["stream_batch", cfg.num_key_value_heads, "past_sequence", cfg.head_dim]
     for B in (1, 3):
-        empty = rt.empty_past(B)
+        empty = KVCache.empty(rt.manifest, B).tensors
         assert len(empty) == 2 * cfg.num_hidden_layers
         assert all(t.shape == (cfg.parscale_n * B, 2, 0, 16) and t.dtype == np.float32 for t in empty)
     out = {o.name: o.shape for o in rt.session.get_outputs()}
