@@ -43,7 +43,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from parscale_edge.atomic import folder_size_mib, write_json
-    from parscale_edge.cli import ensure_export
+    from parscale_edge.prepare import ensure_export
     from parscale_edge.evaluate import stdlib_text
     from parscale_edge.runtime import OnnxCausalLM
 

@@ -392,7 +392,7 @@ def _real_model(spec: str, device: str, work: Path, graph: str = "fused", positi
     """The fp16 export of ``graph`` on ``device`` against fp32 on the CPU over held-out stdlib code
     (parscale_edge.evaluate.compare). Cached exports of another graph kind (e.g. an fp16 reference export made
     before fused half-precision exports existed) are not used: the right one is exported into ``work``."""
-    from parscale_edge.cli import ensure_export, load_for_export
+    from parscale_edge.prepare import ensure_export, load_for_export
     from parscale_edge.evaluate import compare, onnx_logits_fn, stdlib_text
     from parscale_edge.manifest import Manifest
     from parscale_edge.runtime import OnnxCausalLM

@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("-o", "--output", default="bench/results/quant_table.json")
     a = ap.parse_args()
 
-    from parscale_edge.cli import ensure_export
+    from parscale_edge.prepare import ensure_export
     from parscale_edge.evaluate import compare, onnx_logits_fn, stdlib_text
     from parscale_edge.hub import default_cache_dir
     from parscale_edge.runtime import OnnxCausalLM
