@@ -243,21 +243,15 @@ def cmd_convert(model: str, parallel: int, output: str, prefix_tokens: int, smoo
     out = save_hf_folder(conv, output, overwrite=overwrite)
     print(f"converted {model} to P={parallel} -> {out}")
     if eval_positions:
-        from .evaluate import perplexity, stdlib_text
-        import torch
+        from .evaluate import stdlib_text
+        from .train import evaluate_perplexity
 
         if lm.tokenizer is None:
             print("no tokenizer in the source: perplexity not measured")
             return
         tokens = lm.tokenizer.encode(stdlib_text())
-        rows = []
-        for name, m in (("dense P=1", lm.model), (f"converted P={parallel}", conv.model)):
-            def fn(ids, m=m):
-                with torch.no_grad():
-                    t = torch.from_numpy(ids)
-                    return m(t, torch.ones_like(t), torch.arange(t.shape[1])[None].expand_as(t))[0].numpy()
-            r = perplexity(fn, tokens, window=eval_window, max_positions=eval_positions)
-            rows.append((name, r))
+        rows = [(name, evaluate_perplexity(m, tokens, eval_positions, eval_window))
+                for name, m in (("dense P=1", lm.model), (f"converted P={parallel}", conv.model))]
         print(f"perplexity on Python standard-library code ({rows[0][1]['positions']} positions, "
               f"window {eval_window}):")
         for name, r in rows:
@@ -272,7 +266,7 @@ def cmd_train(model: str, parallel: int, prefix: bool, data: list[str], eval: li
               overwrite: bool, device: str, threads: int | None, quiet: bool) -> None:
     import_export_stack()
     check_parallel(parallel)
-    from .train import TrainConfig, check_run_folder, close_distributed, init_distributed
+    from .train import TrainConfig, check_run_folder, close_distributed, init_distributed, training_files
 
     cfg = TrainConfig(parallel=parallel, prefix=prefix, prefix_tokens=prefix_tokens, steps=steps or 1, seq_len=seq_len,
                       batch=batch, grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup,
@@ -290,7 +284,7 @@ def cmd_train(model: str, parallel: int, prefix: bool, data: list[str], eval: li
 
         check_replaceable(out, [s for s in [model, *data, *eval] if Path(s).exists()],
                           own_files={CHECKPOINT_FILE, ADAPTER_FILE, HISTORY_FILE, CURVES_FILE, "model"})
-    train_files, eval_files, eval_text, eval_desc = _training_files(data, eval)
+    train_files, eval_files, eval_text, eval_desc = training_files(data, eval)
     new_folder = not out.exists()
     dist = init_distributed(device)
     try:
@@ -353,27 +347,6 @@ def _train_run(model: str, cfg, out: Path, train_files, eval_text, eval_desc, di
             if "dense" in h:
                 line += f"dense P=1 {h['dense']['perplexity']:.4f}, "
             print(line + f"untrained P={cfg.parallel} {first['perplexity']:.4f}, trained {last['perplexity']:.4f}")
-
-
-def _training_files(data: list[str], evals: list[str]):
-    """(train files, eval files, eval text or None, description); refuses eval files that are trained on."""
-    from .corpus import FILE_SEPARATOR, collect_files, read_texts, stdlib_root
-    from .evaluate import HELDOUT_MODULES, stdlib_text
-
-    train_files = collect_files(data)
-    if evals == ["none"]:
-        return train_files, [], None, "none"
-    if evals == ["stdlib"]:
-        eval_files = [stdlib_root() / m for m in HELDOUT_MODULES]
-        text, desc = stdlib_text(), "held-out Python standard-library modules (" + ", ".join(HELDOUT_MODULES) + ")"
-    else:
-        eval_files = collect_files(evals)
-        text, desc = FILE_SEPARATOR.join(read_texts(eval_files)), f"{len(eval_files)} file(s)"
-    overlap = {p.resolve() for p in train_files} & {p.resolve() for p in eval_files}
-    if overlap:
-        raise CLIError(f"{len(overlap)} evaluation file(s) are also training data, e.g. {sorted(overlap)[0]}; "
-                       "held-out text must not be trained on")
-    return train_files, eval_files, text, desc
 
 
 # --------------------------------------------------------------------------------- eval, compare
