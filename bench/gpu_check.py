@@ -454,7 +454,9 @@ def cmd_run(a) -> int:
     if a.workers:
         plan.workers = a.workers
     if a.parallel:
-        plan.parallel = tuple(int(x) for x in a.parallel.split(","))
+        from parscale_edge.prepare import parse_parallel
+
+        plan.parallel = tuple(parse_parallel(a.parallel))
         plan.twins = tuple(p for p in plan.twins if p in plan.parallel)
         plan.cpu_parallel = tuple(p for p in plan.cpu_parallel if p in plan.parallel)
     if a.cpu_threads is not None:

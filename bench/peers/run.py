@@ -99,7 +99,9 @@ def cpu_busy(seconds: float = 2.0) -> float:
 
 
 def ours_folder(precision: str) -> Path:
-    return cache_dir() / "onnx" / f"{MODEL}-p1-{precision}"
+    """Our P=1 export in ``precision``: its folder in the toolkit's cache (parscale_edge.prepare's naming)."""
+    from parscale_edge.prepare import export_cache_folder
+    return export_cache_folder(MODEL, 1, precision)
 
 
 def ensure_ours(precision: str, threads: int) -> Path:
