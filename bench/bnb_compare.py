@@ -32,7 +32,7 @@ def main() -> None:
     except BitsAndBytesUnavailable as e:
         print(f"skipped: {e}")
         return
-    from parscale_edge.cli import load_for_export
+    from parscale_edge.prepare import load_for_export
     from parscale_edge.evaluate import compare, stdlib_text
 
     torch.set_num_threads(a.threads)

@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=3600.0)
     a = ap.parse_args(argv)
     from parscale_edge.atomic import write_json
+    from parscale_edge.prepare import parse_parallel
 
-    parallel = tuple(int(x) for x in a.parallel.split(","))
+    parallel = tuple(parse_parallel(a.parallel))
     threads = tuple(int(x) for x in a.threads.split(","))
     built = build(a.arch, parallel, Path(a.work))
     res = {"arch": a.arch, **built, **measure(built["folder"], parallel, threads, budget_s=a.budget_s)}

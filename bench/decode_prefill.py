@@ -43,14 +43,14 @@ def main() -> None:
     a = ap.parse_args()
 
     from parscale_edge.atomic import folder_size_mib, write_json
-    from parscale_edge.cli import ensure_export
+    from parscale_edge.prepare import ensure_export, parse_parallel
     from parscale_edge.evaluate import stdlib_text
     from parscale_edge.runtime import OnnxCausalLM
 
     rows = []
     from parscale_edge.manifest import Manifest
 
-    for model, P in [(m, int(p)) for m in a.model.split(",") for p in a.parallel.split(",")]:
+    for model, P in [(m, p) for m in a.model.split(",") for p in parse_parallel(a.parallel)]:
         folder = ensure_export(model, P, a.threads, progress=False)
         man = Manifest.read(folder)
         P = P if P in man.offered_parallel() else man.parscale_n

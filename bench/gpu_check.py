@@ -393,7 +393,7 @@ def _real_model(spec: str, device: str, work: Path, graph: str = "fused", positi
     """The fp16 export of ``graph`` on ``device`` against fp32 on the CPU over held-out stdlib code
     (parscale_edge.evaluate.compare). Cached exports of another graph kind (e.g. an fp16 reference export made
     before fused half-precision exports existed) are not used: the right one is exported into ``work``."""
-    from parscale_edge.cli import ensure_export, load_for_export
+    from parscale_edge.prepare import ensure_export, load_for_export
     from parscale_edge.evaluate import compare, onnx_logits_fn, stdlib_text
     from parscale_edge.manifest import Manifest
     from parscale_edge.runtime import OnnxCausalLM
@@ -455,7 +455,9 @@ def cmd_run(a) -> int:
     if a.workers:
         plan.workers = a.workers
     if a.parallel:
-        plan.parallel = tuple(int(x) for x in a.parallel.split(","))
+        from parscale_edge.prepare import parse_parallel
+
+        plan.parallel = tuple(parse_parallel(a.parallel))
         plan.twins = tuple(p for p in plan.twins if p in plan.parallel)
         plan.cpu_parallel = tuple(p for p in plan.cpu_parallel if p in plan.parallel)
     if a.cpu_threads is not None:

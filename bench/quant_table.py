@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("-o", "--output", default="bench/results/quant_table.json")
     a = ap.parse_args()
 
-    from parscale_edge.cli import ensure_export
+    from parscale_edge.prepare import ensure_export, parse_parallel
     from parscale_edge.evaluate import compare, onnx_logits_fn, stdlib_text
     from parscale_edge.hub import default_cache_dir
     from parscale_edge.runtime import OnnxCausalLM
@@ -63,7 +63,7 @@ def main() -> None:
     done = {(r["model"], r["P"], r["variant"]) for r in data["rows"]}
     work = Path(a.workdir or Path(default_cache_dir()) / "bench")
     for model in a.models.split(","):
-        for P in [int(p) for p in a.parallel.split(",")]:
+        for P in parse_parallel(a.parallel):
             fp32 = ensure_export(model, P, a.threads, progress=False)
             ref = OnnxCausalLM(fp32, device="cpu", threads=a.threads)
             tokens = ref.tokenizer.encode(stdlib_text())

@@ -1,9 +1,10 @@
 """The two models of the demo: which ones by default, how they are exported, cached and loaded.
 
 No gradio and no torch at import time: ``parscale demo --help`` reads :data:`DEFAULTS` from here.
-A model that needs exporting goes through the CLI's own :func:`parscale_edge.cli.ensure_export` (cached fp32
-export, ``-P`` conversion included) and, for int4/int8, :func:`parscale_edge.quant.onnx_quant.quantize_folder`
-with its default settings into a sibling cache folder, so the demo, ``parscale chat -P 2`` and
+A model that needs exporting goes through :func:`parscale_edge.prepare.ensure_export` (cached fp32
+export, P conversion included) and, for int4/int8, :func:`parscale_edge.quant.onnx_quant.quantize_folder`
+with its default settings into the cache folder of that precision
+(:func:`parscale_edge.prepare.export_cache_folder`), so the demo, ``parscale chat -P 2`` and
 ``parscale export --precision`` share one cache and one way of making a model.
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ class DemoDefaults:
     a small ParScale part file per P > 1; a P control in the demo picks one per answer). The first
     listed is the one selected at start. ``left_adapters``: trained ParScale parts for some of those
     P (the shipped P=2 and P=4 adapters the checkout has; a P > 1 without one is an untrained
-    conversion). ``right_parallel``: the same for the right model."""
+    conversion). ``right_parallel``: the same for the right model. ``parscale demo --help`` shows
+    these from :data:`parscale_edge.cli.DEMO_DEFAULTS_HELP` (a test keeps the two the same)."""
 
     left: str = "smollm2-135m"
     left_parallel: tuple[int, ...] = (2, 1, 4)
@@ -75,29 +77,30 @@ def prepare_model(spec: str, parallel: int | Sequence[int] | None, precision: st
     """The export folder to run for ``spec``: ``spec`` itself when it is an export folder (used as
     it is, whatever ``precision`` says; it must offer every P in ``parallel``), else the cached fp32
     export (several P: one fused backbone with a ParScale part file per P > 1), quantized once to
-    ``precision`` into ``<cache>/onnx/<name>-<precision>`` (default
+    ``precision`` into :func:`parscale_edge.prepare.export_cache_folder` of that precision (default
     :class:`parscale_edge.quant.onnx_quant.QuantConfig`, its accuracy-level check on, the fp32 comparison skipped;
     the part files stay float32). A current quantized folder is used without touching the fp32 one.
 
-    Raises CLIError / UnsupportedModelError / ManifestError / QuantizationError for a model that
-    cannot be found, converted or quantized (one-line messages)."""
-    from parscale_edge.cli import CLIError, _is_export_folder, _import_quant_stack, ensure_export, export_cache_folder
+    Raises PrepareError (ParallelError for a P out of range or not offered) / UnsupportedModelError /
+    ManifestError / QuantizationError for a model that cannot be found, converted or quantized
+    (one-line messages)."""
     from parscale_edge.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
+    from parscale_edge.prepare import (PrepareError, ensure_export, export_cache_folder, import_quant_stack,
+                                       is_export_folder)
 
     if precision not in PRECISIONS:
-        raise CLIError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    if _is_export_folder(spec):
+        raise PrepareError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    if is_export_folder(spec):
         return ensure_export(spec, parallel)  # checks every P against the folder's manifest
     if precision == "fp32":
         return ensure_export(spec, parallel, threads, progress=progress, adapters=adapters)
-    fp32_folder = export_cache_folder(spec, parallel, "fp32", adapters)
-    out = fp32_folder.with_name(fp32_folder.name.removesuffix("-fp32") + f"-{precision}")
+    out = export_cache_folder(spec, parallel, precision, adapters)
     if (out / MANIFEST_FILE).exists():
         man = Manifest.read(out)
         if man.precision == precision and man.format_version == FORMAT_VERSION:
             return out  # the fp32 export is not needed, nor touched
     fp32 = ensure_export(spec, parallel, threads, progress=progress, adapters=adapters)
-    _import_quant_stack()
+    import_quant_stack()
     from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 
     from parscale_edge.atomic import folder_size_mib
@@ -234,15 +237,15 @@ def load_pair(left: str, left_parallel: int | Sequence[int] | None, right: str,
     the other, logging each stage as ``[k/2] ...``. ``*_parallel``: the P each side offers (first
     selected at start); None: :data:`DEFAULTS` for a model the demo exports (left P 2, 1, 4 over one
     backbone, right P 1), every P of an export folder."""
-    from parscale_edge.cli import _is_export_folder
+    from parscale_edge.prepare import is_export_folder
 
     out = []
     started = start_onnxruntime()
     for k, (label, spec, P, default_P) in enumerate((("left", left, left_parallel, DEFAULTS.left_parallel),
                                                      ("right", right, right_parallel, DEFAULTS.right_parallel)), 1):
-        if P is None and not _is_export_folder(spec):
+        if P is None and not is_export_folder(spec):
             P = default_P
-        if _is_export_folder(spec):
+        if is_export_folder(spec):
             log(f"[{k}/2] {label}: loading {spec} ...")
         else:
             Ps = ", ".join(map(str, [P] if isinstance(P, int) else sorted(P)))

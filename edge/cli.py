@@ -3,21 +3,36 @@
 Every command that runs a model goes through ONNX Runtime; torch is imported only to load,
 convert or export a checkpoint (the ``export`` extra). A model argument is an export folder, a
 named model (``smollm2-135m``, ``qwen2.5-coder-0.5b``, ``qwen2.5-coder-1.5b``), a ``.gguf`` file or a
-Hugging Face folder; anything but an export folder is exported once into the cache and reused.
+Hugging Face folder; anything but an export folder is exported once into the cache and reused
+(:mod:`parscale_edge.prepare`).
+
+This module is the command-line layer only: :func:`build_parser` (at the bottom) declares the
+flags, :func:`main` parses them and calls the ``cmd_*`` function of the command with the flag
+values as keyword arguments; the work is done by the library modules. Imports of those modules
+(and of torch, onnx, onnxruntime, gradio) sit inside the functions that need them, so that
+``parscale --help`` and the torch-free commands start fast.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
+import inspect
 import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .manifest import MANIFEST_FILE, Manifest
+from .prepare import (FLOAT_PRECISIONS, ParallelError, check_parallel, ensure_export, fused_parallel,
+                      import_export_stack, import_quant_stack, is_export_folder, load_for_export, load_several,
+                      parse_parallel, set_torch_threads)
 
 DEFAULT_MODEL = "smollm2-135m"
+#: ``export --precision``: the float exports, then parscale_edge.quant.onnx_quant.PRECISIONS (quantized after an fp32 export)
+EXPORT_PRECISIONS = FLOAT_PRECISIONS + ("int4", "int8", "int8-dynamic")
+#: ``profile --precision``
+PROFILE_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 
 
 class CLIError(Exception):
@@ -29,227 +44,35 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .manifest import ManifestError
     from .runtime import RuntimeInputError
 
-    errs: list[type[BaseException]] = [CLIError, UnsupportedModelError, ManifestError, RuntimeInputError,
-                                       FileExistsError, FileNotFoundError, ValueError, UnicodeDecodeError]
-    return tuple(errs)
+    return (CLIError, UnsupportedModelError, ManifestError, RuntimeInputError, FileExistsError, FileNotFoundError,
+            ValueError, UnicodeDecodeError)
 
 
-def _import_export_stack():
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _parallel_list(text: str, flag: str = "--parallel", check: bool = True) -> list[int]:
+    """The P of a list flag (``1,2,4``), checked against the supported range unless ``check`` is
+    False; CLIError naming ``flag`` otherwise."""
     try:
-        import torch  # noqa: F401
-        import onnx  # noqa: F401
-    except ImportError as e:
-        raise CLIError(f"this step loads a checkpoint and exports it, which needs PyTorch and onnx ({e.name} is "
-                       "missing): pip install 'parscale-edge[export]', or pass a folder made by `parscale export`"
-                       ) from None
+        parallel = parse_parallel(text)
+        if check:
+            check_parallel(parallel)
+    except ParallelError as e:
+        raise CLIError(e.naming(flag)) from None
+    return parallel
 
 
-def _set_torch_threads(threads: int | None) -> None:
-    import torch
-
-    # On small shared CPUs PyTorch with several threads was 8-10x slower than with one (docs/parscale.md, "Threads").
-    torch.set_num_threads(threads or 1)
-
-
-def _is_export_folder(spec: str) -> bool:
-    return (Path(spec) / MANIFEST_FILE).exists()
+def _ints(text: str, flag: str) -> list[int]:
+    """A comma-separated list of positive integers (``--batch``, ``--prompt-len``); CLIError naming ``flag``."""
+    try:
+        return parse_parallel(text)
+    except ParallelError as e:
+        raise CLIError(e.naming(flag)) from None
 
 
-def _input_stamps(p: Path) -> list[str]:
-    """What an export of the file or folder ``p`` depends on: its path and, for the file or each file
-    in the folder (weights, config, tokenizer, chat template; links followed), name, size, mtime and
-    inode, plus the content hash of files under 16 MiB (config and tokenizer files: cheap to read).
-    Replacing or editing any of them in place changes the stamps, so the cache exports again."""
-    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
-    stamps = [str(p)]
-    for f in files:
-        st = f.stat()
-        stamp = f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-        if st.st_size < 16 * 2**20:
-            stamp += ":" + hashlib.sha256(f.read_bytes()).hexdigest()
-        stamps.append(stamp)
-    return stamps
-
-
-def _cache_key(spec: str, parallel: int | Sequence[int] | None, precision: str = "fp32") -> str:
-    """Cache folder name: ``<model>-p<P>-<precision>``; several P (one backbone): ``<model>-p1-2-4-fp32``."""
-    from .hub import resolve_model
-
-    kind, ref = resolve_model(spec)
-    if kind == "named":
-        base = ref
-    else:
-        p = Path(ref).resolve()
-        digest = hashlib.sha256("|".join(_input_stamps(p)).encode()).hexdigest()[:12]
-        base = f"{p.stem or p.name}-{digest}"
-    if isinstance(parallel, Sequence):
-        parallel = "-".join(str(P) for P in sorted(set(parallel)))
-    return f"{base}-p{parallel}-{precision}" if parallel else f"{base}-{precision}"
-
-
-def _check_P(P: int | None, flag: str = "--parallel") -> None:
-    """Raises CLIError for P < 1 or above :data:`parscale_edge.config.MAX_PARALLEL` (before any slow work)."""
-    from .config import MAX_PARALLEL
-
-    if P is None:
-        return
-    if P < 1:
-        raise CLIError(f"{flag} must be >= 1, got {P}")
-    if P > MAX_PARALLEL:
-        raise CLIError(f"{flag} {P} is above the supported {MAX_PARALLEL}: every stream adds its own prefix to "
-                       f"every layer (a part file growing with P) and P multiplies the KV cache and the compute of "
-                       f"every token; the paper uses P <= 8")
-
-
-def load_for_export(spec: str, parallel: int | None, threads: int | None, progress: bool = True, seed: int = 0):
-    """Load ``spec`` into PyTorch; convert a dense model to ``parallel`` streams when asked
-    (trained adapters go through :func:`load_several`). Raises CLIError for a P out of range."""
-    _check_P(parallel)
-    _import_export_stack()
-    _set_torch_threads(threads)
-    from .loading import convert_to_parscale, load_model
-
-    lm = load_model(spec, progress=progress)
-    if lm.tokenizer is None:
-        _log(f"warning: {spec} has no tokenizer.json: the export runs on token ids only, and generate, chat and "
-             "eval will refuse it; copy tokenizer.json (and tokenizer_config.json) into the model folder first")
-    P = lm.model.config.parscale_n
-    if parallel and parallel != P:
-        if P != 1:
-            raise CLIError(f"{spec} already has P={P} streams; --parallel {parallel} needs a dense (P=1) model")
-        lm = convert_to_parscale(lm, parallel, seed=seed)
-    return lm
-
-
-def load_several(spec: str, parallels: Sequence[int] | None, threads: int | None, progress: bool = True,
-                 adapters: Sequence[str | os.PathLike] = ()):
-    """(first model, the others): the dense ``spec`` as P = ``parallels[0]`` and, for the other P,
-    the trained adapter of that P when ``adapters`` has one (``parscale train``), else its
-    conversion; all over one backbone (``export_model(first, out, also=others)`` writes one folder
-    that serves every P). ``parallels`` None: the adapters' P in their order, then P=1 (the backbone;
-    a prefix-only adapter, the P=1 prefix-tuning control, takes the P=1 place instead).
-    Raises CLIError when ``spec`` is not dense (P=1) or two adapters share a P, AdapterError for an
-    adapter of another backbone (for a named model whose adapter names another named model, before
-    anything is downloaded)."""
-    from .loading import convert_to_parscale
-
-    # bad adapter files, and a named model's adapter trained on another named model, are refused
-    # from their headers before the (slow) load or download
-    from .adapter import AdapterError, adapter_metadata
-
-    for f in adapters:
-        source = adapter_metadata(f)["source"]
-        if spec in _named() and source in _named() and source != spec:
-            raise AdapterError(f"{f}: this adapter was trained on {source}, not {spec}; export {source} "
-                               "with it (nothing was downloaded)")
-    dense = load_for_export(spec, None, threads, progress=progress)
-    if dense.model.config.parscale_n != 1:
-        raise CLIError(f"several P over one backbone need a dense (P=1) model; {spec} has "
-                       f"P={dense.model.config.parscale_n}")
-    trained = {}
-    if adapters:
-        from .adapter import apply_adapter, backbone_sha256
-
-        digest = backbone_sha256(dense.model)  # once for every adapter
-        for m in (apply_adapter(dense, f, backbone_hash=digest) for f in adapters):
-            P = m.model.config.parscale_n
-            if P in trained:
-                raise CLIError(f"two adapters with P={P}; give one per P")
-            trained[P] = m
-    parallels = parallels or list(dict.fromkeys([*trained, 1]))
-    models = [trained.get(P) or (dense if P == 1 else convert_to_parscale(dense, P)) for P in parallels]
-    return models[0], models[1:]
-
-
-def _normalize_parallel(parallel: int | Sequence[int] | None, adapters: Sequence = ()) -> tuple[int | None, list[int] | None]:
-    """(single P or None, several P or None) for ``ensure_export``: a one-element list is a single P;
-    with adapters the backbone's P=1 is always offered. Raises CLIError for P < 1."""
-    if adapters:
-        parallel = [parallel] if isinstance(parallel, int) else list(parallel or []) or [1]
-        if parallel != [1]:
-            parallel = [1, *parallel]  # the adapter's P over the backbone: keep the P=1 option with it
-    several = sorted(set(parallel)) if isinstance(parallel, Sequence) else None
-    if several is not None and len(several) == 1:
-        parallel, several = several[0], None
-    for P in several or [parallel]:
-        _check_P(P)
-    return parallel, several
-
-
-def export_cache_folder(spec: str, parallel: int | Sequence[int] | None = None, precision: str = "fp32",
-                        adapters: Sequence[str | os.PathLike] = ()) -> Path:
-    """Where :func:`ensure_export` caches ``spec`` (not an export folder) for these P, precision and
-    adapters: ``<cache>/onnx/<model>-p1-2-4[-a<adapters' hash>]-<precision>``."""
-    from .hub import default_cache_dir
-
-    parallel, several = _normalize_parallel(parallel, adapters)
-    key = _cache_key(spec, several or parallel or (1 if spec in _named() else None), precision)
-    if adapters:
-        from .hub import sha256_file
-
-        tag = hashlib.sha256("".join(sha256_file(a) for a in adapters).encode()).hexdigest()[:10]
-        key = key.removesuffix(f"-{precision}") + f"-a{tag}-{precision}"
-    return Path(default_cache_dir()) / "onnx" / key
-
-
-def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, threads: int | None = None,
-                  progress: bool = True, precision: str = "fp32", adapters: Sequence[str | os.PathLike] = ()) -> Path:
-    """An export folder for ``spec``: itself when it is one (it must offer every P asked for), else
-    a cached export (made once, :func:`export_cache_folder`) in ``precision`` fp32, fp16 or bf16.
-    Several P: one fused backbone with a ParScale part file per P > 1; ``adapters``: trained parts
-    for some of those P, the others are conversions."""
-    parallel, several = _normalize_parallel(parallel, adapters)
-    if _is_export_folder(spec):
-        man = Manifest.read(spec)
-        offered = man.offered_parallel()
-        missing = [P for P in several or [parallel] if P and P not in offered]
-        if missing:
-            raise CLIError(f"{spec} offers P in {offered}, not {', '.join(map(str, missing))}; re-export with "
-                           f"--parallel {','.join(map(str, several or [parallel]))}")
-        _say_load_warnings(man)
-        return Path(spec)
-    out = export_cache_folder(spec, parallel if several is None else several, precision, adapters)
-    if (out / MANIFEST_FILE).exists():
-        from .manifest import FORMAT_VERSION
-
-        cached = Manifest.read(out)
-        if cached.format_version == FORMAT_VERSION:
-            _say_load_warnings(cached)
-            return out
-        _log(f"cached export {out} was made by another parscale-edge version; exporting again")
-    if several or adapters:  # (P=1 alone with adapters: a prefix-only control adapter is that P=1)
-        lm, also = load_several(spec, several or [parallel or 1], threads, progress, adapters)
-    else:
-        lm, also = load_for_export(spec, parallel, threads, progress), []
-    from parscale_edge.export import export_model
-
-    Ps = ", ".join(str(m.model.config.parscale_n) for m in [lm, *also])
-    _log(f"exporting {spec} (P={Ps}, {precision}) to {out} ...")
-    t0 = time.perf_counter()
-    export_model(lm, out, overwrite=True, also=also, precision=precision)
-    _log(f"exported in {time.perf_counter() - t0:.1f} s")
-    return out
-
-
-def _say_load_warnings(man: Manifest) -> None:
-    """The warnings the source gave when it was exported (e.g. an unknown GGUF pre-tokenizer), again on
-    every use of the export: they still apply, and the first run may have been long ago."""
-    for msg in man.extra.get("load_warnings") or []:
-        _log(f"warning: {msg}")
-
-
-def _fused_parallel(spec: str, parallel: int | None) -> int | None:
-    """The P to run an export folder given on the command line at (None: the folder's default)."""
-    return parallel if parallel and _is_export_folder(spec) else None
-
-
-def _named() -> set[str]:
-    from .hub import MODELS
-
-    return set(MODELS)
-
-
-def _check_output(out: str, overwrite: bool, sources: Sequence[str] = ()) -> None:
+def _check_output(out: str, overwrite: bool, sources: Sequence[str | None] = ()) -> None:
     """Fail before any slow work when ``out`` cannot be written, or ``--overwrite`` may not replace it
     (:func:`parscale_edge.atomic.check_replaceable`: only this toolkit's folders, never one that is or holds a
     source)."""
@@ -277,237 +100,105 @@ def _check_parent(p: Path) -> None:
         raise CLIError(f"cannot create {p}: {parent} is not writable")
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def _write_json(path: str | None, obj: dict) -> None:
+    if path:
+        from .atomic import write_json
+
+        write_json(path, obj)
 
 
-# -------------------------------------------------------------------------------------- commands
-FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
-#: ``export --precision``: the float exports, then parscale_edge.quant.onnx_quant.PRECISIONS (quantized after an fp32 export)
-EXPORT_PRECISIONS = FLOAT_PRECISIONS + ("int4", "int8", "int8-dynamic")
+def _print_table(table, fmt: str) -> None:
+    from .report import format_table
+
+    print(format_table(table, fmt), end="")
 
 
-def cmd_export(a) -> None:
-    if a.precision not in EXPORT_PRECISIONS:
-        raise CLIError(f"unknown precision {a.precision!r}; use one of {', '.join(EXPORT_PRECISIONS)}")
-    _check_output(a.output, a.overwrite, [a.model, *(a.adapter or []), a.calibration, a.text])  # before the slow work
-    if a.precision not in FLOAT_PRECISIONS:
-        _quant_config(a).validate()
-    parallels = _ints(a.parallel, "parallel") if a.parallel else [None]
-    for P in parallels:
-        _check_P(P)
-    adapters = a.adapter or []
+# ------------------------------------------------------------------------------ export, quantize
+@dataclass(frozen=True)
+class QuantFlags:
+    """The quantization group's flags (``export --precision int4``, ``quantize``)."""
+
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int = 4
+    algorithm: str = "rtn"
+    calibration: str | None = None
+    keep_lm_head: bool = False
+    quantize_embedding: bool = False
+    no_gguf_blocks: bool = False
+    text: str | None = None
+    check_positions: int = 2048
+    compare_positions: int = 1024
+
+    def config(self, precision: str):
+        """The :class:`parscale_edge.quant.onnx_quant.QuantConfig` of these flags (needs onnx)."""
+        from parscale_edge.quant.onnx_quant import QuantConfig
+
+        return QuantConfig(precision=precision, block_size=self.block_size, symmetric=self.symmetric,
+                           accuracy_level=self.accuracy_level, algorithm=self.algorithm,
+                           quantize_lm_head=not self.keep_lm_head, quantize_embedding=self.quantize_embedding,
+                           gguf_blocks=not self.no_gguf_blocks)
+
+
+def cmd_export(model: str, output: str, parallel: str | None, adapter: list[str] | None, overwrite: bool, graph: str,
+               precision: str, quant: QuantFlags, threads: int | None, quiet: bool) -> None:
+    if precision not in EXPORT_PRECISIONS:
+        raise CLIError(f"unknown precision {precision!r}; use one of {', '.join(EXPORT_PRECISIONS)}")
+    _check_output(output, overwrite, [model, *(adapter or []), quant.calibration, quant.text])  # before the slow work
+    if precision not in FLOAT_PRECISIONS:
+        quant.config(precision).validate()
+    Ps = _parallel_list(parallel) if parallel else [None]
+    adapters = adapter or []
     also = []
     if adapters:  # trained ParScale parts over the frozen backbone, plus the backbone itself (P=1)
-        if a.parallel:
+        if parallel:
             raise CLIError("--adapter sets P; drop --parallel (several --adapter files give several P)")
-        lm, also = load_several(a.model, None, a.threads, progress=not a.quiet, adapters=adapters)
-    elif len(parallels) > 1:  # one backbone, ParScale parts for every P (dynamic parallel scaling)
-        lm, also = load_several(a.model, parallels, a.threads, progress=not a.quiet)
+        lm, also = load_several(model, None, threads, progress=not quiet, adapters=adapters)
+    elif len(Ps) > 1:  # one backbone, ParScale parts for every P (dynamic parallel scaling)
+        lm, also = load_several(model, Ps, threads, progress=not quiet)
     else:
-        lm = load_for_export(a.model, parallels[0], a.threads, progress=not a.quiet)
+        lm = load_for_export(model, Ps[0], threads, progress=not quiet)
     from parscale_edge.export import export_model
 
-    if a.precision not in FLOAT_PRECISIONS:
+    if precision not in FLOAT_PRECISIONS:
         from .atomic import staging_folder
 
-        with staging_folder(a.output) as staging:  # removed on exit, or by the next run if killed
-            fp32 = export_model(lm, staging / "fp32", graph=a.graph, also=also)
+        with staging_folder(output) as staging:  # removed on exit, or by the next run if killed
+            fp32 = export_model(lm, staging / "fp32", graph=graph, also=also)
             del lm
-            _run_quantize(fp32, Path(a.output), a)
+            _run_quantize(fp32, Path(output), precision, quant, overwrite, threads)
         return
-    out = export_model(lm, a.output, overwrite=a.overwrite, graph=a.graph, also=also, precision=a.precision)
+    out = export_model(lm, output, overwrite=overwrite, graph=graph, also=also, precision=precision)
     man = Manifest.read(out)
     from .atomic import folder_size_mib
 
     size = folder_size_mib(out)
-    print(f"exported {a.model} -> {out}  (P={man.parscale_n}, {man.num_layers} layers, {man.precision}, "
+    print(f"exported {model} -> {out}  (P={man.parscale_n}, {man.num_layers} layers, {man.precision}, "
           f"{size:.1f} MiB)")
     if man.precision == "bf16":
         _log("note: a bf16 export runs on ONNX Runtime's CUDA provider (the CPU provider has no bfloat16 MatMul)")
 
 
-def cmd_convert(a) -> None:
-    if a.parallel < 2:
-        raise CLIError(f"--parallel must be >= 2 for a ParScale model, got {a.parallel}")
-    _check_P(a.parallel)
-    _check_output(a.output, a.overwrite, [a.model])
-    lm = load_for_export(a.model, None, a.threads, progress=not a.quiet)
-    from .loading import convert_to_parscale, save_hf_folder
-
-    conv = convert_to_parscale(lm, a.parallel, n_tokens=a.prefix_tokens, smooth=a.smooth, seed=a.seed)
-    out = save_hf_folder(conv, a.output, overwrite=a.overwrite)
-    print(f"converted {a.model} to P={a.parallel} -> {out}")
-    if a.eval_positions:
-        from .evaluate import perplexity, stdlib_text
-        import torch
-
-        if lm.tokenizer is None:
-            print("no tokenizer in the source: perplexity not measured")
-            return
-        tokens = lm.tokenizer.encode(stdlib_text())
-        rows = []
-        for name, m in (("dense P=1", lm.model), (f"converted P={a.parallel}", conv.model)):
-            def fn(ids, m=m):
-                with torch.no_grad():
-                    t = torch.from_numpy(ids)
-                    return m(t, torch.ones_like(t), torch.arange(t.shape[1])[None].expand_as(t))[0].numpy()
-            r = perplexity(fn, tokens, window=a.eval_window, max_positions=a.eval_positions)
-            rows.append((name, r))
-        print(f"perplexity on Python standard-library code ({rows[0][1]['positions']} positions, "
-              f"window {a.eval_window}):")
-        for name, r in rows:
-            print(f"  {name:<16} {r['perplexity']:.3f}")
-        print(f"  ratio            {rows[1][1]['perplexity'] / rows[0][1]['perplexity']:.4f}")
-
-
-def cmd_train(a) -> None:
-    _import_export_stack()
-    _check_P(a.parallel)
-    from .train import TrainConfig, check_run_folder, close_distributed, init_distributed
-
-    cfg = TrainConfig(parallel=a.parallel, prefix=a.prefix, prefix_tokens=a.prefix_tokens, steps=a.steps or 1, seq_len=a.seq_len, batch=a.batch,
-                      grad_accum=a.grad_accum, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup,
-                      weight_decay=a.weight_decay, clip=a.clip, full=a.full, seed=a.seed, eval_every=a.eval_every,
-                      eval_positions=a.eval_positions, eval_window=a.eval_window,
-                      checkpoint_every=a.checkpoint_every)
-    cfg.validate()
-    if a.tokens is not None and a.tokens < 1:
-        raise CLIError(f"--tokens must be >= 1, got {a.tokens}")
-    out = Path(a.output)
-    check_run_folder(out, a.resume, a.overwrite)  # fail before the slow load
-    _check_parent(out)
-    if a.overwrite and not a.resume:  # only a run folder of ours, never the model or the data
-        from .atomic import check_replaceable
-        from .train import ADAPTER_FILE, CHECKPOINT_FILE, CURVES_FILE, HISTORY_FILE
-
-        check_replaceable(out, [s for s in [a.model, *a.data, *a.eval] if Path(s).exists()],
-                          own_files={CHECKPOINT_FILE, ADAPTER_FILE, HISTORY_FILE, CURVES_FILE, "model"})
-    train_files, eval_files, eval_text, eval_desc = _training_files(a.data, a.eval)
-    new_folder = not out.exists()
-    dist = init_distributed(a.device)
-    try:
-        _train_run(a, cfg, out, train_files, eval_text, eval_desc, dist)
-    except BaseException:
-        if new_folder and dist.main and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a run that failed before writing anything leaves no empty folder
-        raise
-    finally:
-        close_distributed(dist)
-
-
-def _train_run(a, cfg, out, train_files, eval_text, eval_desc, dist) -> None:
-    """The body of :func:`cmd_train` once the output and the data are checked."""
-    from .train import train
-
-    if dist.device.type == "cpu":
-        _set_torch_threads(a.threads)
-    from .corpus import read_texts, tokenize_texts
-    from .loading import load_model
-
-    lm = load_model(a.model, progress=not a.quiet and dist.main)
-    if lm.tokenizer is None:
-        raise CLIError(f"{a.model} has no tokenizer (tokenizer.json); training text cannot be tokenized")
-    context = lm.model.config.max_position_embeddings
-    if cfg.seq_len > context:
-        raise CLIError(f"--seq-len {cfg.seq_len} is longer than {a.model}'s context of {context} tokens; "
-                       f"use --seq-len {context} or less")
-    t0 = time.perf_counter()
-    train_tokens = tokenize_texts(lm.tokenizer, read_texts(train_files))
-    from .corpus import BlockOrder
-
-    BlockOrder(train_tokens, cfg.seq_len)  # the data check (one block at least) before anything is said or made
-    eval_tokens = None
-    if eval_text is not None:
-        import numpy as np
-
-        eval_tokens = np.asarray(lm.tokenizer.encode(eval_text), dtype=np.int64)
-    steps = a.steps or -(-a.tokens // cfg.tokens_per_step(dist.world))
-    cfg.steps = steps
-    if dist.main:
-        _log(f"data: {len(train_files)} files, {train_tokens.size} tokens (tokenized in "
-             f"{time.perf_counter() - t0:.1f} s); eval: {eval_desc}"
-             + (f", {eval_tokens.size} tokens" if eval_tokens is not None else ""))
-        what = "prefixes (backbone frozen)" if cfg.prefix else "prefixes + aggregator (backbone frozen)"
-        _log(f"training {'all weights' if cfg.full else what} of "
-             f"{a.model} at P={cfg.parallel}{' (prefix only: the prefix-tuning control)' * cfg.prefix}: {steps} step{'s' if steps != 1 else ''} x {cfg.tokens_per_step(dist.world)} tokens = "
-             f"{steps * cfg.tokens_per_step(dist.world)} tokens ({steps * cfg.tokens_per_step(dist.world) / max(1, train_tokens.size):.2f} "
-             f"epochs), {dist.world} process(es) on {dist.device}")
-    r = train(lm, cfg, train_tokens, out, eval_tokens=eval_tokens, resume=a.resume, overwrite=a.overwrite,
-              dist=dist, progress=not a.quiet)
-    if dist.main:
-        h = r.history
-        wall = sum(s["wall_seconds"] for s in h.get("sessions", []))
-        print(f"trained {h['tokens_trained']} tokens in {wall:.0f} s wall ({h['train_seconds']:.0f} s in steps) -> "
-              f"{r.adapter or r.model_dir}")
-        if h.get("evals"):
-            first, last = h["evals"][0], h["evals"][-1]
-            line = f"held-out perplexity ({last['positions']} positions): "
-            if "dense" in h:
-                line += f"dense P=1 {h['dense']['perplexity']:.4f}, "
-            print(line + f"untrained P={cfg.parallel} {first['perplexity']:.4f}, trained {last['perplexity']:.4f}")
-
-
-def _training_files(data: list[str], evals: list[str]):
-    """(train files, eval files, eval text or None, description); refuses eval files that are trained on."""
-    from .corpus import FILE_SEPARATOR, collect_files, read_texts, stdlib_root
-    from .evaluate import HELDOUT_MODULES, stdlib_text
-
-    train_files = collect_files(data)
-    if evals == ["none"]:
-        return train_files, [], None, "none"
-    if evals == ["stdlib"]:
-        eval_files = [stdlib_root() / m for m in HELDOUT_MODULES]
-        text, desc = stdlib_text(), "held-out Python standard-library modules (" + ", ".join(HELDOUT_MODULES) + ")"
-    else:
-        eval_files = collect_files(evals)
-        text, desc = FILE_SEPARATOR.join(read_texts(eval_files)), f"{len(eval_files)} file(s)"
-    overlap = {p.resolve() for p in train_files} & {p.resolve() for p in eval_files}
-    if overlap:
-        raise CLIError(f"{len(overlap)} evaluation file(s) are also training data, e.g. {sorted(overlap)[0]}; "
-                       "held-out text must not be trained on")
-    return train_files, eval_files, text, desc
-
-
-def _quant_config(a):
-    from parscale_edge.quant.onnx_quant import QuantConfig
-
-    return QuantConfig(precision=a.precision, block_size=a.block_size, symmetric=a.symmetric,
-                       accuracy_level=a.accuracy_level, algorithm=a.algorithm,
-                       quantize_lm_head=not a.keep_lm_head, quantize_embedding=a.quantize_embedding,
-                       gguf_blocks=not a.no_gguf_blocks)
-
-
-def _import_quant_stack() -> None:
-    try:
-        import onnx  # noqa: F401
-        import onnx_ir  # noqa: F401
-    except ImportError as e:
-        raise CLIError(f"quantization needs onnx and onnx-ir ({e.name} is missing): "
-                       "pip install 'parscale-edge[quant]'") from None
-
-
-def _run_quantize(src: Path, out: Path, a) -> None:
-    _import_quant_stack()
+def _run_quantize(src: Path, out: Path, precision: str, quant: QuantFlags, overwrite: bool, threads: int | None) -> None:
+    import_quant_stack()
     from parscale_edge.quant.onnx_quant import quantize_folder
 
-    cfg = _quant_config(a)
+    cfg = quant.config(precision)
     cfg.validate()
-    calib = Path(a.calibration).read_text(encoding="utf-8") if a.calibration else None
-    text = Path(a.text).read_text(encoding="utf-8") if a.text else None
+    calib = Path(quant.calibration).read_text(encoding="utf-8") if quant.calibration else None
+    text = Path(quant.text).read_text(encoding="utf-8") if quant.text else None
     t0 = time.perf_counter()
-    quantize_folder(src, out, cfg, overwrite=a.overwrite, calibration_text=calib, text=text,
-                    check_positions=a.check_positions, compare_positions=a.compare_positions, threads=a.threads)
+    quantize_folder(src, out, cfg, overwrite=overwrite, calibration_text=calib, text=text,
+                    check_positions=quant.check_positions, compare_positions=quant.compare_positions, threads=threads)
     q = Manifest.read(out).quantization
     base = Manifest.read(src).precision  # fp32 or fp16: what the sizes and the quality are compared with
     n = q.get("gguf_repacked_nodes") or 0
     rest = q["quantized_nodes"] - n
     # the settings apply to the weights that are re-rounded; GGUF blocks are copied as they are
-    how = f"{'sym' if a.symmetric else 'asym'}, block {a.block_size}, {a.algorithm}"
-    line = (f"{a.precision} ({how if rest > 0 else 'GGUF blocks'}) -> {out}: "
-            f"{q['size_mib']:.1f} MiB ({base} {q['source_size_mib']:.1f} MiB, "
-            f"{q['size_mib'] / q['source_size_mib']:.0%}) in {time.perf_counter() - t0:.1f} s")
-    print(line)
+    how = f"{'sym' if quant.symmetric else 'asym'}, block {quant.block_size}, {quant.algorithm}"
+    print(f"{precision} ({how if rest > 0 else 'GGUF blocks'}) -> {out}: "
+          f"{q['size_mib']:.1f} MiB ({base} {q['source_size_mib']:.1f} MiB, "
+          f"{q['size_mib'] / q['source_size_mib']:.0%}) in {time.perf_counter() - t0:.1f} s")
     if n:
         print(f"  {n} {'weight reuses' if n == 1 else 'weights reuse'} the GGUF's own quantized blocks (no re-rounding); "
               + (f"{rest} re-rounded ({how})" if rest > 0 else "none re-rounded"))
@@ -528,29 +219,137 @@ def _run_quantize(src: Path, out: Path, a) -> None:
               f"KL mean {r['kl_mean']:.4f} p99 {r['kl_p99']:.4f}, top-1 agreement {r['top1_agreement']:.2%}")
 
 
-def cmd_quantize(a) -> None:
-    _quant_config(a).validate()
-    _check_output(a.output, a.overwrite, [a.model, a.calibration, a.text])
-    if not _is_export_folder(a.model):
-        raise CLIError(f"{a.model} is not an export folder (no {MANIFEST_FILE}); run `parscale export` first, "
+def cmd_quantize(model: str, output: str, precision: str, overwrite: bool, quant: QuantFlags,
+                 threads: int | None) -> None:
+    quant.config(precision).validate()
+    _check_output(output, overwrite, [model, quant.calibration, quant.text])
+    if not is_export_folder(model):
+        raise CLIError(f"{model} is not an export folder (no {MANIFEST_FILE}); run `parscale export` first, "
                        "or use `parscale export MODEL --precision ...` to do both")
-    _run_quantize(Path(a.model), Path(a.output), a)
+    _run_quantize(Path(model), Path(output), precision, quant, overwrite, threads)
 
 
-def _write_json(path: str | None, obj: dict) -> None:
-    if path:
-        from .atomic import write_json
+# ------------------------------------------------------------------------------- convert, train
+def cmd_convert(model: str, parallel: int, output: str, prefix_tokens: int, smooth: float, seed: int,
+                eval_positions: int, eval_window: int, overwrite: bool, threads: int | None, quiet: bool) -> None:
+    if parallel < 2:
+        raise CLIError(f"--parallel must be >= 2 for a ParScale model, got {parallel}")
+    check_parallel(parallel)
+    _check_output(output, overwrite, [model])
+    lm = load_for_export(model, None, threads, progress=not quiet)
+    from .loading import convert_to_parscale, save_hf_folder
 
-        write_json(path, obj)
+    conv = convert_to_parscale(lm, parallel, n_tokens=prefix_tokens, smooth=smooth, seed=seed)
+    out = save_hf_folder(conv, output, overwrite=overwrite)
+    print(f"converted {model} to P={parallel} -> {out}")
+    if eval_positions:
+        from .evaluate import stdlib_text
+        from .train import evaluate_perplexity
+
+        if lm.tokenizer is None:
+            print("no tokenizer in the source: perplexity not measured")
+            return
+        tokens = lm.tokenizer.encode(stdlib_text())
+        rows = [(name, evaluate_perplexity(m, tokens, eval_positions, eval_window))
+                for name, m in (("dense P=1", lm.model), (f"converted P={parallel}", conv.model))]
+        print(f"perplexity on Python standard-library code ({rows[0][1]['positions']} positions, "
+              f"window {eval_window}):")
+        for name, r in rows:
+            print(f"  {name:<16} {r['perplexity']:.3f}")
+        print(f"  ratio            {rows[1][1]['perplexity'] / rows[0][1]['perplexity']:.4f}")
 
 
-def _eval_setup(a):
-    from .evaluate import read_text
+def cmd_train(model: str, parallel: int, prefix: bool, data: list[str], eval: list[str], output: str,
+              tokens: int | None, steps: int | None, prefix_tokens: int, seq_len: int, batch: int, grad_accum: int,
+              lr: float, min_lr_ratio: float, warmup: int, weight_decay: float, clip: float, full: bool, seed: int,
+              eval_every: int, eval_positions: int, eval_window: int, checkpoint_every: int, resume: bool,
+              overwrite: bool, device: str, threads: int | None, quiet: bool) -> None:
+    import_export_stack()
+    check_parallel(parallel)
+    from .train import TrainConfig, check_run_folder, close_distributed, init_distributed, training_files
 
-    text, desc = read_text(a.text)
-    return text, desc
+    cfg = TrainConfig(parallel=parallel, prefix=prefix, prefix_tokens=prefix_tokens, steps=steps or 1, seq_len=seq_len,
+                      batch=batch, grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup,
+                      weight_decay=weight_decay, clip=clip, full=full, seed=seed, eval_every=eval_every,
+                      eval_positions=eval_positions, eval_window=eval_window, checkpoint_every=checkpoint_every)
+    cfg.validate()
+    if tokens is not None and tokens < 1:
+        raise CLIError(f"--tokens must be >= 1, got {tokens}")
+    out = Path(output)
+    check_run_folder(out, resume, overwrite)  # fail before the slow load
+    _check_parent(out)
+    if overwrite and not resume:  # only a run folder of ours, never the model or the data
+        from .atomic import check_replaceable
+        from .train import ADAPTER_FILE, CHECKPOINT_FILE, CURVES_FILE, HISTORY_FILE
+
+        check_replaceable(out, [s for s in [model, *data, *eval] if Path(s).exists()],
+                          own_files={CHECKPOINT_FILE, ADAPTER_FILE, HISTORY_FILE, CURVES_FILE, "model"})
+    train_files, eval_files, eval_text, eval_desc = training_files(data, eval)
+    new_folder = not out.exists()
+    dist = init_distributed(device)
+    try:
+        _train_run(model, cfg, out, train_files, eval_text, eval_desc, dist, tokens=tokens, steps=steps,
+                   resume=resume, overwrite=overwrite, threads=threads, quiet=quiet)
+    except BaseException:
+        if new_folder and dist.main and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no empty folder
+        raise
+    finally:
+        close_distributed(dist)
 
 
+def _train_run(model: str, cfg, out: Path, train_files, eval_text, eval_desc, dist, tokens: int | None,
+               steps: int | None, resume: bool, overwrite: bool, threads: int | None, quiet: bool) -> None:
+    """The body of :func:`cmd_train` once the output and the data are checked."""
+    from .train import train
+
+    if dist.device.type == "cpu":
+        set_torch_threads(threads)
+    from .corpus import BlockOrder, read_texts, tokenize_texts
+    from .loading import load_model
+
+    lm = load_model(model, progress=not quiet and dist.main)
+    if lm.tokenizer is None:
+        raise CLIError(f"{model} has no tokenizer (tokenizer.json); training text cannot be tokenized")
+    context = lm.model.config.max_position_embeddings
+    if cfg.seq_len > context:
+        raise CLIError(f"--seq-len {cfg.seq_len} is longer than {model}'s context of {context} tokens; "
+                       f"use --seq-len {context} or less")
+    t0 = time.perf_counter()
+    train_tokens = tokenize_texts(lm.tokenizer, read_texts(train_files))
+    BlockOrder(train_tokens, cfg.seq_len)  # the data check (one block at least) before anything is said or made
+    eval_tokens = None
+    if eval_text is not None:
+        import numpy as np
+
+        eval_tokens = np.asarray(lm.tokenizer.encode(eval_text), dtype=np.int64)
+    steps = steps or -(-tokens // cfg.tokens_per_step(dist.world))
+    cfg.steps = steps
+    if dist.main:
+        _log(f"data: {len(train_files)} files, {train_tokens.size} tokens (tokenized in "
+             f"{time.perf_counter() - t0:.1f} s); eval: {eval_desc}"
+             + (f", {eval_tokens.size} tokens" if eval_tokens is not None else ""))
+        what = "prefixes (backbone frozen)" if cfg.prefix else "prefixes + aggregator (backbone frozen)"
+        _log(f"training {'all weights' if cfg.full else what} of "
+             f"{model} at P={cfg.parallel}{' (prefix only: the prefix-tuning control)' * cfg.prefix}: {steps} step{'s' if steps != 1 else ''} x {cfg.tokens_per_step(dist.world)} tokens = "
+             f"{steps * cfg.tokens_per_step(dist.world)} tokens ({steps * cfg.tokens_per_step(dist.world) / max(1, train_tokens.size):.2f} "
+             f"epochs), {dist.world} process(es) on {dist.device}")
+    r = train(lm, cfg, train_tokens, out, eval_tokens=eval_tokens, resume=resume, overwrite=overwrite,
+              dist=dist, progress=not quiet)
+    if dist.main:
+        h = r.history
+        wall = sum(s["wall_seconds"] for s in h.get("sessions", []))
+        print(f"trained {h['tokens_trained']} tokens in {wall:.0f} s wall ({h['train_seconds']:.0f} s in steps) -> "
+              f"{r.adapter or r.model_dir}")
+        if h.get("evals"):
+            first, last = h["evals"][0], h["evals"][-1]
+            line = f"held-out perplexity ({last['positions']} positions): "
+            if "dense" in h:
+                line += f"dense P=1 {h['dense']['perplexity']:.4f}, "
+            print(line + f"untrained P={cfg.parallel} {first['perplexity']:.4f}, trained {last['perplexity']:.4f}")
+
+
+# --------------------------------------------------------------------------------- eval, compare
 def _check_window(window: int | None, *rts) -> int:
     """``--window``, default 512 capped at the models' context; raises CLIError when a window given
     does not fit in it."""
@@ -563,72 +362,76 @@ def _check_window(window: int | None, *rts) -> int:
     return window
 
 
-def cmd_eval(a) -> None:
-    from .evaluate import onnx_logits_fn, perplexity
+def _open(spec: str, parallel: int | None, device: str, threads: int | None, quiet: bool):
+    """An :class:`parscale_edge.runtime.OnnxCausalLM` of ``spec`` at P ``parallel`` (prepared first)."""
     from .runtime import OnnxCausalLM
 
-    text, desc = _eval_setup(a)
-    rt = OnnxCausalLM(ensure_export(a.model, a.parallel, a.threads, progress=not a.quiet), device=a.device,
-                      parallel=_fused_parallel(a.model, a.parallel),
-                      threads=a.threads)
-    a.window = _check_window(a.window, rt)
+    folder = ensure_export(spec, parallel, threads, progress=not quiet)
+    return OnnxCausalLM(folder, device=device, threads=threads, parallel=fused_parallel(spec, parallel))
+
+
+def cmd_eval(model: str, parallel: int | None, text: str | None, window: int | None, stride: int | None,
+             max_positions: int, device: str, json: str | None, format: str, threads: int | None,
+             quiet: bool) -> None:
+    from .evaluate import onnx_logits_fn, perplexity, read_text
+    from .report import eval_table
+
+    text, desc = read_text(text)
+    rt = _open(model, parallel, device, threads, quiet)
+    window = _check_window(window, rt)
     tokens = rt.tokenizer.encode(text)
-    r = perplexity(onnx_logits_fn(rt), tokens, window=a.window, stride=a.stride, max_positions=a.max_positions)
-    r.update(model=str(a.model), folder=str(rt.folder), precision=rt.manifest.precision, P=rt.P, text=desc,
+    r = perplexity(onnx_logits_fn(rt), tokens, window=window, stride=stride, max_positions=max_positions)
+    r.update(model=str(model), folder=str(rt.folder), precision=rt.manifest.precision, P=rt.P, text=desc,
              text_tokens=len(tokens))
-    print(f"{a.model} (P={rt.P}, {rt.manifest.precision}): perplexity {r['perplexity']:.4f} over {r['positions']} "
-          f"positions (window {r['window']}, stride {r['stride']}) of {desc}")
-    _write_json(a.json, r)
+    if format == "md":
+        print(f"{model} (P={rt.P}, {rt.manifest.precision}): perplexity {r['perplexity']:.4f} over {r['positions']} "
+              f"positions (window {r['window']}, stride {r['stride']}) of {desc}")
+    else:
+        _print_table(eval_table([r]), format)
+    _write_json(json, r)
 
 
-def cmd_compare(a) -> None:
-    from .evaluate import compare, onnx_logits_fn
-    from .runtime import OnnxCausalLM
+def cmd_compare(reference: str, candidate: str, reference_parallel: int | None, candidate_parallel: int | None,
+                text: str | None, window: int | None, stride: int | None, max_positions: int, device: str,
+                json: str | None, format: str, threads: int | None, quiet: bool) -> None:
+    from .evaluate import compare, onnx_logits_fn, read_text
+    from .report import compare_table
 
-    text, desc = _eval_setup(a)
-    ref = OnnxCausalLM(ensure_export(a.reference, a.reference_parallel, a.threads, progress=not a.quiet),
-                       device=a.device, threads=a.threads, parallel=_fused_parallel(a.reference, a.reference_parallel))
-    cand = OnnxCausalLM(ensure_export(a.candidate, a.candidate_parallel, a.threads, progress=not a.quiet),
-                        device=a.device, threads=a.threads, parallel=_fused_parallel(a.candidate, a.candidate_parallel))
-    a.window = _check_window(a.window, ref, cand)
+    text, desc = read_text(text)
+    ref = _open(reference, reference_parallel, device, threads, quiet)
+    cand = _open(candidate, candidate_parallel, device, threads, quiet)
+    window = _check_window(window, ref, cand)
     tokens = ref.tokenizer.encode(text)
     if cand.tokenizer.encode(text) != tokens:
         raise CLIError("the two models tokenize the text differently; compare models of the same tokenizer")
-    r = compare(onnx_logits_fn(ref), onnx_logits_fn(cand), tokens, window=a.window, stride=a.stride,
-                max_positions=a.max_positions)
-    r.update(reference=str(a.reference), candidate=str(a.candidate), text=desc,
+    r = compare(onnx_logits_fn(ref), onnx_logits_fn(cand), tokens, window=window, stride=stride,
+                max_positions=max_positions)
+    r.update(reference=str(reference), candidate=str(candidate), text=desc,
              reference_precision=ref.manifest.precision, candidate_precision=cand.manifest.precision,
              reference_parallel=ref.P, candidate_parallel=cand.P)
-    print(f"{a.candidate} (P={cand.P}, {cand.manifest.precision}) vs {a.reference} (P={ref.P}, "
-          f"{ref.manifest.precision}) over {r['positions']} positions of {desc}:")
-    print(f"  KL(ref||cand) mean {r['kl_mean']:.5f}  p99 {r['kl_p99']:.5f}  max {r['kl_max']:.4f}")
-    print(f"  top-1 agreement {r['top1_agreement']:.2%}")
-    print(f"  perplexity ref {r['ref_perplexity']:.4f}  cand {r['cand_perplexity']:.4f} "
-          f"({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%})")
-    _write_json(a.json, r)
+    if format == "md":
+        print(f"{candidate} (P={cand.P}, {cand.manifest.precision}) vs {reference} (P={ref.P}, "
+              f"{ref.manifest.precision}) over {r['positions']} positions of {desc}:")
+        print(f"  KL(ref||cand) mean {r['kl_mean']:.5f}  p99 {r['kl_p99']:.5f}  max {r['kl_max']:.4f}")
+        print(f"  top-1 agreement {r['top1_agreement']:.2%}")
+        print(f"  perplexity ref {r['ref_perplexity']:.4f}  cand {r['cand_perplexity']:.4f} "
+              f"({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%})")
+    else:
+        _print_table(compare_table([r]), format)
+    _write_json(json, r)
 
 
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        vals = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise CLIError(f"--{name} takes comma-separated integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise CLIError(f"--{name} needs positive integers, got {text!r}")
-    return vals
-
-
-def cmd_device_info(a) -> None:
+# ------------------------------------------------------------------ device-info, profile, scaling-law
+def cmd_device_info(refresh: bool, json: str | None) -> None:
     from .device import device_info
+    from .providers import cuda_status
 
-    info = device_info(refresh=a.refresh)
+    info = device_info(refresh=refresh)
     c, bw = info["cpu"], info["bandwidth"]
     print(f"CPU        {c['model']} ({c['logical_cores']} logical cores; {' '.join(c['flags']) or 'no SIMD flags read'})")
     print(f"memory     {info['memory_gib']} GiB")
     print(f"bandwidth  {bw['read_gbps']} GB/s read, {bw['copy_gbps']} GB/s copy (one thread, {bw['array_mib']} MiB array)")
     print(f"runtime    onnxruntime {info['onnxruntime']}; providers {', '.join(info['providers'])}")
-    from .providers import cuda_status
-
     works, why = cuda_status()
     print(f"CUDA       {'works (CUDAExecutionProvider probe session ran)' if works else 'not used: ' + why}")
     for g in info.get("gpu") or []:
@@ -636,111 +439,72 @@ def cmd_device_info(a) -> None:
     la = info["loadavg"]
     print(f"load avg   {' '.join(f'{x:.2f}' for x in la) if la else 'n/a'} (1/5/15 min)")
     print(f"           bandwidth measured {bw.get('measured_at', '?')} (cached; --refresh measures again)")
-    _write_json(a.json, info)
+    _write_json(json, info)
 
 
-def cmd_profile(a) -> None:
+def cmd_profile(models: list[str], parallel: str, batch: str, precision: str, device: str, prompt_len: str,
+                gen_len: int, repeat: int, warmup: int, versus_dense: bool, law: str, output: str, format: str,
+                threads: int | None, quiet: bool) -> None:
     import csv
 
     from tqdm import tqdm
 
     from .device import device_info
-    from .profile import dense_twin_export, profile_folder, quantized_folder, versus_dense_summary
+    from .profile import plan_profile, profile_folder, versus_dense_summary
+    from .report import format_table, profile_table, versus_dense_table
 
-    if a.gen_len < 1 or a.repeat < 1 or a.warmup < 0:
+    if gen_len < 1 or repeat < 1 or warmup < 0:
         raise CLIError("--gen-len and --repeat must be >= 1 and --warmup >= 0")
-    parallels, batches = _ints(a.parallel, "parallel"), _ints(a.batch, "batch")
-    for P in parallels:
-        _check_P(P)
-    prompt_lens = _ints(a.prompt_len, "prompt-len")
-    precisions = [p.strip() for p in a.precision.split(",")]
-    bad = [p for p in precisions if p not in ("fp32", "fp16", "bf16", "int8", "int4")]
+    Ps, batches = _parallel_list(parallel), _ints(batch, "--batch")
+    prompt_lens = _ints(prompt_len, "--prompt-len")
+    precisions = [p.strip() for p in precision.split(",")]
+    bad = [p for p in precisions if p not in PROFILE_PRECISIONS]
     if bad:
-        raise CLIError(f"unknown precision {bad[0]!r} in --precision; use fp32, fp16, bf16, int8, int4")
-    out = Path(a.output)
+        raise CLIError(f"unknown precision {bad[0]!r} in --precision; use {', '.join(PROFILE_PRECISIONS)}")
+    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     info = device_info()
-    jobs = []  # (model, kind, P, folder, extra)
-    for model in a.models:
-        if _is_export_folder(model):
-            man = Manifest.read(model)
-            offered = man.offered_parallel()
-            for P in [P for P in parallels if P in offered] or [man.parscale_n]:
-                jobs.append((model, "parscale", P, Path(model), {"parallel": P}))
-            continue
-        for P in parallels:
-            for prec in precisions:
-                if prec in FLOAT_PRECISIONS:
-                    folder = ensure_export(model, P, a.threads, progress=not a.quiet, precision=prec)
-                else:
-                    folder = quantized_folder(ensure_export(model, P, a.threads, progress=not a.quiet), prec, a.threads)
-                jobs.append((model, "parscale", P, folder, {}))
-        if a.versus_dense:
-            from .scaling_law import PAPER
-
-            law = PAPER[a.law]
-            for P in parallels:
-                if P == 1:
-                    continue
-                twins: dict[str, tuple] = {}  # one export per float precision; int4/int8 quantize the fp32 one
-                for prec in precisions:
-                    base_prec = prec if prec in FLOAT_PRECISIONS else "fp32"
-                    if base_prec not in twins:
-                        twins[base_prec] = dense_twin_export(model, P, law, a.threads, precision=base_prec)
-                    twin, desc = twins[base_prec]
-                    jobs.append((model, "dense", P, twin if prec in FLOAT_PRECISIONS else
-                                 quantized_folder(twin, prec, a.threads),
-                                 {"dense_layers": desc["layers"], "dense_params": desc["twin_non_embedding_params"],
-                                  "target_params": desc["target_params"]}))
+    jobs = plan_profile(models, Ps, precisions, threads, versus_dense, law, progress=not quiet)
     rows = []
-    for model, kind, P, folder, extra in tqdm(jobs, desc="profiling", disable=a.quiet):
-        for r in profile_folder(folder, batches, prompt_lens, a.gen_len, a.threads, a.repeat, a.warmup,
-                                device=a.device,
-                                parallel=extra.pop("parallel", None)):
-            rows.append({"model": model, "kind": kind, **r, "P": P, "folder": str(folder), **extra})
+    for job in tqdm(jobs, desc="profiling", disable=quiet):
+        for r in profile_folder(job.folder, batches, prompt_lens, gen_len, threads, repeat, warmup,
+                                device=device, parallel=job.parallel):
+            rows.append({"model": job.model, "kind": job.kind, **r, "P": job.P, "folder": str(job.folder), **job.extra})
     on_gpu = any(r.get("vram_peak_mib") is not None for r in rows)
-    summary = versus_dense_summary(rows, memory="vram" if on_gpu else "rss") if a.versus_dense else []
-    settings = {k: getattr(a, k) for k in ("models", "parallel", "batch", "precision", "prompt_len", "gen_len",
-                                           "threads", "repeat", "warmup", "versus_dense", "law", "device")}
+    summary = versus_dense_summary(rows, memory="vram" if on_gpu else "rss") if versus_dense else []
+    settings = {"models": models, "parallel": parallel, "batch": batch, "precision": precision,
+                "prompt_len": prompt_len, "gen_len": gen_len, "threads": threads, "repeat": repeat, "warmup": warmup,
+                "versus_dense": versus_dense, "law": law, "device": device}
     result = {"machine": info, "settings": settings, "rows": rows, "versus_dense": summary,
-              "note": "dense twins have random weights: cost does not depend on weight values" if a.versus_dense else None}
+              "note": "dense twins have random weights: cost does not depend on weight values" if versus_dense else None}
     _write_json(str(out / "profile.json"), result)
     with open(out / "profile.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
         w.writeheader()
         w.writerows(rows)
-    print(f"machine: {info['cpu']['model']}, {info['cpu']['logical_cores']} cores, {info['memory_gib']} GiB, "
-          f"read bandwidth {info['bandwidth']['read_gbps']} GB/s; threads {a.threads or 'ORT default'}")
-    print("| model | kind | P | precision | batch | prompt | TTFT ms | prefill tok/s | decode ms p50/p90 | "
-          "decode tok/s | peak RSS MiB | file MiB | load RSS / file | KV MiB | bw share |")
-    print("| " + " | ".join(["---"] * 15) + " |")
-    for r in rows:
-        print(f"| {r['model']} | {r['kind']} | {r['P']} | {r['precision']} | {r['batch']} | {r['prompt_len']} | "
-              f"{r['ttft_ms']:.0f} | {r['prefill_tokens_per_s']:.0f} | {r['decode_ms_p50']:.1f}/{r['decode_ms_p90']:.1f} | "
-              f"{r['decode_tokens_per_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['file_mib']:.0f} | "
-              f"{r.get('load_rss_ratio') or float('nan'):.2f}x | "
-              f"{r['kv_cache_mib']:.1f} | {r.get('bandwidth_share', 0):.0%} |")
+    say = print if format == "md" else _log  # csv/json: stdout holds the table alone
+    say(f"machine: {info['cpu']['model']}, {info['cpu']['logical_cores']} cores, {info['memory_gib']} GiB, "
+        f"threads {threads or 'ORT default'}; read bandwidth at those threads "
+        f"{', '.join(sorted({str(r['bandwidth_ref_gbps']) for r in rows if r.get('bandwidth_ref_gbps')})) or 'n/a'} GB/s "
+        f"(the bandwidth share's reference)")
+    _print_table(profile_table(rows), format)
     if summary:
-        print("\nParScale against parameter scaling (increase over P=1; dense = scaling-law equivalent, random weights):")
-        print("| precision | batch | P | memory +MiB ParScale / dense (ratio) | latency +ms ParScale / dense (ratio) |")
-        print("| --- | --- | --- | --- | --- |")
-        fmt = lambda r: "n/a" if r is None else f"{r:.1f}x"  # noqa: E731
-        for s in summary:
-            print(f"| {s['precision']} | {s['batch']} | {s['P']} | {s['parscale_memory_increase_mib']:.0f} / "
-                  f"{s['dense_memory_increase_mib']:.0f} ({fmt(s['memory_ratio'])}) | "
-                  f"{s['parscale_latency_increase_ms']:.0f} / {s['dense_latency_increase_ms']:.0f} "
-                  f"({fmt(s['latency_ratio'])}) |")
+        if format == "md":
+            print()
+            _print_table(versus_dense_table(summary), format)
+        else:
+            _log("\n" + format_table(versus_dense_table(summary), "md").rstrip())
     try:
         from .plots import plot_profile, plot_versus_dense
 
-        title = f"{', '.join(a.models)} on {info['cpu']['model']} ({a.threads or 'default'} threads)"
+        title = f"{', '.join(models)} on {info['cpu']['model']} ({threads or 'default'} threads)"
         paths = plot_profile(rows, out, title)
         if summary:
             paths.append(plot_versus_dense(summary, out, title))
-        print("plots: " + ", ".join(str(p) for p in paths))
+        say("plots: " + ", ".join(str(p) for p in paths))
     except ImportError:
-        print("plots skipped: matplotlib is not installed (pip install 'parscale-edge[profile]')")
-    print(f"results: {out / 'profile.json'}, {out / 'profile.csv'}")
+        say("plots skipped: matplotlib is not installed (pip install 'parscale-edge[profile]')")
+    say(f"results: {out / 'profile.json'}, {out / 'profile.csv'}")
 
 
 def _parse_count(text: str) -> float:
@@ -753,43 +517,41 @@ def _parse_count(text: str) -> float:
         raise CLIError(f"cannot read a parameter count from {text!r}; write e.g. 1.6e9 or 1.6B") from None
 
 
-def cmd_scaling_law(a) -> None:
+def cmd_scaling_law(action: str, csv: str | None, dataset: str | None, params: str | None, parallel: str | None,
+                    law: str, json: str | None, format: str) -> None:
     from . import scaling_law as sl
+    from .report import fit_table, predict_table
 
-    if a.action == "fit":
-        path = a.csv or str(Path(__file__).parent / "data" / "scaling-law-runs.csv")
+    if action == "fit":
+        path = csv or str(Path(__file__).parent / "data" / "scaling-law-runs.csv")
         runs = sl.load_runs(path)
-        names = [a.dataset] if a.dataset else sorted(runs)
-        out = {}
-        print(f"fit of L = (A / (N (k ln P + 1)))^alpha + E to {path} (Huber 1e-3 on log loss, L-BFGS-B, grid of starts)")
-        print("| dataset | runs | E | A | k | alpha | R^2 | paper E | paper A | paper k | paper alpha |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for name in names:
+        rows = []
+        for name in [dataset] if dataset else sorted(runs):
             if name not in runs:
                 raise CLIError(f"dataset {name!r} not in {path}; it has {', '.join(sorted(runs))}")
             N, P, L = runs[name]
-            law = sl.fit(N, P, L, dataset=name)
-            paper = sl.PAPER.get(name)
-            ref = (f"{paper.E:.4f} | {paper.A:.4g} | {paper.k:.4f} | {paper.alpha:.4f}" if paper else "- | - | - | -")
-            print(f"| {name} | {len(N)} | {law.E:.4f} | {law.A:.4g} | {law.k:.4f} | {law.alpha:.4f} | {law.r2:.4f} | {ref} |")
-            out[name] = {"E": law.E, "A": law.A, "k": law.k, "alpha": law.alpha, "r2": law.r2, "runs": len(N)}
-        _write_json(a.json, out)
+            fitted, paper = sl.fit(N, P, L, dataset=name), sl.PAPER.get(name)
+            rows.append({"dataset": name, "runs": len(N), "E": fitted.E, "A": fitted.A, "k": fitted.k,
+                         "alpha": fitted.alpha, "r2": fitted.r2,
+                         **{f"paper_{c}": getattr(paper, c) if paper else None for c in ("E", "A", "k", "alpha")}})
+        _print_table(fit_table(rows, f"fit of L = (A / (N (k ln P + 1)))^alpha + E to {path} (Huber 1e-3 on log loss, "
+                                     "L-BFGS-B, grid of starts)"), format)
+        _write_json(json, {r["dataset"]: {"E": r["E"], "A": r["A"], "k": r["k"], "alpha": r["alpha"], "r2": r["r2"],
+                                          "runs": r["runs"]} for r in rows})
         return
-    if a.params is None or a.parallel is None:
+    if params is None or parallel is None:
         raise CLIError("predict needs --params N (non-embedding parameters) and --parallel P")
-    law = sl.paper_law(a.law)
-    N = _parse_count(a.params)
-    rows = [{"P": P, "loss": law.loss(N, P), "gain": law.gain(P), "dense_equivalent_params": law.equivalent_dense_params(N, P)}
-            for P in _ints(a.parallel, "parallel")]  # computed first: bad input fails before any output
-    print(f"{a.law} law (paper constants): N = {N:.4g} non-embedding parameters")
-    print("| P | predicted loss | gain k ln P + 1 | dense equivalent (non-embedding) |")
-    print("| --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['P']} | {r['loss']:.4f} | {r['gain']:.3f}x | {r['dense_equivalent_params']:.4g} |")
-    _write_json(a.json, {"law": a.law, "N": N, "rows": rows})
+    paper_law = sl.paper_law(law)
+    N = _parse_count(params)
+    rows = [{"P": P, "loss": paper_law.loss(N, P), "gain": paper_law.gain(P),
+             "dense_equivalent_params": paper_law.equivalent_dense_params(N, P)}
+            for P in _parallel_list(parallel, check=False)]  # computed first: bad input fails before any output
+    _print_table(predict_table(rows, f"{law} law (paper constants): N = {N:.4g} non-embedding parameters"), format)
+    _write_json(json, {"law": law, "N": N, "rows": rows})
 
 
-def _sampling(a):
+# ------------------------------------------------------------------------- generate, chat, demo
+def _sampling(a: argparse.Namespace):
     """SamplingConfig of the flags: greedy unless --do-sample, --temperature > 0, --top-k or --top-p
     asks for sampling; the temperature is then 1 unless given (``--temperature 0`` stays greedy)."""
     from .runtime import SamplingConfig
@@ -804,13 +566,6 @@ def _sampling(a):
                           temperature=t, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
 
 
-def _open_runtime(a):
-    from .runtime import OnnxCausalLM
-
-    folder = ensure_export(a.model, a.parallel, a.threads, progress=not a.quiet)
-    return OnnxCausalLM(folder, device=a.device, threads=a.threads, parallel=_fused_parallel(a.model, a.parallel))
-
-
 def _read_stdin() -> str:
     """The prompt from stdin, decoded as UTF-8 (CLIError naming the first bad byte otherwise)."""
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
@@ -823,35 +578,35 @@ def _read_stdin() -> str:
                        "convert it first, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
-def cmd_generate(a) -> None:
-    sampling = _sampling(a)  # validate flags before any loading/export
-    rt = _open_runtime(a)
-    prompt = a.prompt if a.prompt is not None else _read_stdin()
+def cmd_generate(model: str, parallel: int | None, sampling, prompt: str | None, chat: bool, verbose: bool,
+                 device: str, threads: int | None, quiet: bool) -> None:
+    rt = _open(model, parallel, device, threads, quiet)
+    prompt = prompt if prompt is not None else _read_stdin()
     t0 = time.perf_counter()
     n = 0
-    for piece in rt.stream_text(prompt, sampling, chat=a.chat):
+    for piece in rt.stream_text(prompt, sampling, chat=chat):
         n += 1
         print(piece, end="", flush=True)
     print(flush=True)  # the text ends before the stats line on stderr
     if n == 0:  # said on stderr: an empty answer with exit 0 looks like a hang or a crash
         why = "the model ended at once (its first token was an end token) and wrote nothing"
-        if not a.chat and rt.tokenizer.chat_template:
+        if not chat and rt.tokenizer.chat_template:
             why += ("; it has a chat template, so it is probably a chat (instruct) model: try --chat, which wraps "
                     "the prompt in its template")
         _log(f"warning: {why}")
-    if a.verbose:
+    if verbose:
         _log(f"[{n} pieces in {time.perf_counter() - t0:.2f} s, P={rt.P}, {rt.folder}]")
 
 
-def cmd_chat(a) -> None:
+def cmd_chat(model: str, parallel: int | None, sampling, system: str | None, device: str, threads: int | None,
+             quiet: bool) -> None:
     from .runtime import RuntimeInputError
 
-    sampling = _sampling(a)
-    rt = _open_runtime(a)
+    rt = _open(model, parallel, device, threads, quiet)
     history: list[dict] = []
-    if a.system:
-        history.append({"role": "system", "content": a.system})
-    _log(f"chatting with {a.model} (P={rt.P}, {rt.session.get_providers()[0]}); /reset clears history, "
+    if system:
+        history.append({"role": "system", "content": system})
+    _log(f"chatting with {model} (P={rt.P}, {rt.session.get_providers()[0]}); /reset clears history, "
          "/exit or Ctrl-D quits")
     while True:
         try:
@@ -865,7 +620,7 @@ def cmd_chat(a) -> None:
         if msg in ("/exit", "/quit"):
             return
         if msg == "/reset":
-            history = history[:1] if a.system else []
+            history = history[:1] if system else []
             continue
         answer = []
         try:
@@ -901,20 +656,22 @@ def _check_port(host: str, port: int) -> None:
                            "choose another --port, or leave it out for a free one") from None
 
 
-def cmd_demo(a) -> None:
-    from parscale_edge.demo.models import PRECISIONS
+def cmd_demo(left: str | None, left_parallel: str | None, right: str | None, right_parallel: str | None,
+             precision: str | None, host: str, port: int | None, share: bool, concurrency: int, max_new_tokens: int,
+             device: str, threads: int | None, quiet: bool) -> None:
+    from parscale_edge.demo.models import DEFAULTS, PRECISIONS
 
-    if a.precision not in PRECISIONS:
-        raise CLIError(f"unknown precision {a.precision!r}; use {', '.join(PRECISIONS)}")
-    for name in ("left_parallel", "right_parallel"):
-        if getattr(a, name) is not None:
-            setattr(a, name, _ints(getattr(a, name), name.replace("_", "-")))
-    if a.concurrency < 1 or a.max_new_tokens < 1:
-        raise CLIError(f"--concurrency and --max-new-tokens must be >= 1, got {a.concurrency} and {a.max_new_tokens}")
-    if a.port is not None and not 0 < a.port < 65536:
-        raise CLIError(f"--port must be in 1..65535, got {a.port}")
-    if a.port is not None:
-        _check_port(a.host, a.port)  # before loading the models (minutes)
+    left, right, precision = left or DEFAULTS.left, right or DEFAULTS.right, precision or DEFAULTS.precision
+    if precision not in PRECISIONS:
+        raise CLIError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    left_P = _parallel_list(left_parallel, "--left-parallel", check=False) if left_parallel is not None else None
+    right_P = _parallel_list(right_parallel, "--right-parallel", check=False) if right_parallel is not None else None
+    if concurrency < 1 or max_new_tokens < 1:
+        raise CLIError(f"--concurrency and --max-new-tokens must be >= 1, got {concurrency} and {max_new_tokens}")
+    if port is not None and not 0 < port < 65536:
+        raise CLIError(f"--port must be in 1..65535, got {port}")
+    if port is not None:
+        _check_port(host, port)  # before loading the models (minutes)
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -922,12 +679,11 @@ def cmd_demo(a) -> None:
     from parscale_edge.demo.app import build_app, launch
     from parscale_edge.demo.models import load_pair
 
-    left, right = load_pair(a.left, a.left_parallel, a.right, a.right_parallel, a.precision, a.threads,
-                            a.device, progress=not a.quiet, log=_log)
-    if not left.ok and not right.ok:
-        raise CLIError(f"neither model loaded: left: {left.error}; right: {right.error}")
-    app = build_app(left, right, concurrency=a.concurrency, max_new_tokens=a.max_new_tokens, threads=a.threads)
-    launch(app, a.host, a.port, share=a.share)
+    lm_left, lm_right = load_pair(left, left_P, right, right_P, precision, threads, device, progress=not quiet, log=_log)
+    if not lm_left.ok and not lm_right.ok:
+        raise CLIError(f"neither model loaded: left: {lm_left.error}; right: {lm_right.error}")
+    app = build_app(lm_left, lm_right, concurrency=concurrency, max_new_tokens=max_new_tokens, threads=threads)
+    launch(app, host, port, share=share)
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -946,11 +702,26 @@ def _count_arg(text: str) -> int:
     return int(v)
 
 
+def _add_parallel(p: argparse.ArgumentParser, help: str | None = None, *, several: bool = False,
+                  default: str | None = None, required: bool = False, flags: Sequence[str] = ("--parallel", "-P"),
+                  metavar: str | None = None) -> None:
+    """Declare P: one integer, or with ``several`` a comma-separated list kept as text (the command
+    reads it with :func:`_parallel_list`, whose errors are one line naming the flag)."""
+    if several:
+        p.add_argument(*flags, default=default, required=required, help=help, metavar=metavar)
+    else:
+        p.add_argument(*flags, type=int, default=default, required=required, help=help, metavar=metavar)
+
+
+def _add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["md", "csv", "json"], default="md",
+                   help="how the results table is printed: md (markdown, default), csv or json")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"export folder, named model, .gguf or HF folder (default {DEFAULT_MODEL})")
-    p.add_argument("--parallel", "-P", type=int, default=None,
-                   help="P streams: converts a dense model to P streams before exporting (cached)")
+    _add_parallel(p, "P streams: converts a dense model to P streams before exporting (cached)")
     p.add_argument("--max-new-tokens", "-n", type=_count_arg, default=128,
                    help="new tokens at most (default 128; capped by the context; 1e3 is accepted)")
     p.add_argument("--temperature", type=float, default=None,
@@ -980,6 +751,12 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compare-positions", type=int, default=1024, help="quality-vs-fp32 positions (0: skip)")
 
 
+#: the demo's defaults as its help shows them (parscale_edge.demo.models.DEFAULTS holds the values; a
+#: test checks that these agree, so that `parscale --help` need not import the demo)
+DEMO_DEFAULTS_HELP = {"left": "smollm2-135m", "left_parallel": "2,1,4", "right": "qwen2.5-coder-0.5b",
+                      "right_parallel": "1", "precision": "int4"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="parscale", description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (ONNX Runtime intra-op; PyTorch: 1)")
@@ -995,9 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model to ONNX (P folded into the batch axis, KV cache in/out)")
     p.add_argument("model", help="named model, .gguf file or Hugging Face folder")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
-    p.add_argument("--parallel", "-P", default=None,
-                   help="convert a dense model to P streams first; a list (1,2,4) puts one backbone and the "
-                        "ParScale parts of every P in one folder (the first is the default)")
+    _add_parallel(p, "convert a dense model to P streams first; a list (1,2,4) puts one backbone and the "
+                     "ParScale parts of every P in one folder (the first is the default)", several=True)
     p.add_argument("--adapter", action="append", default=None,
                    help="adapter file from `parscale train` (trained prefixes + aggregator; sets P), refused "
                         "unless MODEL is the backbone it was trained on; repeat it for several P over one "
@@ -1027,20 +803,20 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=hlp)
         if name == "eval":
             p.add_argument("model")
-            p.add_argument("--parallel", "-P", type=int, default=None)
+            _add_parallel(p)
         else:
             p.add_argument("reference")
             p.add_argument("candidate")
-            p.add_argument("--reference-parallel", type=int, default=None, metavar="P",
-                           help="P to run the reference at (a folder offering several; default its own)")
-            p.add_argument("--candidate-parallel", type=int, default=None, metavar="P",
-                           help="P to run the candidate at")
+            _add_parallel(p, "P to run the reference at (a folder offering several; default its own)",
+                          flags=["--reference-parallel"], metavar="P")
+            _add_parallel(p, "P to run the candidate at", flags=["--candidate-parallel"], metavar="P")
         p.add_argument("--text", default=None, help="UTF-8 text file (default: held-out Python stdlib code)")
         p.add_argument("--window", type=int, default=None, help="tokens per window (default 512, at most the context)")
         p.add_argument("--stride", type=int, default=None, help="default window/2")
         p.add_argument("--max-positions", type=int, default=4096)
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         p.add_argument("--json", default=None, help="also write the result as JSON here")
+        _add_format(p)
         p.set_defaults(func=fn)
 
     p = sub.add_parser("scaling-law", help="fit the parallel scaling law, or predict with it (paper Eq. 5)")
@@ -1049,9 +825,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the paper's 48 runs")
     p.add_argument("--dataset", default=None, help="fit only this dataset")
     p.add_argument("--params", "-N", default=None, help="predict: non-embedding parameters (1.6e9 or 1.6B)")
-    p.add_argument("--parallel", "-P", default="1,2,4,8", help="predict: comma-separated P")
+    _add_parallel(p, "predict: comma-separated P", several=True, default="1,2,4,8")
     p.add_argument("--law", default="stack-v2-python", choices=["stack-v2-python", "pile"])
     p.add_argument("--json", default=None)
+    _add_format(p)
     p.set_defaults(func=cmd_scaling_law)
 
     p = sub.add_parser("device-info", help="CPU/GPU description and measured memory bandwidth (cached)")
@@ -1061,7 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="latency and memory on this device: P against parameter scaling")
     p.add_argument("models", nargs="*", default=[DEFAULT_MODEL], help=f"models or export folders (default {DEFAULT_MODEL})")
-    p.add_argument("--parallel", "-P", default="1,2,4,8", help="comma-separated P values")
+    _add_parallel(p, "comma-separated P values", several=True, default="1,2,4,8")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,bf16,int8,int4")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -1075,11 +852,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--law", default="stack-v2-python", choices=["stack-v2-python", "pile"],
                    help="scaling-law constants used for the dense equivalent (the paper's fits, `parscale scaling-law`)")
     p.add_argument("-o", "--output", required=True, help="results folder (JSON, CSV, PNG)")
+    _add_format(p)
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("convert", help="turn a dense model into a ParScale one (authors' HF format)")
     p.add_argument("model")
-    p.add_argument("--parallel", "-P", type=int, required=True)
+    _add_parallel(p, required=True)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--prefix-tokens", type=int, default=48, help="prefix length per layer and stream (48 in releases)")
     p.add_argument("--smooth", type=float, default=0.1, help="aggregation smoothing epsilon (0.1 in releases)")
@@ -1092,7 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="stage-2 training: ParScale prefixes + aggregator on a frozen backbone -> adapter")
     p.add_argument("model", help="dense model (named, .gguf, HF folder) or a ParScale one with the same P")
-    p.add_argument("--parallel", "-P", type=int, required=True, help="P streams (>= 2; 1 with --prefix)")
+    _add_parallel(p, "P streams (>= 2; 1 with --prefix)", required=True)
     p.add_argument("--prefix", action="store_true",
                    help="with --parallel 1: the prefix-tuning control (one stream with its own KV prefix, no "
                         "aggregator; README 'Does ParScale help, or is it prefix tuning?')")
@@ -1143,18 +921,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=cmd_chat)
 
-    from parscale_edge.demo.models import DEFAULTS
-
+    d = DEMO_DEFAULTS_HELP
     p = sub.add_parser("demo", help="web demo: a ParScale model and a larger dense model answer side by side (gradio)")
-    p.add_argument("--left", default=DEFAULTS.left, help=f"the ParScale side (default {DEFAULTS.left})")
-    p.add_argument("--left-parallel", default=None, metavar="P[,P...]",
-                   help="P the left model offers, one backbone for all (the first is selected at start; default "
-                        f"{','.join(map(str, DEFAULTS.left_parallel))}; an export folder: every P it offers)")
-    p.add_argument("--right", default=DEFAULTS.right, help=f"the dense side (default {DEFAULTS.right})")
-    p.add_argument("--right-parallel", default=None, metavar="P[,P...]",
-                   help=f"P of the right model (default {','.join(map(str, DEFAULTS.right_parallel))})")
-    p.add_argument("--precision", default=DEFAULTS.precision,
-                   help=f"fp32, int8 or int4 for models the demo exports (default {DEFAULTS.precision}; "
+    p.add_argument("--left", default=None, help=f"the ParScale side (default {d['left']})")
+    _add_parallel(p, "P the left model offers, one backbone for all (the first is selected at start; default "
+                     f"{d['left_parallel']}; an export folder: every P it offers)", several=True,
+                  flags=["--left-parallel"], metavar="P[,P...]")
+    p.add_argument("--right", default=None, help=f"the dense side (default {d['right']})")
+    _add_parallel(p, f"P of the right model (default {d['right_parallel']})", several=True,
+                  flags=["--right-parallel"], metavar="P[,P...]")
+    p.add_argument("--precision", default=None,
+                   help=f"fp32, int8 or int4 for models the demo exports (default {d['precision']}; "
                         "export folders run as they are)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
@@ -1166,8 +943,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# ------------------------------------------------------------------------------------------ main
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
+
+
+def _call(a: argparse.Namespace) -> None:
+    """Run the command ``a.func`` with the flag values its signature names; ``quant`` (the
+    quantization group) and ``sampling`` (generate/chat) are built from their flags first."""
+    params = inspect.signature(a.func).parameters
+    kw = {k: v for k, v in vars(a).items() if k in params}
+    if "quant" in params:
+        kw["quant"] = QuantFlags(**{k: getattr(a, k) for k in QuantFlags.__dataclass_fields__})
+    if "sampling" in params:
+        kw["sampling"] = _sampling(a)  # validate flags before any loading/export
+    a.func(**kw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1179,9 +969,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(a, "threads", None) is not None and a.threads < 1:
             raise CLIError(f"--threads must be >= 1, got {a.threads} (leave it out for ONNX Runtime's default)")
         _check_paths(a)
-        a.func(a)
+        _call(a)
     except _user_errors() as e:
-        print(f"error: {_environment_error(e) or e}", file=sys.stderr)
+        msg = e.naming("--parallel") if isinstance(e, ParallelError) else e
+        print(f"error: {_environment_error(e) or msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -1194,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check_paths(a) -> None:
+def _check_paths(a: argparse.Namespace) -> None:
     """Before any work: every output file (``--json``) can be written, every input file a flag names
     (``--text``, ``--calibration``) exists, naming the flag (OutputPathError / CLIError)."""
     from .atomic import check_output_file

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -359,8 +360,9 @@ def quantized_folder(src: Path, precision: str, threads: int | None = None) -> P
         return src
     from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
 
-    tag = "" if src_precision == "fp32" else f"-{src_precision}act"
-    out = src.with_name(src.name.replace(f"-{src_precision}", "") + f"-{precision}{tag}-cost")
+    from .prepare import variant_folder
+
+    out = variant_folder(src, precision, "cost" if src_precision == "fp32" else f"{src_precision}act-cost")
     if not (out / "manifest.json").exists():
         quantize_folder(src, out, QuantConfig(precision=precision, gguf_blocks=False, accuracy_level=4),
                         overwrite=True, threads=threads, check_positions=0, compare_positions=0)
@@ -392,8 +394,7 @@ def dense_twin_export(spec: str, P: int, law, threads: int | None = None,
     size the scaling law ``law`` equates with ``spec`` at P streams, in ``precision`` fp32, fp16 or
     bf16, as the graph ``export_model`` picks (fused where it can run, like the ParScale model it is
     compared with). Returns (folder, description)."""
-    from .cli import load_for_export
-    from .hub import default_cache_dir
+    from .prepare import export_cache_folder, load_for_export
 
     base = load_for_export(spec, None, threads, progress=False)
     cfg = base.model.config
@@ -402,8 +403,7 @@ def dense_twin_export(spec: str, P: int, law, threads: int | None = None,
     twin = dense_twin_config(cfg, target)
     info = {"base_non_embedding_params": N, "P": P, "target_params": target, "layers": twin.num_hidden_layers,
             "twin_non_embedding_params": non_embedding_params(twin), "weights": "random (cost does not depend on values)"}
-    key = Path(spec).name if Path(spec).exists() else spec
-    out = Path(default_cache_dir()) / "onnx" / f"{key}-dense-twin-L{twin.num_hidden_layers}-{precision}"
+    out = export_cache_folder(spec, None, precision, variant=f"dense-twin-L{twin.num_hidden_layers}")
     from .manifest import FORMAT_VERSION, Manifest
 
     if not (out / "manifest.json").exists() or Manifest.read(out).format_version != FORMAT_VERSION:
@@ -481,3 +481,67 @@ def versus_dense_summary(rows: list[dict], memory: str = "rss") -> list[dict]:
             row["latency_ratio"] = _ratio(row["dense_latency_increase_ms"], row["parscale_latency_increase_ms"])
             out.append(row)
     return out
+
+
+# ----------------------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class ProfileJob:
+    """One export folder to measure: ``model`` as given, ``kind`` ``parscale`` (the model at P
+    streams) or ``dense`` (its random-weight dense twin of the scaling law's equivalent size for
+    that P), ``parallel`` the P to run a fused export folder at (None: the folder's own), ``extra``
+    fields added to each of its rows (a twin's ``dense_layers``, ``dense_params``, ``target_params``)."""
+
+    model: str
+    kind: str
+    P: int
+    folder: Path
+    parallel: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def plan_profile(models: list[str], parallel: list[int], precisions: list[str], threads: int | None = None,
+                 versus_dense: bool = False, law: str = "stack-v2-python", progress: bool = True) -> list[ProfileJob]:
+    """The folders ``parscale profile`` measures, exported and quantized (cached) as needed.
+
+    An export folder runs at each P in ``parallel`` it offers (else its own P), as it is. Any
+    other model is prepared at every P and precision (fp32/fp16/bf16 exports; int8/int4 the
+    cost-only quantization of the fp32 export, :func:`quantized_folder`), and with
+    ``versus_dense`` also gets, per P > 1, the dense twin of the ``law``'s equivalent size
+    (:data:`parscale_edge.scaling_law.PAPER`), one export per float precision. Raises what
+    :func:`parscale_edge.prepare.ensure_export` raises."""
+    from .manifest import Manifest
+    from .prepare import FLOAT_PRECISIONS, ensure_export, is_export_folder
+
+    jobs = []
+    for model in models:
+        if is_export_folder(model):
+            man = Manifest.read(model)
+            offered = man.offered_parallel()
+            for P in [P for P in parallel if P in offered] or [man.parscale_n]:
+                jobs.append(ProfileJob(model, "parscale", P, Path(model), parallel=P))
+            continue
+        for P in parallel:
+            for prec in precisions:
+                if prec in FLOAT_PRECISIONS:
+                    folder = ensure_export(model, P, threads, progress=progress, precision=prec)
+                else:
+                    folder = quantized_folder(ensure_export(model, P, threads, progress=progress), prec, threads)
+                jobs.append(ProfileJob(model, "parscale", P, folder))
+        if versus_dense:
+            from .scaling_law import PAPER
+
+            for P in parallel:
+                if P == 1:
+                    continue
+                twins: dict[str, tuple] = {}  # one export per float precision; int4/int8 quantize the fp32 one
+                for prec in precisions:
+                    base_prec = prec if prec in FLOAT_PRECISIONS else "fp32"
+                    if base_prec not in twins:
+                        twins[base_prec] = dense_twin_export(model, P, PAPER[law], threads, precision=base_prec)
+                    twin, desc = twins[base_prec]
+                    folder = twin if prec in FLOAT_PRECISIONS else quantized_folder(twin, prec, threads)
+                    jobs.append(ProfileJob(model, "dense", P, folder,
+                                           extra={"dense_layers": desc["layers"],
+                                                  "dense_params": desc["twin_non_embedding_params"],
+                                                  "target_params": desc["target_params"]}))
+    return jobs

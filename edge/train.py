@@ -313,6 +313,30 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
         raise TrainError(f"{out} is not empty; pass --resume to continue its run or --overwrite to start again")
 
 
+def training_files(data: list[str], evals: list[str]) -> tuple[list[Path], list[Path], str | None, str]:
+    """(training files, held-out files, held-out text or None, its description) of the ``data`` and
+    ``evals`` specs (files, folders, globs, ``stdlib``: :func:`parscale_edge.corpus.collect_files`;
+    ``evals`` ``["stdlib"]``: the held-out standard-library modules, ``["none"]``: no evaluation).
+    Raises TrainError when a held-out file is also training data."""
+    from .corpus import FILE_SEPARATOR, collect_files, read_texts, stdlib_root
+    from .evaluate import HELDOUT_MODULES, stdlib_text
+
+    train_files = collect_files(data)
+    if evals == ["none"]:
+        return train_files, [], None, "none"
+    if evals == ["stdlib"]:
+        eval_files = [stdlib_root() / m for m in HELDOUT_MODULES]
+        text, desc = stdlib_text(), "held-out Python standard-library modules (" + ", ".join(HELDOUT_MODULES) + ")"
+    else:
+        eval_files = collect_files(evals)
+        text, desc = FILE_SEPARATOR.join(read_texts(eval_files)), f"{len(eval_files)} file(s)"
+    overlap = {p.resolve() for p in train_files} & {p.resolve() for p in eval_files}
+    if overlap:
+        raise TrainError(f"{len(overlap)} evaluation file(s) are also training data, e.g. {sorted(overlap)[0]}; "
+                         "held-out text must not be trained on")
+    return train_files, eval_files, text, desc
+
+
 def train(lm: LoadedModel, cfg: TrainConfig, train_tokens: np.ndarray, out_dir: str | os.PathLike,
           eval_tokens: np.ndarray | None = None, resume: bool = False, overwrite: bool = False,
           dist: Dist | None = None, progress: bool = True, stop_after: int | None = None,

@@ -69,7 +69,7 @@ def test_export_folder_with_other_p_is_refused(tiny, capsys):
 def test_ensure_export_caches_one_backbone_for_several_p(tiny, tmp_path, monkeypatch):
     """ensure_export(spec, [P...]) writes one fused folder offering every P (what `export -P 1,2,4`
     writes), reuses it, and an export folder must offer every P asked for."""
-    from parscale_edge.cli import CLIError, ensure_export
+    from parscale_edge.prepare import ParallelError, ensure_export
     from parscale_edge.runtime import OnnxCausalLM, SamplingConfig
 
     gguf_path, root = tiny
@@ -87,8 +87,9 @@ def test_ensure_export_caches_one_backbone_for_several_p(tiny, tmp_path, monkeyp
     assert ensure_export(str(gguf_path), (1, 2, 4), progress=False) == out and \
         (out / "model.onnx").stat().st_mtime_ns == mtime  # cached: not exported again
     assert ensure_export(str(out), [2, 4]) == out
-    with pytest.raises(CLIError, match=r"offers P in \[1, 2, 4\], not 3, 8; re-export with --parallel 2,3,8"):
+    with pytest.raises(ParallelError, match=r"offers P in \[1, 2, 4\], not 3, 8; re-export with P 2,3,8") as e:
         ensure_export(str(out), [2, 3, 8])
+    assert e.value.naming("--parallel").endswith("re-export with --parallel 2,3,8")  # what the CLI says
 
 
 def test_output_that_is_a_file_is_refused_before_loading(tmp_path, capsys):
@@ -196,7 +197,7 @@ def test_ensure_export_puts_a_trained_adapter_beside_conversions(tmp_path, monke
     from safetensors.numpy import load_file
 
     from parscale_edge.adapter import save_adapter
-    from parscale_edge.cli import ensure_export
+    from parscale_edge.prepare import ensure_export
     from parscale_edge.loading import convert_to_parscale, save_hf_folder
     from tiny import tiny_model
 
@@ -214,3 +215,21 @@ def test_ensure_export_puts_a_trained_adapter_beside_conversions(tmp_path, monke
     for k, v in trained.items():
         np.testing.assert_array_equal(parts[k], v)
     assert ensure_export(str(hf), [2, 1, 4], threads=1, progress=False, adapters=[str(adapter)]) == out  # cached
+
+
+def test_demo_help_shows_the_demo_defaults():
+    from parscale_edge.cli import DEMO_DEFAULTS_HELP
+    from parscale_edge.demo.models import DEFAULTS
+
+    assert DEMO_DEFAULTS_HELP == {"left": DEFAULTS.left, "left_parallel": ",".join(map(str, DEFAULTS.left_parallel)),
+                                  "right": DEFAULTS.right, "right_parallel": ",".join(map(str, DEFAULTS.right_parallel)),
+                                  "precision": DEFAULTS.precision}
+
+
+def test_help_does_not_import_the_demo_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom parscale_edge.cli import build_parser\nbuild_parser()\n"
+            "print([m for m in sys.modules if m.startswith(('parscale_edge.demo', 'torch', 'onnxruntime', 'gradio'))])")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

@@ -234,13 +234,13 @@ def test_demo_labels_the_adapter_pane_with_the_comparison(tmp_path):
 
 
 def test_ensure_export_of_p1_with_a_control_adapter_exports_the_control(tmp_path, monkeypatch):
-    from parscale_edge import cli
+    from parscale_edge import prepare
 
     dense, ctl = _control()
     path = save_adapter(ctl.model, tmp_path / "c.safetensors", source="tiny")
-    monkeypatch.setattr(cli, "load_for_export", lambda *a, **k: dense)
-    monkeypatch.setattr(cli, "export_cache_folder", lambda *a, **k: tmp_path / "cache")
-    out = cli.ensure_export("tiny", 1, progress=False, adapters=[str(path)])
+    monkeypatch.setattr(prepare, "load_for_export", lambda *a, **k: dense)
+    monkeypatch.setattr(prepare, "export_cache_folder", lambda *a, **k: tmp_path / "cache")
+    out = prepare.ensure_export("tiny", 1, progress=False, adapters=[str(path)])
     man = Manifest.read(out)
     assert man.parallel_options == {"1": "parscale/p1.safetensors"} and man.extra["prefix_only"] is True
 

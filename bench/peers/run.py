@@ -99,7 +99,9 @@ def cpu_busy(seconds: float = 2.0) -> float:
 
 
 def ours_folder(precision: str) -> Path:
-    return cache_dir() / "onnx" / f"{MODEL}-p1-{precision}"
+    """Our P=1 export in ``precision``: its folder in the toolkit's cache (parscale_edge.prepare's naming)."""
+    from parscale_edge.prepare import export_cache_folder
+    return export_cache_folder(MODEL, 1, precision)
 
 
 def ensure_ours(precision: str, threads: int) -> Path:
@@ -109,7 +111,7 @@ def ensure_ours(precision: str, threads: int) -> Path:
     if (folder / "manifest.json").exists() and Manifest.read(folder).format_version == FORMAT_VERSION:
         return folder
     if precision == "fp32":
-        from parscale_edge.cli import ensure_export
+        from parscale_edge.prepare import ensure_export
         return Path(ensure_export(MODEL, 1, threads, progress=False))
     from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
     quantize_folder(ensure_ours("fp32", threads), folder, QuantConfig(precision="int4"), overwrite=True)

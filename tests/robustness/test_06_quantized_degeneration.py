@@ -58,7 +58,7 @@ def test_quantized_answer_is_not_degenerate(trained, tmp_path, precision, symmet
 # ------------------------------------------------------------------------------ real model (slow)
 @pytest.fixture(scope="module")
 def smollm2_fp32():
-    from parscale_edge.cli import ensure_export
+    from parscale_edge.prepare import ensure_export
 
     return ensure_export("smollm2-135m", 1, threads=1, progress=False)
 

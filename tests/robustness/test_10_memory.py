@@ -40,7 +40,7 @@ def test_available_memory_is_read_from_proc():
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_real_model_session_peak_rss_stays_under_1_3x_the_weight_file(precision):
-    from parscale_edge.cli import ensure_export
+    from parscale_edge.prepare import ensure_export
     from parscale_edge.profile import quantized_folder
 
     folder = quantized_folder(ensure_export("smollm2-135m", 1, threads=1, progress=False), precision, threads=1)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from parscale_edge.cli import ensure_export, export_cache_folder
+from parscale_edge.prepare import ensure_export, export_cache_folder
 from parscale_edge.loading import save_hf_folder
 from parscale_edge.manifest import Manifest
 from parscale_edge.runtime import OnnxCausalLM

@@ -30,11 +30,13 @@ def one_line(capsys, argv, *words):
 def no_work(monkeypatch):
     """Fail the test if a command gets as far as loading a model."""
     import parscale_edge.cli
+    import parscale_edge.prepare
 
     def boom(*a, **k):
         raise AssertionError("the output path was not checked before the work")
-    monkeypatch.setattr(parscale_edge.cli, "ensure_export", boom)
-    monkeypatch.setattr(parscale_edge.cli, "load_for_export", boom)
+    for module in (parscale_edge.cli, parscale_edge.prepare):
+        monkeypatch.setattr(module, "ensure_export", boom)
+        monkeypatch.setattr(module, "load_for_export", boom)
 
 
 @pytest.mark.parametrize("cmd", [["eval", "{m}"], ["compare", "{m}", "{m}"], ["scaling-law", "fit"],

@@ -13,7 +13,8 @@ import onnx
 import pytest
 from safetensors.torch import save_file
 
-from parscale_edge.cli import ensure_export, main
+from parscale_edge.cli import main
+from parscale_edge.prepare import ensure_export
 from parscale_edge.loading import CheckpointError, load_hf_folder, save_hf_folder
 from parscale_edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE
 from parscale_edge.validate import ExportFolderError
