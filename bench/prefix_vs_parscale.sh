@@ -43,7 +43,7 @@ main() {
   # validation text of the sweep: hash-held-out modules (edge/corpus.py), not in the reported table
   local VALID=("$STDLIB/traceback.py" "$STDLIB/sched.py" "$STDLIB/multiprocessing/connection.py")
   export OMP_NUM_THREADS=1
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's edge/, also from another shell
+  # the installed parscale_edge runs (pip install -e . in this checkout: its edge/ is parscale_edge)
   mkdir -p "$ROOT/sweep" "$ROOT/full"
 
   arm_flags() {  # arm name -> parscale train flags
