@@ -149,13 +149,13 @@ def cmd_export(model: str, output: str, parallel: str | None, adapter: list[str]
         quant.config(precision).validate()
     Ps = _parallel_list(parallel) if parallel else [None]
     adapters = adapter or []
-    also = []
+    extra = []
     if adapters:  # trained ParScale parts over the frozen backbone, plus the backbone itself (P=1)
         if parallel:
             raise CLIError("--adapter sets P; drop --parallel (several --adapter files give several P)")
-        lm, also = load_several(model, None, threads, progress=not quiet, adapters=adapters)
+        lm, extra = load_several(model, None, threads, progress=not quiet, adapters=adapters)
     elif len(Ps) > 1:  # one backbone, ParScale parts for every P (dynamic parallel scaling)
-        lm, also = load_several(model, Ps, threads, progress=not quiet)
+        lm, extra = load_several(model, Ps, threads, progress=not quiet)
     else:
         lm = load_for_export(model, Ps[0], threads, progress=not quiet)
     from parscale_edge.export import export_model
@@ -164,11 +164,11 @@ def cmd_export(model: str, output: str, parallel: str | None, adapter: list[str]
         from .atomic import staging_folder
 
         with staging_folder(output) as staging:  # removed on exit, or by the next run if killed
-            fp32 = export_model(lm, staging / "fp32", graph=graph, also=also)
+            fp32 = export_model(lm, staging / "fp32", graph=graph, extra_parallel=extra)
             del lm
             _run_quantize(fp32, Path(output), precision, quant, overwrite, threads)
         return
-    out = export_model(lm, output, overwrite=overwrite, graph=graph, also=also, precision=precision)
+    out = export_model(lm, output, overwrite=overwrite, graph=graph, extra_parallel=extra, precision=precision)
     man = Manifest.read(out)
     from .atomic import folder_size_mib
 

@@ -263,7 +263,7 @@ def load_several(spec: str, parallel: Sequence[int] | None, threads: int | None,
                  adapters: Sequence[str | os.PathLike] = ()):
     """(first model, the others): the dense ``spec`` as P = ``parallel[0]`` and, for the other P,
     the trained adapter of that P when ``adapters`` has one (``parscale train``), else its
-    conversion; all over one backbone (``export_model(first, out, also=others)`` writes one folder
+    conversion; all over one backbone (``export_model(first, out, extra_parallel=others)`` writes one folder
     that serves every P). ``parallel`` None: the adapters' P in their order, then P=1 (the backbone;
     a prefix-only adapter, the P=1 prefix-tuning control, takes the P=1 place instead).
     Raises PrepareError when ``spec`` is not dense (P=1) or two adapters share a P, AdapterError for an
@@ -313,7 +313,7 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
     wanted = parallel if isinstance(parallel, list) else [parallel]
     if is_export_folder(spec):
         man = Manifest.read(spec)
-        offered = man.offered_parallel()
+        offered = man.parallel_choices()
         missing = [P for P in wanted if P and P not in offered]
         if missing:
             raise ParallelError("{spec} offers P in {offered}, not {missing}; re-export with {name} {wanted}",
@@ -331,14 +331,14 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
             return out
         _log(f"cached export {out} was made by another parscale-edge version; exporting again")
     if isinstance(parallel, list) or adapters:  # (P=1 alone with adapters: a prefix-only control adapter is that P=1)
-        lm, also = load_several(spec, [p or 1 for p in wanted], threads, progress, adapters)
+        lm, extra = load_several(spec, [p or 1 for p in wanted], threads, progress, adapters)
     else:
-        lm, also = load_for_export(spec, parallel, threads, progress), []
+        lm, extra = load_for_export(spec, parallel, threads, progress), []
     from parscale_edge.export import export_model
 
-    Ps = ", ".join(str(m.model.config.parscale_n) for m in [lm, *also])
+    Ps = ", ".join(str(m.model.config.parscale_n) for m in [lm, *extra])
     _log(f"exporting {spec} (P={Ps}, {precision}) to {out} ...")
     t0 = time.perf_counter()
-    export_model(lm, out, overwrite=True, also=also, precision=precision)
+    export_model(lm, out, overwrite=True, extra_parallel=extra, precision=precision)
     _log(f"exported in {time.perf_counter() - t0:.1f} s")
     return out

@@ -516,7 +516,7 @@ def plan_profile(models: list[str], parallel: list[int], precisions: list[str], 
     for model in models:
         if is_export_folder(model):
             man = Manifest.read(model)
-            offered = man.offered_parallel()
+            offered = man.parallel_choices()
             for P in [P for P in parallel if P in offered] or [man.parscale_n]:
                 jobs.append(ProfileJob(model, "parscale", P, Path(model), parallel=P))
             continue

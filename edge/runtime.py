@@ -198,7 +198,7 @@ class OnnxCausalLM:
         model_file: the graph file inside ``folder`` (another graph over the same weights, for checks).
         device: ``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``.
         threads: intra-op threads (None: ONNX Runtime's default, all cores).
-        parallel: default P for fused graphs (one of :attr:`parallel_options`; default the manifest's).
+        parallel: default P for fused graphs (one of :attr:`parallel_choices`; default the manifest's).
     Raises:
         ManifestError: not an export folder, model.onnx / its data file / a ParScale part file missing,
             a bf16 export on another provider than CUDA (ONNX Runtime runs bfloat16 on CUDA only), or a
@@ -257,14 +257,14 @@ class OnnxCausalLM:
                           "float16/bfloat16 only, so attention falls back to the CPU with the cache copied every step; "
                           "export --precision fp16 (or bf16) for CUDA", stacklevel=2)
         self._parts: dict[int, dict] = {}
-        self.parallel_options = m.offered_parallel()
+        self.parallel_choices = m.parallel_choices()
         self.P = m.parscale_n if parallel is None else int(parallel)
         self._check_parallel(self.P)
 
     def _check_parallel(self, P: int) -> int:
-        if P not in self.parallel_options:
+        if P not in self.parallel_choices:
             raise RuntimeInputError(f"{self.folder} has no ParScale parts for P={P}; it offers P in "
-                                    f"{self.parallel_options} (add an adapter with `parscale export --adapter`)")
+                                    f"{self.parallel_choices} (add an adapter with `parscale export --adapter`)")
         return P
 
     # ------------------------------------------------------------------ fused graphs: ParScale parts
@@ -358,7 +358,7 @@ class OnnxCausalLM:
 
     def set_parallel(self, P: int) -> None:
         """Make P the default number of streams of later requests (fused graphs: any of
-        :attr:`parallel_options`; the backbone session is shared, only the small ParScale parts differ).
+        :attr:`parallel_choices`; the backbone session is shared, only the small ParScale parts differ).
         Raises RuntimeInputError for a P this folder has no parts for."""
         self.P = self._check_parallel(int(P))
 
