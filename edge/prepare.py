@@ -141,14 +141,6 @@ def import_quant_stack() -> None:
                            "pip install 'parscale-edge[quant]'") from None
 
 
-def set_torch_threads(threads: int | None) -> None:
-    """PyTorch's intra-op threads: ``threads``, default 1."""
-    import torch
-
-    # On small shared CPUs PyTorch with several threads was 8-10x slower than with one (docs/parscale.md, "Threads").
-    torch.set_num_threads(threads or 1)
-
-
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -243,9 +235,9 @@ def load_for_export(spec: str, parallel: int | None, threads: int | None, progre
     without PyTorch, and what :func:`parscale_edge.loading.load_model` raises for a bad source."""
     check_parallel(parallel)
     import_export_stack()
-    set_torch_threads(threads)
-    from .loading import convert_to_parscale, load_model
+    from .loading import convert_to_parscale, load_model, set_torch_threads
 
+    set_torch_threads(threads)
     lm = load_model(spec, progress=progress)
     if lm.tokenizer is None:
         _log(f"warning: {spec} has no tokenizer.json: the export runs on token ids only, and generate, chat and "
@@ -298,6 +290,27 @@ def load_several(spec: str, parallel: Sequence[int] | None, threads: int | None,
     parallel = parallel or list(dict.fromkeys([*trained, 1]))
     models = [trained.get(P) or (dense if P == 1 else convert_to_parscale(dense, P)) for P in parallel]
     return models[0], models[1:]
+
+
+def export_folder(spec: str, out: str | os.PathLike, parallel: Sequence[int] | None = None,
+                  adapters: Sequence[str | os.PathLike] = (), graph: str = "auto", precision: str = "fp32",
+                  overwrite: bool = False, threads: int | None = None, progress: bool = True) -> Path:
+    """Export ``spec`` to the folder ``out`` (not the cache) as the ``graph`` kind in ``precision``
+    fp32, fp16 or bf16: with ``adapters``, the trained ParScale parts of their P and the backbone
+    itself (:func:`load_several`); with several ``parallel``, one backbone and the parts of every P
+    (the first the default); else the model, converted to ``parallel[0]`` streams when given.
+
+    Raises PrepareError when both ``adapters`` and ``parallel`` are given (the adapters set P), and
+    what :func:`load_for_export` / :func:`load_several` / :func:`parscale_edge.export.export_model` raise."""
+    if adapters and parallel:
+        raise PrepareError("adapters set P; give adapters or P values, not both")
+    if adapters or (parallel and len(parallel) > 1):
+        lm, extra = load_several(spec, list(parallel) if parallel else None, threads, progress, adapters)
+    else:
+        lm, extra = load_for_export(spec, parallel[0] if parallel else None, threads, progress), []
+    from parscale_edge.export import export_model
+
+    return export_model(lm, out, overwrite=overwrite, graph=graph, extra_parallel=extra, precision=precision)
 
 
 def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, threads: int | None = None,

@@ -106,6 +106,17 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
 
+    @classmethod
+    def asked(cls, max_new_tokens: int = 128, temperature: float | None = None, do_sample: bool = False,
+              top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> SamplingConfig:
+        """The settings a user asks for: greedy unless ``do_sample``, a ``temperature`` other than 0,
+        ``top_k`` or ``top_p`` < 1 asks for sampling; the temperature is then 1 unless given
+        (``temperature=0`` stays greedy). Raises ValueError as the constructor does."""
+        sample = bool(do_sample or top_k or top_p < 1.0 or (temperature is not None and temperature != 0))
+        t = temperature if temperature is not None else 1.0 if sample else 0.0
+        return cls(max_new_tokens=max_new_tokens, do_sample=sample and t > 0, temperature=t, top_k=top_k,
+                   top_p=top_p, seed=seed)
+
 
 def sample_next(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
     """Pick one token per row. logits: float [B, vocab] -> int64 [B]."""
