@@ -24,11 +24,12 @@ TRIAL = r"""
 import json, sys, time
 import numpy as np
 from parscale_edge.runtime import OnnxCausalLM
-folder, threads, prompt_len, steps, Ps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+folder, threads, prompt_len, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+Ps = json.loads(sys.argv[5])  # read by parse_parallel in the parent: either tree's runtime gets a plain list
 rt = OnnxCausalLM(folder, device="cpu", threads=threads)
 ids = np.random.default_rng(0).integers(100, rt.manifest.vocab_size - 100, prompt_len).tolist()
 out = {}
-for P in map(int, Ps.split(",")):
+for P in Ps:
     for warm in (True, False):
         t0 = time.perf_counter()
         st, logits = rt.prefill([ids], steps + 1, parallel=P)
@@ -46,11 +47,12 @@ print(json.dumps(out))
 """
 
 
-def trial(tree: str, folder: str, a: argparse.Namespace) -> dict:
+def trial(tree: str, folder: str, parallel: list[int], a: argparse.Namespace) -> dict:
+    """One trial process: ``{P: {prefill_ms, decode_ms, decode_ms_median}}`` of ``folder`` run from ``tree``."""
     env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
     # cwd too: ``python -c`` puts the working directory first on sys.path
     r = subprocess.run([sys.executable, "-c", TRIAL, os.path.abspath(folder), str(a.threads), str(a.prompt_len),
-                        str(a.steps), a.parallel], env=env, cwd=tree, capture_output=True, text=True, check=False)
+                        str(a.steps), json.dumps(parallel)], env=env, cwd=tree, capture_output=True, text=True, check=False)
     if r.returncode:
         sys.exit(f"trial failed ({tree}, {folder}): {r.stderr.strip().splitlines()[-1:]}")
     return {int(k): v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
@@ -67,10 +69,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("-o", "--output", help="JSON file for the results")
     a = p.parse_args()
+    from parscale_edge.prepare import ParallelError, parse_parallel
+
+    try:
+        parallel = parse_parallel(a.parallel)
+    except ParallelError as e:
+        p.error(e.naming("--parallel"))
     rounds = []
     for r in range(a.rounds):
         order = ("a", "b") if r % 2 == 0 else ("b", "a")
-        res = {side: trial(*getattr(a, side), a) for side in order}
+        res = {side: trial(*getattr(a, side), parallel, a) for side in order}
         rounds.append(res)
         print(f"round {r + 1}: " + "  ".join(
             f"P={P} decode {res['a'][P]['decode_ms']:.2f} -> {res['b'][P]['decode_ms']:.2f} ms, "

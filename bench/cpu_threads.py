@@ -57,7 +57,7 @@ def build(arch: str, parallel: tuple[int, ...], work: Path, torch_threads: int |
         dense = random_model(ParScaleConfig(**ARCHS[arch], parscale_n=1), f"random weights, {arch} shapes")
         models = [dense if P == 1 else convert_to_parscale(dense, P, n_tokens=ARCHS[arch]["parscale_n_tokens"])
                   for P in sorted(set(parallel))]
-        export_model(models[0], fp32, overwrite=True, graph="fused", also=models[1:], precision="fp32")
+        export_model(models[0], fp32, overwrite=True, graph="fused", extra_parallel=models[1:], precision="fp32")
     t1 = time.perf_counter()
     folder = quantized_folder(fp32, "int4", threads=torch_threads)
     return {"folder": str(folder), "export_s": t1 - t0, "quantize_s": time.perf_counter() - t1}

@@ -53,7 +53,7 @@ def main() -> None:
     for model, P in [(m, p) for m in a.model.split(",") for p in parse_parallel(a.parallel)]:
         folder = ensure_export(model, P, a.threads, progress=False)
         man = Manifest.read(folder)
-        P = P if P in man.offered_parallel() else man.parscale_n
+        P = P if P in man.parallel_choices() else man.parscale_n
         rt = OnnxCausalLM(folder, device="cpu", threads=a.threads, parallel=P)
         prompt = rt.tokenizer.encode(stdlib_text())[: a.prompt_len]
         run_one(rt, prompt[:16], 4)  # warm-up

@@ -59,8 +59,8 @@ def header_md(lm: LoadedModel) -> str:
     """The line above a pane: which model, P (or the P it offers), precision (or that it did not load)."""
     if not lm.ok:
         return f"### {lm.label}: {lm.spec}\nnot loaded"
-    if len(lm.parallel_options) > 1:
-        kind = f"ParScale, one backbone for P = {_list(lm.parallel_options)}"
+    if len(lm.parallel_choices) > 1:
+        kind = f"ParScale, one backbone for P = {_list(lm.parallel_choices)}"
     else:
         kind = f"ParScale, P={lm.P} streams" if lm.P > 1 else "dense (P=1)"
     head = f"### {lm.label}: {lm.spec}\n{kind} · {lm.precision} · `{lm.folder.name}`"
@@ -83,8 +83,8 @@ def stats_md(lm: LoadedModel, st: AnswerStats | None, P: int | None = None) -> s
     P = st.P if st is not None else (P if P is not None else lm.P)
     fixed = (f"P **{P}** · {lm.precision} · resident **{_mib(lm.resident_mib)}** MiB · file "
              f"**{_mib(lm.file_mib)}** MiB")
-    if len(lm.parallel_options) > 1:
-        fixed += (f"  \none backbone serves P = {_list(lm.parallel_options)}; the ParScale parts of all of them "
+    if len(lm.parallel_choices) > 1:
+        fixed += (f"  \none backbone serves P = {_list(lm.parallel_choices)}; the ParScale parts of all of them "
                   f"(prefixes, aggregators) are **{_mib(lm.parts_mib)}** MiB of that")
     if st is None:
         live = "TTFT – · tok/s – · tokens –"
@@ -206,7 +206,7 @@ def run_profile(models: dict[str, LoadedModel], threads: int | None, gen_len: in
     rows = []
     for s in SIDES:
         lm = models[s]
-        for P in lm.parallel_options:  # a folder offering several P: one line across them
+        for P in lm.parallel_choices:  # a folder offering several P: one line across them
             for r in profile_folder(lm.folder, [1], [32], gen_len, threads=threads, repeat=2, warmup=1, parallel=P):
                 rows.append({"model": f"{s}: {lm.spec}", "kind": "parscale", **r, "folder": str(lm.folder)})
     with atomic_folder(out, overwrite=True) as tmp:
@@ -247,8 +247,8 @@ def build_app(left: LoadedModel, right: LoadedModel, *, concurrency: int = 2, ma
                         # uses the P selected when it is sent (per session: two sessions may differ). Hidden
                         # with one P, so the API keeps its parameters; a model that did not load has none.
                         if lm.ok:
-                            P_of[s] = gr.Radio(lm.parallel_options, value=lm.P, label="P (streams)",
-                                               visible=len(lm.parallel_options) > 1, elem_id=f"P-{s}", scale=0,
+                            P_of[s] = gr.Radio(lm.parallel_choices, value=lm.P, label="P (streams)",
+                                               visible=len(lm.parallel_choices) > 1, elem_id=f"P-{s}", scale=0,
                                                min_width=220)
                         else:
                             P_of[s] = gr.State(None)

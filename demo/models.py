@@ -120,7 +120,7 @@ class LoadedModel:
     """One pane's model, or why it is missing.
 
     ``runtime`` is an :class:`parscale_edge.runtime.OnnxCausalLM` or None when loading failed (``error`` then
-    says why, in one line). ``parallel_options``: the P this pane offers (one backbone; a fused folder
+    says why, in one line). ``parallel_choices``: the P this pane offers (one backbone; a fused folder
     can serve several, each answer picks one); ``P``: the one selected at start. ``resident_mib``:
     growth of this process's RSS over creating the ONNX Runtime session, a one-token warm-up at every
     offered P (which loads each P's ParScale parts) and loading the tokenizer (MiB; onnxruntime and
@@ -139,7 +139,7 @@ class LoadedModel:
     file_mib: float | None = None
     parts_mib: float = 0.0
     load_s: float | None = None
-    parallel_options: list[int] = field(default_factory=list)
+    parallel_choices: list[int] = field(default_factory=list)
     prefix: dict[int, int] = field(default_factory=dict)
     adapters: tuple[str, ...] = ()  # trained ParScale parts this pane's export was made with
 
@@ -184,14 +184,14 @@ def load_model(label: str, spec: str, parallel: int | Sequence[int] | None, prec
         before = _rss_mib()
         t0 = time.perf_counter()
         rt = OnnxCausalLM(folder, device=device, threads=threads, parallel=asked[0] if asked else None)
-        options = sorted(asked) if asked else list(rt.parallel_options)
+        options = sorted(asked) if asked else list(rt.parallel_choices)
         for P in options:  # warm-up: weights paged in, arenas sized, every offered P's parts loaded
             rt.score(np.ones((1, 1), np.int64), parallel=P)
         rt.tokenizer  # noqa: B018 - loaded now: it is part of what the model keeps resident
         lm.load_s = time.perf_counter() - t0
         _release_freed_memory()
         after = _rss_mib()
-        lm.runtime, lm.folder, lm.parallel_options = rt, folder, options
+        lm.runtime, lm.folder, lm.parallel_choices = rt, folder, options
         lm.prefix = {P: rt.prefix_slots(P) for P in options}
         parts = [rt.manifest.part_file(P) for P in options]
         lm.parts_mib = sum((folder / f).stat().st_size for f in parts if f) / 2**20
@@ -261,7 +261,7 @@ def load_pair(left: str, left_parallel: int | Sequence[int] | None, right: str,
         if lm.ok:
             parts = f" (ParScale parts {lm.parts_mib:.1f} MiB)" if lm.parts_mib else ""
             log(f"[{k}/2] {label}: loaded {lm.folder} in {lm.load_s:.1f} s: P={lm.P} of "
-                f"{', '.join(map(str, lm.parallel_options))}, {lm.precision}, resident {lm.resident_mib:.0f} MiB, "
+                f"{', '.join(map(str, lm.parallel_choices))}, {lm.precision}, resident {lm.resident_mib:.0f} MiB, "
                 f"file {lm.file_mib:.0f} MiB{parts}")
         else:
             log(f"[{k}/2] {label}: failed: {lm.error}")

@@ -47,7 +47,7 @@ class Answer:
         runtime: an :class:`parscale_edge.runtime.OnnxCausalLM`.
         messages: ``[{"role": ..., "content": ...}, ...]``, the last one the user's new message.
         sampling: :class:`parscale_edge.runtime.SamplingConfig` (``max_new_tokens`` is capped by the context).
-        parallel: P streams for this answer (one of ``runtime.parallel_options``; None: the
+        parallel: P streams for this answer (one of ``runtime.parallel_choices``; None: the
             runtime's default). Answers of one runtime may use different P at the same time.
     Raises:
         PromptTooLong: the templated prompt leaves no room for one new token in the context.
@@ -72,10 +72,10 @@ class Answer:
             raise PromptTooLong(f"the conversation is {len(ids)} tokens and this model's context is {ctx} tokens: "
                                 "shorten the message or clear the chat")
         P = runtime.P if parallel is None else int(parallel)
-        if P not in runtime.parallel_options:
+        if P not in runtime.parallel_choices:
             from parscale_edge.runtime import RuntimeInputError
 
-            raise RuntimeInputError(f"this model offers P in {runtime.parallel_options}, not P={P}")
+            raise RuntimeInputError(f"this model offers P in {runtime.parallel_choices}, not P={P}")
         self.ids = ids
         self.eos = set(runtime.manifest.eos_token_ids)
         m = runtime.manifest

@@ -123,6 +123,36 @@ def check_output_file(path: str | os.PathLike, flag: str = "--json") -> Path:
     return p
 
 
+def check_output_folder(out: str | os.PathLike, overwrite: bool = False,
+                        sources: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """Fail before any slow work when the folder ``out`` cannot be written: it is a file, it exists
+    and ``overwrite`` is False, ``overwrite`` may not replace it (:func:`check_replaceable`: only this
+    toolkit's folders, never one that is or holds one of ``sources``; None and missing ones are
+    skipped), or it cannot be created (:func:`check_creatable`). Raises OutputPathError."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise OutputPathError(f"{p} exists and is not a folder; choose another output path")
+    if p.exists() and not overwrite:
+        raise OutputPathError(f"{p} exists; pass --overwrite or choose another folder")
+    if overwrite:
+        check_replaceable(p, [s for s in sources if s and Path(s).exists()])
+    check_creatable(p)
+    return p
+
+
+def check_creatable(folder: str | os.PathLike) -> None:
+    """Raises OutputPathError when the folder cannot be created: its nearest existing parent is a
+    file or not writable."""
+    p = Path(folder)
+    parent = p.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"cannot create {p}: {parent} is a file, not a folder; choose another output path")
+    if not os.access(parent, os.W_OK):
+        raise OutputPathError(f"cannot create {p}: {parent} is not writable")
+
+
 def current_umask() -> int:
     """The process's file-creation mask (os.umask can only be read by setting it: set and restore)."""
     mask = os.umask(0)

@@ -23,10 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import check_output_folder
 from .manifest import MANIFEST_FILE, Manifest
-from .prepare import (FLOAT_PRECISIONS, ParallelError, check_parallel, ensure_export, fused_parallel,
-                      import_export_stack, import_quant_stack, is_export_folder, load_for_export, load_several,
-                      parse_parallel, set_torch_threads)
+from .prepare import (FLOAT_PRECISIONS, ParallelError, check_parallel, ensure_export, export_folder, fused_parallel,
+                      import_export_stack, import_quant_stack, is_export_folder, load_for_export, parse_parallel)
 
 DEFAULT_MODEL = "smollm2-135m"
 #: ``export --precision``: the float exports, then parscale_edge.quant.onnx_quant.PRECISIONS (quantized after an fp32 export)
@@ -52,52 +52,16 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _parallel_list(text: str, flag: str = "--parallel", check: bool = True) -> list[int]:
-    """The P of a list flag (``1,2,4``), checked against the supported range unless ``check`` is
-    False; CLIError naming ``flag`` otherwise."""
+def _ints(text: str, flag: str = "--parallel", check_range: bool = False) -> list[int]:
+    """A comma-separated list of positive integers (``1,2,4``: ``--batch``, ``--prompt-len``, P), with
+    ``check_range`` also checked against P's supported range; CLIError naming ``flag`` otherwise."""
     try:
-        parallel = parse_parallel(text)
-        if check:
-            check_parallel(parallel)
+        values = parse_parallel(text)
+        if check_range:
+            check_parallel(values)
     except ParallelError as e:
         raise CLIError(e.naming(flag)) from None
-    return parallel
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    """A comma-separated list of positive integers (``--batch``, ``--prompt-len``); CLIError naming ``flag``."""
-    try:
-        return parse_parallel(text)
-    except ParallelError as e:
-        raise CLIError(e.naming(flag)) from None
-
-
-def _check_output(out: str, overwrite: bool, sources: Sequence[str | None] = ()) -> None:
-    """Fail before any slow work when ``out`` cannot be written, or ``--overwrite`` may not replace it
-    (:func:`parscale_edge.atomic.check_replaceable`: only this toolkit's folders, never one that is or holds a
-    source)."""
-    from .atomic import check_replaceable
-
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise CLIError(f"{p} exists and is not a folder; choose another output path")
-    if p.exists() and not overwrite:
-        raise CLIError(f"{p} exists; pass --overwrite or choose another folder")
-    if overwrite:
-        check_replaceable(p, [s for s in sources if s and Path(s).exists()])
-    _check_parent(p)
-
-
-def _check_parent(p: Path) -> None:
-    """Raises CLIError when the folder ``p`` cannot be created: its nearest existing parent is a file
-    or not writable."""
-    parent = p.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CLIError(f"cannot create {p}: {parent} is a file, not a folder; choose another output path")
-    if not os.access(parent, os.W_OK):
-        raise CLIError(f"cannot create {p}: {parent} is not writable")
+    return values
 
 
 def _write_json(path: str | None, obj: dict) -> None:
@@ -144,31 +108,23 @@ def cmd_export(model: str, output: str, parallel: str | None, adapter: list[str]
                precision: str, quant: QuantFlags, threads: int | None, quiet: bool) -> None:
     if precision not in EXPORT_PRECISIONS:
         raise CLIError(f"unknown precision {precision!r}; use one of {', '.join(EXPORT_PRECISIONS)}")
-    _check_output(output, overwrite, [model, *(adapter or []), quant.calibration, quant.text])  # before the slow work
+    # before the slow work
+    check_output_folder(output, overwrite, [model, *(adapter or []), quant.calibration, quant.text])
     if precision not in FLOAT_PRECISIONS:
         quant.config(precision).validate()
-    Ps = _parallel_list(parallel) if parallel else [None]
-    adapters = adapter or []
-    also = []
-    if adapters:  # trained ParScale parts over the frozen backbone, plus the backbone itself (P=1)
-        if parallel:
-            raise CLIError("--adapter sets P; drop --parallel (several --adapter files give several P)")
-        lm, also = load_several(model, None, threads, progress=not quiet, adapters=adapters)
-    elif len(Ps) > 1:  # one backbone, ParScale parts for every P (dynamic parallel scaling)
-        lm, also = load_several(model, Ps, threads, progress=not quiet)
-    else:
-        lm = load_for_export(model, Ps[0], threads, progress=not quiet)
-    from parscale_edge.export import export_model
-
+    Ps = _ints(parallel, check_range=True) if parallel else None
+    if adapter and parallel:
+        raise CLIError("--adapter sets P; drop --parallel (several --adapter files give several P)")
     if precision not in FLOAT_PRECISIONS:
         from .atomic import staging_folder
 
         with staging_folder(output) as staging:  # removed on exit, or by the next run if killed
-            fp32 = export_model(lm, staging / "fp32", graph=graph, also=also)
-            del lm
+            fp32 = export_folder(model, staging / "fp32", Ps, adapter or (), graph=graph, threads=threads,
+                                 progress=not quiet)
             _run_quantize(fp32, Path(output), precision, quant, overwrite, threads)
         return
-    out = export_model(lm, output, overwrite=overwrite, graph=graph, also=also, precision=precision)
+    out = export_folder(model, output, Ps, adapter or (), graph=graph, precision=precision, overwrite=overwrite,
+                        threads=threads, progress=not quiet)
     man = Manifest.read(out)
     from .atomic import folder_size_mib
 
@@ -181,7 +137,7 @@ def cmd_export(model: str, output: str, parallel: str | None, adapter: list[str]
 
 def _run_quantize(src: Path, out: Path, precision: str, quant: QuantFlags, overwrite: bool, threads: int | None) -> None:
     import_quant_stack()
-    from parscale_edge.quant.onnx_quant import quantize_folder
+    from parscale_edge.quant.onnx_quant import level0_warning, quantize_folder, report_lines
 
     cfg = quant.config(precision)
     cfg.validate()
@@ -190,39 +146,17 @@ def _run_quantize(src: Path, out: Path, precision: str, quant: QuantFlags, overw
     t0 = time.perf_counter()
     quantize_folder(src, out, cfg, overwrite=overwrite, calibration_text=calib, text=text,
                     check_positions=quant.check_positions, compare_positions=quant.compare_positions, threads=threads)
-    q = Manifest.read(out).quantization
-    base = Manifest.read(src).precision  # fp32 or fp16: what the sizes and the quality are compared with
-    n = q.get("gguf_repacked_nodes") or 0
-    rest = q["quantized_nodes"] - n
-    # the settings apply to the weights that are re-rounded; GGUF blocks are copied as they are
-    how = f"{'sym' if quant.symmetric else 'asym'}, block {quant.block_size}, {quant.algorithm}"
-    print(f"{precision} ({how if rest > 0 else 'GGUF blocks'}) -> {out}: "
-          f"{q['size_mib']:.1f} MiB ({base} {q['source_size_mib']:.1f} MiB, "
-          f"{q['size_mib'] / q['source_size_mib']:.0%}) in {time.perf_counter() - t0:.1f} s")
-    if n:
-        print(f"  {n} {'weight reuses' if n == 1 else 'weights reuse'} the GGUF's own quantized blocks (no re-rounding); "
-              + (f"{rest} re-rounded ({how})" if rest > 0 else "none re-rounded"))
-    if "accuracy_check" in q:
-        c = q["accuracy_check"]
-        print(f"  accuracy_level 4 vs 0: top-1 agreement {c['agreement_level4_vs_level0']:.2%}, perplexity "
-              f"{c['ppl_increase_level4_vs_level0']:+.2%} over {c['positions']} positions; chosen: {c['chosen']} "
-              f"({c['agreement']:.2%}, {c['ppl_increase']:+.2%})")
-        if c["chosen"] == "all level 0":
-            _log("warning: every node now runs at accuracy_level 0; 8-bit MatMulNBits at level 0 decodes several "
-                 "times slower than fp32 on CPUs (README, Quantization). For speed, quantize again with "
-                 "--check-positions 0 (keeps level 4, top-1 agreement "
-                 f"{c['agreement_level4_vs_level0']:.1%}) or use --precision int4")
-    if "quality_vs_fp32" in q:
-        r = q["quality_vs_fp32"]
-        print(f"  quality cost vs {base} ({r['positions']} positions): perplexity {r['ref_perplexity']:.3f} -> "
-              f"{r['cand_perplexity']:.3f} ({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%}), "
-              f"KL mean {r['kl_mean']:.4f} p99 {r['kl_p99']:.4f}, top-1 agreement {r['top1_agreement']:.2%}")
+    seconds, q = time.perf_counter() - t0, Manifest.read(out).quantization
+    print("\n".join(report_lines(q, cfg, out, Manifest.read(src).precision, seconds)))  # sizes vs the fp32/fp16 source
+    warning = level0_warning(q)
+    if warning:
+        _log(f"warning: {warning}")
 
 
 def cmd_quantize(model: str, output: str, precision: str, overwrite: bool, quant: QuantFlags,
                  threads: int | None) -> None:
     quant.config(precision).validate()
-    _check_output(output, overwrite, [model, quant.calibration, quant.text])
+    check_output_folder(output, overwrite, [model, quant.calibration, quant.text])
     if not is_export_folder(model):
         raise CLIError(f"{model} is not an export folder (no {MANIFEST_FILE}); run `parscale export` first, "
                        "or use `parscale export MODEL --precision ...` to do both")
@@ -235,7 +169,7 @@ def cmd_convert(model: str, parallel: int, output: str, prefix_tokens: int, smoo
     if parallel < 2:
         raise CLIError(f"--parallel must be >= 2 for a ParScale model, got {parallel}")
     check_parallel(parallel)
-    _check_output(output, overwrite, [model])
+    check_output_folder(output, overwrite, [model])
     lm = load_for_export(model, None, threads, progress=not quiet)
     from .loading import convert_to_parscale, save_hf_folder
 
@@ -243,20 +177,16 @@ def cmd_convert(model: str, parallel: int, output: str, prefix_tokens: int, smoo
     out = save_hf_folder(conv, output, overwrite=overwrite)
     print(f"converted {model} to P={parallel} -> {out}")
     if eval_positions:
-        from .evaluate import stdlib_text
-        from .train import evaluate_perplexity
-
         if lm.tokenizer is None:
             print("no tokenizer in the source: perplexity not measured")
             return
-        tokens = lm.tokenizer.encode(stdlib_text())
-        rows = [(name, evaluate_perplexity(m, tokens, eval_positions, eval_window))
-                for name, m in (("dense P=1", lm.model), (f"converted P={parallel}", conv.model))]
-        print(f"perplexity on Python standard-library code ({rows[0][1]['positions']} positions, "
-              f"window {eval_window}):")
-        for name, r in rows:
-            print(f"  {name:<16} {r['perplexity']:.3f}")
-        print(f"  ratio            {rows[1][1]['perplexity'] / rows[0][1]['perplexity']:.4f}")
+        from .train import conversion_perplexity
+
+        r = conversion_perplexity(lm, conv, eval_positions, eval_window)
+        print(f"perplexity on Python standard-library code ({r['positions']} positions, window {r['window']}):")
+        for name, value in (("dense P=1", r["dense"]), (f"converted P={parallel}", r["converted"])):
+            print(f"  {name:<16} {value:.3f}")
+        print(f"  ratio            {r['ratio']:.4f}")
 
 
 def cmd_train(model: str, parallel: int, prefix: bool, data: list[str], eval: list[str], output: str,
@@ -266,7 +196,7 @@ def cmd_train(model: str, parallel: int, prefix: bool, data: list[str], eval: li
               overwrite: bool, device: str, threads: int | None, quiet: bool) -> None:
     import_export_stack()
     check_parallel(parallel)
-    from .train import TrainConfig, check_run_folder, close_distributed, init_distributed, training_files
+    from .train import TrainConfig, check_run_folder, run_training, summary_lines, training_files
 
     cfg = TrainConfig(parallel=parallel, prefix=prefix, prefix_tokens=prefix_tokens, steps=steps or 1, seq_len=seq_len,
                       batch=batch, grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup,
@@ -276,77 +206,12 @@ def cmd_train(model: str, parallel: int, prefix: bool, data: list[str], eval: li
     if tokens is not None and tokens < 1:
         raise CLIError(f"--tokens must be >= 1, got {tokens}")
     out = Path(output)
-    check_run_folder(out, resume, overwrite)  # fail before the slow load
-    _check_parent(out)
-    if overwrite and not resume:  # only a run folder of ours, never the model or the data
-        from .atomic import check_replaceable
-        from .train import ADAPTER_FILE, CHECKPOINT_FILE, CURVES_FILE, HISTORY_FILE
-
-        check_replaceable(out, [s for s in [model, *data, *eval] if Path(s).exists()],
-                          own_files={CHECKPOINT_FILE, ADAPTER_FILE, HISTORY_FILE, CURVES_FILE, "model"})
-    train_files, eval_files, eval_text, eval_desc = training_files(data, eval)
-    new_folder = not out.exists()
-    dist = init_distributed(device)
-    try:
-        _train_run(model, cfg, out, train_files, eval_text, eval_desc, dist, tokens=tokens, steps=steps,
-                   resume=resume, overwrite=overwrite, threads=threads, quiet=quiet)
-    except BaseException:
-        if new_folder and dist.main and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a run that failed before writing anything leaves no empty folder
-        raise
-    finally:
-        close_distributed(dist)
-
-
-def _train_run(model: str, cfg, out: Path, train_files, eval_text, eval_desc, dist, tokens: int | None,
-               steps: int | None, resume: bool, overwrite: bool, threads: int | None, quiet: bool) -> None:
-    """The body of :func:`cmd_train` once the output and the data are checked."""
-    from .train import train
-
-    if dist.device.type == "cpu":
-        set_torch_threads(threads)
-    from .corpus import BlockOrder, read_texts, tokenize_texts
-    from .loading import load_model
-
-    lm = load_model(model, progress=not quiet and dist.main)
-    if lm.tokenizer is None:
-        raise CLIError(f"{model} has no tokenizer (tokenizer.json); training text cannot be tokenized")
-    context = lm.model.config.max_position_embeddings
-    if cfg.seq_len > context:
-        raise CLIError(f"--seq-len {cfg.seq_len} is longer than {model}'s context of {context} tokens; "
-                       f"use --seq-len {context} or less")
-    t0 = time.perf_counter()
-    train_tokens = tokenize_texts(lm.tokenizer, read_texts(train_files))
-    BlockOrder(train_tokens, cfg.seq_len)  # the data check (one block at least) before anything is said or made
-    eval_tokens = None
-    if eval_text is not None:
-        import numpy as np
-
-        eval_tokens = np.asarray(lm.tokenizer.encode(eval_text), dtype=np.int64)
-    steps = steps or -(-tokens // cfg.tokens_per_step(dist.world))
-    cfg.steps = steps
-    if dist.main:
-        _log(f"data: {len(train_files)} files, {train_tokens.size} tokens (tokenized in "
-             f"{time.perf_counter() - t0:.1f} s); eval: {eval_desc}"
-             + (f", {eval_tokens.size} tokens" if eval_tokens is not None else ""))
-        what = "prefixes (backbone frozen)" if cfg.prefix else "prefixes + aggregator (backbone frozen)"
-        _log(f"training {'all weights' if cfg.full else what} of "
-             f"{model} at P={cfg.parallel}{' (prefix only: the prefix-tuning control)' * cfg.prefix}: {steps} step{'s' if steps != 1 else ''} x {cfg.tokens_per_step(dist.world)} tokens = "
-             f"{steps * cfg.tokens_per_step(dist.world)} tokens ({steps * cfg.tokens_per_step(dist.world) / max(1, train_tokens.size):.2f} "
-             f"epochs), {dist.world} process(es) on {dist.device}")
-    r = train(lm, cfg, train_tokens, out, eval_tokens=eval_tokens, resume=resume, overwrite=overwrite,
-              dist=dist, progress=not quiet)
-    if dist.main:
-        h = r.history
-        wall = sum(s["wall_seconds"] for s in h.get("sessions", []))
-        print(f"trained {h['tokens_trained']} tokens in {wall:.0f} s wall ({h['train_seconds']:.0f} s in steps) -> "
-              f"{r.adapter or r.model_dir}")
-        if h.get("evals"):
-            first, last = h["evals"][0], h["evals"][-1]
-            line = f"held-out perplexity ({last['positions']} positions): "
-            if "dense" in h:
-                line += f"dense P=1 {h['dense']['perplexity']:.4f}, "
-            print(line + f"untrained P={cfg.parallel} {first['perplexity']:.4f}, trained {last['perplexity']:.4f}")
+    check_run_folder(out, resume, overwrite, sources=[model, *data, *eval])  # fail before the slow load
+    train_files, _, eval_text, eval_desc = training_files(data, eval)
+    r = run_training(model, cfg, out, train_files, eval_text, eval_desc, tokens=tokens, steps=steps, device=device,
+                     resume=resume, overwrite=overwrite, threads=threads, progress=not quiet, log=_log)
+    if r is not None:  # rank 0 reports
+        print("\n".join(summary_lines(r, cfg.parallel)))
 
 
 # --------------------------------------------------------------------------------- eval, compare
@@ -374,7 +239,7 @@ def cmd_eval(model: str, parallel: int | None, text: str | None, window: int | N
              max_positions: int, device: str, json: str | None, format: str, threads: int | None,
              quiet: bool) -> None:
     from .evaluate import onnx_logits_fn, perplexity, read_text
-    from .report import eval_table
+    from .report import eval_summary, eval_table
 
     text, desc = read_text(text)
     rt = _open(model, parallel, device, threads, quiet)
@@ -384,8 +249,7 @@ def cmd_eval(model: str, parallel: int | None, text: str | None, window: int | N
     r.update(model=str(model), folder=str(rt.folder), precision=rt.manifest.precision, P=rt.P, text=desc,
              text_tokens=len(tokens))
     if format == "md":
-        print(f"{model} (P={rt.P}, {rt.manifest.precision}): perplexity {r['perplexity']:.4f} over {r['positions']} "
-              f"positions (window {r['window']}, stride {r['stride']}) of {desc}")
+        print(eval_summary(r))
     else:
         _print_table(eval_table([r]), format)
     _write_json(json, r)
@@ -395,7 +259,7 @@ def cmd_compare(reference: str, candidate: str, reference_parallel: int | None, 
                 text: str | None, window: int | None, stride: int | None, max_positions: int, device: str,
                 json: str | None, format: str, threads: int | None, quiet: bool) -> None:
     from .evaluate import compare, onnx_logits_fn, read_text
-    from .report import compare_table
+    from .report import compare_summary, compare_table
 
     text, desc = read_text(text)
     ref = _open(reference, reference_parallel, device, threads, quiet)
@@ -410,12 +274,7 @@ def cmd_compare(reference: str, candidate: str, reference_parallel: int | None, 
              reference_precision=ref.manifest.precision, candidate_precision=cand.manifest.precision,
              reference_parallel=ref.P, candidate_parallel=cand.P)
     if format == "md":
-        print(f"{candidate} (P={cand.P}, {cand.manifest.precision}) vs {reference} (P={ref.P}, "
-              f"{ref.manifest.precision}) over {r['positions']} positions of {desc}:")
-        print(f"  KL(ref||cand) mean {r['kl_mean']:.5f}  p99 {r['kl_p99']:.5f}  max {r['kl_max']:.4f}")
-        print(f"  top-1 agreement {r['top1_agreement']:.2%}")
-        print(f"  perplexity ref {r['ref_perplexity']:.4f}  cand {r['cand_perplexity']:.4f} "
-              f"({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%})")
+        print(compare_summary(r))
     else:
         _print_table(compare_table([r]), format)
     _write_json(json, r)
@@ -425,68 +284,37 @@ def cmd_compare(reference: str, candidate: str, reference_parallel: int | None, 
 def cmd_device_info(refresh: bool, json: str | None) -> None:
     from .device import device_info
     from .providers import cuda_status
+    from .report import device_summary
 
     info = device_info(refresh=refresh)
-    c, bw = info["cpu"], info["bandwidth"]
-    print(f"CPU        {c['model']} ({c['logical_cores']} logical cores; {' '.join(c['flags']) or 'no SIMD flags read'})")
-    print(f"memory     {info['memory_gib']} GiB")
-    print(f"bandwidth  {bw['read_gbps']} GB/s read, {bw['copy_gbps']} GB/s copy (one thread, {bw['array_mib']} MiB array)")
-    print(f"runtime    onnxruntime {info['onnxruntime']}; providers {', '.join(info['providers'])}")
-    works, why = cuda_status()
-    print(f"CUDA       {'works (CUDAExecutionProvider probe session ran)' if works else 'not used: ' + why}")
-    for g in info.get("gpu") or []:
-        print(f"GPU        {g['name']} ({g['memory_mib']} MiB, driver {g['driver']}, compute {g['compute_capability']})")
-    la = info["loadavg"]
-    print(f"load avg   {' '.join(f'{x:.2f}' for x in la) if la else 'n/a'} (1/5/15 min)")
-    print(f"           bandwidth measured {bw.get('measured_at', '?')} (cached; --refresh measures again)")
+    print(device_summary(info, *cuda_status()))
     _write_json(json, info)
 
 
 def cmd_profile(models: list[str], parallel: str, batch: str, precision: str, device: str, prompt_len: str,
                 gen_len: int, repeat: int, warmup: int, versus_dense: bool, law: str, output: str, format: str,
                 threads: int | None, quiet: bool) -> None:
-    import csv
-
-    from tqdm import tqdm
-
-    from .device import device_info
-    from .profile import plan_profile, profile_folder, versus_dense_summary
-    from .report import format_table, profile_table, versus_dense_table
+    from .profile import plan_profile, run_profile, save_plots, save_profile
+    from .report import format_table, profile_header, profile_table, versus_dense_table
 
     if gen_len < 1 or repeat < 1 or warmup < 0:
         raise CLIError("--gen-len and --repeat must be >= 1 and --warmup >= 0")
-    Ps, batches = _parallel_list(parallel), _ints(batch, "--batch")
+    Ps, batches = _ints(parallel, check_range=True), _ints(batch, "--batch")
     prompt_lens = _ints(prompt_len, "--prompt-len")
     precisions = [p.strip() for p in precision.split(",")]
     bad = [p for p in precisions if p not in PROFILE_PRECISIONS]
     if bad:
         raise CLIError(f"unknown precision {bad[0]!r} in --precision; use {', '.join(PROFILE_PRECISIONS)}")
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    info = device_info()
     jobs = plan_profile(models, Ps, precisions, threads, versus_dense, law, progress=not quiet)
-    rows = []
-    for job in tqdm(jobs, desc="profiling", disable=quiet):
-        for r in profile_folder(job.folder, batches, prompt_lens, gen_len, threads, repeat, warmup,
-                                device=device, parallel=job.parallel):
-            rows.append({"model": job.model, "kind": job.kind, **r, "P": job.P, "folder": str(job.folder), **job.extra})
-    on_gpu = any(r.get("vram_peak_mib") is not None for r in rows)
-    summary = versus_dense_summary(rows, memory="vram" if on_gpu else "rss") if versus_dense else []
     settings = {"models": models, "parallel": parallel, "batch": batch, "precision": precision,
                 "prompt_len": prompt_len, "gen_len": gen_len, "threads": threads, "repeat": repeat, "warmup": warmup,
                 "versus_dense": versus_dense, "law": law, "device": device}
-    result = {"machine": info, "settings": settings, "rows": rows, "versus_dense": summary,
-              "note": "dense twins have random weights: cost does not depend on weight values" if versus_dense else None}
-    _write_json(str(out / "profile.json"), result)
-    with open(out / "profile.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        w.writeheader()
-        w.writerows(rows)
+    result = run_profile(jobs, batches, prompt_lens, gen_len, threads, repeat, warmup, device=device,
+                         versus_dense=versus_dense, settings=settings, progress=not quiet)
+    files = save_profile(result, output)
+    info, rows, summary = result["machine"], result["rows"], result["versus_dense"]
     say = print if format == "md" else _log  # csv/json: stdout holds the table alone
-    say(f"machine: {info['cpu']['model']}, {info['cpu']['logical_cores']} cores, {info['memory_gib']} GiB, "
-        f"threads {threads or 'ORT default'}; read bandwidth at those threads "
-        f"{', '.join(sorted({str(r['bandwidth_ref_gbps']) for r in rows if r.get('bandwidth_ref_gbps')})) or 'n/a'} GB/s "
-        f"(the bandwidth share's reference)")
+    say(profile_header(info, rows, threads))
     _print_table(profile_table(rows), format)
     if summary:
         if format == "md":
@@ -494,27 +322,12 @@ def cmd_profile(models: list[str], parallel: str, batch: str, precision: str, de
             _print_table(versus_dense_table(summary), format)
         else:
             _log("\n" + format_table(versus_dense_table(summary), "md").rstrip())
+    title = f"{', '.join(models)} on {info['cpu']['model']} ({threads or 'default'} threads)"
     try:
-        from .plots import plot_profile, plot_versus_dense
-
-        title = f"{', '.join(models)} on {info['cpu']['model']} ({threads or 'default'} threads)"
-        paths = plot_profile(rows, out, title)
-        if summary:
-            paths.append(plot_versus_dense(summary, out, title))
-        say("plots: " + ", ".join(str(p) for p in paths))
+        say("plots: " + ", ".join(str(p) for p in save_plots(result, output, title)))
     except ImportError:
         say("plots skipped: matplotlib is not installed (pip install 'parscale-edge[profile]')")
-    say(f"results: {out / 'profile.json'}, {out / 'profile.csv'}")
-
-
-def _parse_count(text: str) -> float:
-    """``1.6e9``, ``1600000000``, ``1.6B``, ``500M`` -> parameters."""
-    t = text.strip().upper()
-    mult = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(t[-1:], 1)
-    try:
-        return float(t[:-1] if mult != 1 else t) * mult
-    except ValueError:
-        raise CLIError(f"cannot read a parameter count from {text!r}; write e.g. 1.6e9 or 1.6B") from None
+    say(f"results: {', '.join(map(str, files))}")
 
 
 def cmd_scaling_law(action: str, csv: str | None, dataset: str | None, params: str | None, parallel: str | None,
@@ -523,17 +336,8 @@ def cmd_scaling_law(action: str, csv: str | None, dataset: str | None, params: s
     from .report import fit_table, predict_table
 
     if action == "fit":
-        path = csv or str(Path(__file__).parent / "data" / "scaling-law-runs.csv")
-        runs = sl.load_runs(path)
-        rows = []
-        for name in [dataset] if dataset else sorted(runs):
-            if name not in runs:
-                raise CLIError(f"dataset {name!r} not in {path}; it has {', '.join(sorted(runs))}")
-            N, P, L = runs[name]
-            fitted, paper = sl.fit(N, P, L, dataset=name), sl.PAPER.get(name)
-            rows.append({"dataset": name, "runs": len(N), "E": fitted.E, "A": fitted.A, "k": fitted.k,
-                         "alpha": fitted.alpha, "r2": fitted.r2,
-                         **{f"paper_{c}": getattr(paper, c) if paper else None for c in ("E", "A", "k", "alpha")}})
+        path = csv or str(sl.PAPER_RUNS_CSV)
+        rows = sl.fit_rows(path, dataset)
         _print_table(fit_table(rows, f"fit of L = (A / (N (k ln P + 1)))^alpha + E to {path} (Huber 1e-3 on log loss, "
                                      "L-BFGS-B, grid of starts)"), format)
         _write_json(json, {r["dataset"]: {"E": r["E"], "A": r["A"], "k": r["k"], "alpha": r["alpha"], "r2": r["r2"],
@@ -541,29 +345,23 @@ def cmd_scaling_law(action: str, csv: str | None, dataset: str | None, params: s
         return
     if params is None or parallel is None:
         raise CLIError("predict needs --params N (non-embedding parameters) and --parallel P")
-    paper_law = sl.paper_law(law)
-    N = _parse_count(params)
-    rows = [{"P": P, "loss": paper_law.loss(N, P), "gain": paper_law.gain(P),
-             "dense_equivalent_params": paper_law.equivalent_dense_params(N, P)}
-            for P in _parallel_list(parallel, check=False)]  # computed first: bad input fails before any output
+    N = sl.parse_count(params)
+    # computed first: bad input fails before any output
+    rows = sl.predict_rows(sl.paper_law(law), N, _ints(parallel))
     _print_table(predict_table(rows, f"{law} law (paper constants): N = {N:.4g} non-embedding parameters"), format)
     _write_json(json, {"law": law, "N": N, "rows": rows})
 
 
 # ------------------------------------------------------------------------- generate, chat, demo
 def _sampling(a: argparse.Namespace):
-    """SamplingConfig of the flags: greedy unless --do-sample, --temperature > 0, --top-k or --top-p
-    asks for sampling; the temperature is then 1 unless given (``--temperature 0`` stays greedy)."""
+    """SamplingConfig of the flags (:meth:`parscale_edge.runtime.SamplingConfig.asked`: greedy unless
+    --do-sample, --temperature > 0, --top-k or --top-p asks for sampling)."""
     from .runtime import SamplingConfig
 
-    t = a.temperature
-    sample = bool(a.do_sample or a.top_k or a.top_p < 1.0 or (t is not None and t != 0))
-    if t is None:
-        t = 1.0 if sample else 0.0
-    if a.seed is not None and (not sample or t == 0):
+    sampling = SamplingConfig.asked(a.max_new_tokens, a.temperature, a.do_sample, a.top_k, a.top_p, a.seed)
+    if a.seed is not None and sampling.greedy:
         _log("note: --seed has no effect on greedy decoding; add --do-sample (temperature 1) to sample")
-    return SamplingConfig(max_new_tokens=a.max_new_tokens, do_sample=sample and t > 0,
-                          temperature=t, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    return sampling
 
 
 def _read_stdin() -> str:
@@ -664,8 +462,8 @@ def cmd_demo(left: str | None, left_parallel: str | None, right: str | None, rig
     left, right, precision = left or DEFAULTS.left, right or DEFAULTS.right, precision or DEFAULTS.precision
     if precision not in PRECISIONS:
         raise CLIError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    left_P = _parallel_list(left_parallel, "--left-parallel", check=False) if left_parallel is not None else None
-    right_P = _parallel_list(right_parallel, "--right-parallel", check=False) if right_parallel is not None else None
+    left_P = _ints(left_parallel, "--left-parallel") if left_parallel is not None else None
+    right_P = _ints(right_parallel, "--right-parallel") if right_parallel is not None else None
     if concurrency < 1 or max_new_tokens < 1:
         raise CLIError(f"--concurrency and --max-new-tokens must be >= 1, got {concurrency} and {max_new_tokens}")
     if port is not None and not 0 < port < 65536:
@@ -706,7 +504,7 @@ def _add_parallel(p: argparse.ArgumentParser, help: str | None = None, *, severa
                   default: str | None = None, required: bool = False, flags: Sequence[str] = ("--parallel", "-P"),
                   metavar: str | None = None) -> None:
     """Declare P: one integer, or with ``several`` a comma-separated list kept as text (the command
-    reads it with :func:`_parallel_list`, whose errors are one line naming the flag)."""
+    reads it with :func:`_ints`, whose errors are one line naming the flag)."""
     if several:
         p.add_argument(*flags, default=default, required=required, help=help, metavar=metavar)
     else:

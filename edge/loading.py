@@ -22,6 +22,12 @@ from .hub import sha256_file
 from .model import ParScaleForCausalLM
 
 
+def set_torch_threads(threads: int | None) -> None:
+    """PyTorch's intra-op threads: ``threads``, default 1."""
+    # On small shared CPUs PyTorch with several threads was 8-10x slower than with one (docs/parscale.md, "Threads").
+    torch.set_num_threads(threads or 1)
+
+
 #: Short mixed prose/code text whose queries calibrate the prefix keys of a conversion.
 CALIBRATION_TEXT = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and the Seine "

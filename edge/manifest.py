@@ -179,7 +179,7 @@ class Manifest:
     cache_dtype: str = "float32"  # past_key_values.* / present.* element type: float32, float16 or bfloat16
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def offered_parallel(self) -> list[int]:
+    def parallel_choices(self) -> list[int]:
         """The P this folder can run, ascending: the keys of ``parallel_options`` (fused graphs),
         else the one P it was exported with."""
         return sorted(int(k) for k in self.parallel_options) if self.parallel_options else [self.parscale_n]

@@ -141,14 +141,6 @@ def import_quant_stack() -> None:
                            "pip install 'parscale-edge[quant]'") from None
 
 
-def set_torch_threads(threads: int | None) -> None:
-    """PyTorch's intra-op threads: ``threads``, default 1."""
-    import torch
-
-    # On small shared CPUs PyTorch with several threads was 8-10x slower than with one (docs/parscale.md, "Threads").
-    torch.set_num_threads(threads or 1)
-
-
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -243,9 +235,9 @@ def load_for_export(spec: str, parallel: int | None, threads: int | None, progre
     without PyTorch, and what :func:`parscale_edge.loading.load_model` raises for a bad source."""
     check_parallel(parallel)
     import_export_stack()
-    set_torch_threads(threads)
-    from .loading import convert_to_parscale, load_model
+    from .loading import convert_to_parscale, load_model, set_torch_threads
 
+    set_torch_threads(threads)
     lm = load_model(spec, progress=progress)
     if lm.tokenizer is None:
         _log(f"warning: {spec} has no tokenizer.json: the export runs on token ids only, and generate, chat and "
@@ -263,7 +255,7 @@ def load_several(spec: str, parallel: Sequence[int] | None, threads: int | None,
                  adapters: Sequence[str | os.PathLike] = ()):
     """(first model, the others): the dense ``spec`` as P = ``parallel[0]`` and, for the other P,
     the trained adapter of that P when ``adapters`` has one (``parscale train``), else its
-    conversion; all over one backbone (``export_model(first, out, also=others)`` writes one folder
+    conversion; all over one backbone (``export_model(first, out, extra_parallel=others)`` writes one folder
     that serves every P). ``parallel`` None: the adapters' P in their order, then P=1 (the backbone;
     a prefix-only adapter, the P=1 prefix-tuning control, takes the P=1 place instead).
     Raises PrepareError when ``spec`` is not dense (P=1) or two adapters share a P, AdapterError for an
@@ -300,6 +292,27 @@ def load_several(spec: str, parallel: Sequence[int] | None, threads: int | None,
     return models[0], models[1:]
 
 
+def export_folder(spec: str, out: str | os.PathLike, parallel: Sequence[int] | None = None,
+                  adapters: Sequence[str | os.PathLike] = (), graph: str = "auto", precision: str = "fp32",
+                  overwrite: bool = False, threads: int | None = None, progress: bool = True) -> Path:
+    """Export ``spec`` to the folder ``out`` (not the cache) as the ``graph`` kind in ``precision``
+    fp32, fp16 or bf16: with ``adapters``, the trained ParScale parts of their P and the backbone
+    itself (:func:`load_several`); with several ``parallel``, one backbone and the parts of every P
+    (the first the default); else the model, converted to ``parallel[0]`` streams when given.
+
+    Raises PrepareError when both ``adapters`` and ``parallel`` are given (the adapters set P), and
+    what :func:`load_for_export` / :func:`load_several` / :func:`parscale_edge.export.export_model` raise."""
+    if adapters and parallel:
+        raise PrepareError("adapters set P; give adapters or P values, not both")
+    if adapters or (parallel and len(parallel) > 1):
+        lm, extra = load_several(spec, list(parallel) if parallel else None, threads, progress, adapters)
+    else:
+        lm, extra = load_for_export(spec, parallel[0] if parallel else None, threads, progress), []
+    from parscale_edge.export import export_model
+
+    return export_model(lm, out, overwrite=overwrite, graph=graph, extra_parallel=extra, precision=precision)
+
+
 def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, threads: int | None = None,
                   progress: bool = True, precision: str = "fp32", adapters: Sequence[str | os.PathLike] = ()) -> Path:
     """An export folder for ``spec``: itself when it is one (it must offer every P asked for), else
@@ -313,7 +326,7 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
     wanted = parallel if isinstance(parallel, list) else [parallel]
     if is_export_folder(spec):
         man = Manifest.read(spec)
-        offered = man.offered_parallel()
+        offered = man.parallel_choices()
         missing = [P for P in wanted if P and P not in offered]
         if missing:
             raise ParallelError("{spec} offers P in {offered}, not {missing}; re-export with {name} {wanted}",
@@ -331,14 +344,14 @@ def ensure_export(spec: str, parallel: int | Sequence[int] | None = None, thread
             return out
         _log(f"cached export {out} was made by another parscale-edge version; exporting again")
     if isinstance(parallel, list) or adapters:  # (P=1 alone with adapters: a prefix-only control adapter is that P=1)
-        lm, also = load_several(spec, [p or 1 for p in wanted], threads, progress, adapters)
+        lm, extra = load_several(spec, [p or 1 for p in wanted], threads, progress, adapters)
     else:
-        lm, also = load_for_export(spec, parallel, threads, progress), []
+        lm, extra = load_for_export(spec, parallel, threads, progress), []
     from parscale_edge.export import export_model
 
-    Ps = ", ".join(str(m.model.config.parscale_n) for m in [lm, *also])
+    Ps = ", ".join(str(m.model.config.parscale_n) for m in [lm, *extra])
     _log(f"exporting {spec} (P={Ps}, {precision}) to {out} ...")
     t0 = time.perf_counter()
-    export_model(lm, out, overwrite=True, also=also, precision=precision)
+    export_model(lm, out, overwrite=True, extra_parallel=extra, precision=precision)
     _log(f"exported in {time.perf_counter() - t0:.1f} s")
     return out

@@ -516,7 +516,7 @@ def plan_profile(models: list[str], parallel: list[int], precisions: list[str], 
     for model in models:
         if is_export_folder(model):
             man = Manifest.read(model)
-            offered = man.offered_parallel()
+            offered = man.parallel_choices()
             for P in [P for P in parallel if P in offered] or [man.parscale_n]:
                 jobs.append(ProfileJob(model, "parscale", P, Path(model), parallel=P))
             continue
@@ -545,3 +545,63 @@ def plan_profile(models: list[str], parallel: list[int], precisions: list[str], 
                                                   "dense_params": desc["twin_non_embedding_params"],
                                                   "target_params": desc["target_params"]}))
     return jobs
+
+
+# ------------------------------------------------------------------------------------------ a run
+DENSE_TWIN_NOTE = "dense twins have random weights: cost does not depend on weight values"
+
+
+def run_profile(jobs: list[ProfileJob], batches: list[int], prompt_lens: list[int], gen_len: int,
+                threads: int | None, repeat: int, warmup: int, device: str = "auto", versus_dense: bool = False,
+                settings: dict | None = None, progress: bool = True) -> dict:
+    """Measure every job of :func:`plan_profile` (:func:`profile_folder` at each batch size and
+    prompt length; ``device`` auto, cpu or cuda): ``{"machine": device_info(), "settings": settings
+    (how the run was asked for, recorded as given), "rows": one dict per job, batch and prompt length
+    (the job's model, kind, P, folder and extra fields added), "versus_dense":
+    :func:`versus_dense_summary` of the rows (GPU memory when the rows have it, else RSS; [] unless
+    ``versus_dense``), "note": what the twins' numbers mean, or None}``."""
+    from tqdm import tqdm
+
+    from .device import device_info
+
+    info = device_info()
+    rows = []
+    for job in tqdm(jobs, desc="profiling", disable=not progress):
+        for r in profile_folder(job.folder, batches, prompt_lens, gen_len, threads, repeat, warmup,
+                                device=device, parallel=job.parallel):
+            rows.append({"model": job.model, "kind": job.kind, **r, "P": job.P, "folder": str(job.folder), **job.extra})
+    on_gpu = any(r.get("vram_peak_mib") is not None for r in rows)
+    summary = versus_dense_summary(rows, memory="vram" if on_gpu else "rss") if versus_dense else []
+    return {"machine": info, "settings": settings or {}, "rows": rows, "versus_dense": summary,
+            "note": DENSE_TWIN_NOTE if versus_dense else None}
+
+
+def save_profile(result: dict, out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write :func:`run_profile`'s ``result`` into the folder ``out`` (made if missing):
+    ``profile.json`` (all of it, atomically) and ``profile.csv`` (the rows, columns sorted by name).
+    Returns the two paths."""
+    import csv
+
+    from .atomic import write_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "profile.json", result)
+    rows = result["rows"]
+    with open(out / "profile.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        w.writeheader()
+        w.writerows(rows)
+    return out / "profile.json", out / "profile.csv"
+
+
+def save_plots(result: dict, out: str | os.PathLike, title: str) -> list[Path]:
+    """The PNGs of :func:`run_profile`'s ``result`` in the folder ``out``: decode time and memory
+    against P (:func:`parscale_edge.plots.plot_profile`), and the versus-dense comparison when the
+    result has one. Returns their paths; raises ImportError without matplotlib."""
+    from .plots import plot_profile, plot_versus_dense
+
+    paths = plot_profile(result["rows"], Path(out), title)
+    if result["versus_dense"]:
+        paths.append(plot_versus_dense(result["versus_dense"], Path(out), title))
+    return paths

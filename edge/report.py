@@ -1,5 +1,6 @@
 """Result tables of ``parscale profile``, ``compare``, ``eval`` and ``scaling-law``: one row schema,
-three printers (``--format md|csv|json``), in the manner of llama-bench.
+three printers (``--format md|csv|json``), in the manner of llama-bench; and the plain-text
+summaries of ``eval``, ``compare`` (their default output) and ``device-info``.
 
 A table is a list of rows, each a plain dict of result values (the keys the JSON results use:
 ``ttft_ms``, ``perplexity``, ...), and a list of :class:`Column` saying how to show them. The
@@ -112,6 +113,15 @@ def profile_table(rows: Sequence[dict]) -> Table:
     ], list(rows))
 
 
+def profile_header(machine: dict, rows: Sequence[dict], threads: int | None) -> str:
+    """The line above ``parscale profile``'s table: the machine (:func:`parscale_edge.device.device_info`),
+    the ONNX Runtime threads, and the read bandwidth (GB/s) the rows' bandwidth share is taken of."""
+    bandwidths = sorted({str(r["bandwidth_ref_gbps"]) for r in rows if r.get("bandwidth_ref_gbps")})
+    return (f"machine: {machine['cpu']['model']}, {machine['cpu']['logical_cores']} cores, {machine['memory_gib']} GiB, "
+            f"threads {threads or 'ORT default'}; read bandwidth at those threads {', '.join(bandwidths) or 'n/a'} GB/s "
+            "(the bandwidth share's reference)")
+
+
 def versus_dense_table(summary: Sequence[dict]) -> Table:
     """:func:`parscale_edge.profile.versus_dense_summary`: the memory (MiB) and latency (ms) that P
     streams add over P=1, beside the scaling law's equivalent dense model's."""
@@ -156,6 +166,43 @@ def compare_table(rows: Sequence[dict]) -> Table:
         Column("ppl ref", ("ref_perplexity",), num("ref_perplexity", ".4f")),
         Column("ppl cand", ("cand_perplexity",), num("cand_perplexity", ".4f")),
     ], list(rows))
+
+
+def eval_summary(r: dict) -> str:
+    """The markdown (default) output of ``parscale eval``: one line of an :func:`eval_table` row."""
+    return (f"{r['model']} (P={r['P']}, {r['precision']}): perplexity {r['perplexity']:.4f} over {r['positions']} "
+            f"positions (window {r['window']}, stride {r['stride']}) of {r['text']}")
+
+
+def compare_summary(r: dict) -> str:
+    """The markdown (default) output of ``parscale compare``: four lines of a :func:`compare_table` row."""
+    return "\n".join([
+        f"{r['candidate']} (P={r['candidate_parallel']}, {r['candidate_precision']}) vs {r['reference']} "
+        f"(P={r['reference_parallel']}, {r['reference_precision']}) over {r['positions']} positions of {r['text']}:",
+        f"  KL(ref||cand) mean {r['kl_mean']:.5f}  p99 {r['kl_p99']:.5f}  max {r['kl_max']:.4f}",
+        f"  top-1 agreement {r['top1_agreement']:.2%}",
+        f"  perplexity ref {r['ref_perplexity']:.4f}  cand {r['cand_perplexity']:.4f} "
+        f"({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%})"])
+
+
+def device_summary(info: dict, cuda_works: bool, cuda_why: str) -> str:
+    """The output of ``parscale device-info``: :func:`parscale_edge.device.device_info`'s ``info``
+    (bandwidth in GB/s, memory in GiB) and whether CUDA works (``cuda_why``: why not), one line each."""
+    c, bw = info["cpu"], info["bandwidth"]
+    flags = " ".join(c["flags"]) or "no SIMD flags read"
+    lines = [f"CPU        {c['model']} ({c['logical_cores']} logical cores; {flags})",
+             f"memory     {info['memory_gib']} GiB",
+             f"bandwidth  {bw['read_gbps']} GB/s read, {bw['copy_gbps']} GB/s copy (one thread, {bw['array_mib']} MiB "
+             "array)",
+             f"runtime    onnxruntime {info['onnxruntime']}; providers {', '.join(info['providers'])}",
+             "CUDA       " + ("works (CUDAExecutionProvider probe session ran)" if cuda_works else f"not used: {cuda_why}")]
+    for g in info.get("gpu") or []:
+        lines.append(f"GPU        {g['name']} ({g['memory_mib']} MiB, driver {g['driver']}, compute "
+                     f"{g['compute_capability']})")
+    la = info["loadavg"]
+    lines.append(f"load avg   {' '.join(f'{x:.2f}' for x in la) if la else 'n/a'} (1/5/15 min)")
+    lines.append(f"           bandwidth measured {bw.get('measured_at', '?')} (cached; --refresh measures again)")
+    return "\n".join(lines)
 
 
 def fit_table(rows: Sequence[dict], title: str | None = None) -> Table:

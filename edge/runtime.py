@@ -106,6 +106,17 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
 
+    @classmethod
+    def asked(cls, max_new_tokens: int = 128, temperature: float | None = None, do_sample: bool = False,
+              top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> SamplingConfig:
+        """The settings a user asks for: greedy unless ``do_sample``, a ``temperature`` other than 0,
+        ``top_k`` or ``top_p`` < 1 asks for sampling; the temperature is then 1 unless given
+        (``temperature=0`` stays greedy). Raises ValueError as the constructor does."""
+        sample = bool(do_sample or top_k or top_p < 1.0 or (temperature is not None and temperature != 0))
+        t = temperature if temperature is not None else 1.0 if sample else 0.0
+        return cls(max_new_tokens=max_new_tokens, do_sample=sample and t > 0, temperature=t, top_k=top_k,
+                   top_p=top_p, seed=seed)
+
 
 def sample_next(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
     """Pick one token per row. logits: float [B, vocab] -> int64 [B]."""
@@ -198,7 +209,7 @@ class OnnxCausalLM:
         model_file: the graph file inside ``folder`` (another graph over the same weights, for checks).
         device: ``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``.
         threads: intra-op threads (None: ONNX Runtime's default, all cores).
-        parallel: default P for fused graphs (one of :attr:`parallel_options`; default the manifest's).
+        parallel: default P for fused graphs (one of :attr:`parallel_choices`; default the manifest's).
     Raises:
         ManifestError: not an export folder, model.onnx / its data file / a ParScale part file missing,
             a bf16 export on another provider than CUDA (ONNX Runtime runs bfloat16 on CUDA only), or a
@@ -257,14 +268,14 @@ class OnnxCausalLM:
                           "float16/bfloat16 only, so attention falls back to the CPU with the cache copied every step; "
                           "export --precision fp16 (or bf16) for CUDA", stacklevel=2)
         self._parts: dict[int, dict] = {}
-        self.parallel_options = m.offered_parallel()
+        self.parallel_choices = m.parallel_choices()
         self.P = m.parscale_n if parallel is None else int(parallel)
         self._check_parallel(self.P)
 
     def _check_parallel(self, P: int) -> int:
-        if P not in self.parallel_options:
+        if P not in self.parallel_choices:
             raise RuntimeInputError(f"{self.folder} has no ParScale parts for P={P}; it offers P in "
-                                    f"{self.parallel_options} (add an adapter with `parscale export --adapter`)")
+                                    f"{self.parallel_choices} (add an adapter with `parscale export --adapter`)")
         return P
 
     # ------------------------------------------------------------------ fused graphs: ParScale parts
@@ -358,7 +369,7 @@ class OnnxCausalLM:
 
     def set_parallel(self, P: int) -> None:
         """Make P the default number of streams of later requests (fused graphs: any of
-        :attr:`parallel_options`; the backbone session is shared, only the small ParScale parts differ).
+        :attr:`parallel_choices`; the backbone session is shared, only the small ParScale parts differ).
         Raises RuntimeInputError for a P this folder has no parts for."""
         self.P = self._check_parallel(int(P))
 

@@ -38,6 +38,7 @@ import itertools
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
@@ -54,6 +55,10 @@ __all__ = [
     "predict",
     "dense_equivalent",
     "r_squared",
+    "PAPER_RUNS_CSV",
+    "parse_count",
+    "fit_rows",
+    "predict_rows",
 ]
 
 ArrayLike = Union[float, int, Sequence[float], np.ndarray]
@@ -360,3 +365,45 @@ def load_runs(path: Union[str, os.PathLike]) -> dict[str, tuple[np.ndarray, np.n
         arr = np.array(rows, dtype=np.float64)
         out[name] = (_check_N(arr[:, 0]), _check_P(arr[:, 1]), _check_loss(arr[:, 2]))
     return out
+
+
+# ----------------------------------------------------------------------- rows of `parscale scaling-law`
+#: The paper's 48 runs (dataset, P, non-embedding parameters, loss), shipped with the package.
+PAPER_RUNS_CSV = Path(__file__).parent / "data" / "scaling-law-runs.csv"
+
+
+def parse_count(text: str) -> float:
+    """``"1.6e9"``, ``"1600000000"``, ``"1.6B"``, ``"500M"`` (suffixes K, M, B or G, T) -> parameters.
+    Raises ValueError for anything else."""
+    t = text.strip().upper()
+    mult = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(t[-1:], 1)
+    try:
+        return float(t[:-1] if mult != 1 else t) * mult
+    except ValueError:
+        raise ValueError(f"cannot read a parameter count from {text!r}; write e.g. 1.6e9 or 1.6B") from None
+
+
+def fit_rows(path: Union[str, os.PathLike], dataset: str | None = None) -> list[dict]:
+    """Fit the law to each dataset of the runs CSV ``path`` (:func:`load_runs`), or to ``dataset``
+    alone: per dataset ``{"dataset", "runs", "E", "A", "k", "alpha", "r2"}`` and the paper's
+    constants as ``paper_E`` ... ``paper_alpha`` (None where :data:`PAPER` has no fit of it), datasets
+    in name order. Raises ValueError for a ``dataset`` the file does not hold, and what
+    :func:`load_runs` and :func:`fit` raise."""
+    runs = load_runs(path)
+    rows = []
+    for name in [dataset] if dataset else sorted(runs):
+        if name not in runs:
+            raise ValueError(f"dataset {name!r} not in {os.fspath(path)}; it has {', '.join(sorted(runs))}")
+        N, P, L = runs[name]
+        fitted, paper = fit(N, P, L, dataset=name), PAPER.get(name)
+        rows.append({"dataset": name, "runs": len(N), "E": fitted.E, "A": fitted.A, "k": fitted.k,
+                     "alpha": fitted.alpha, "r2": fitted.r2,
+                     **{f"paper_{c}": getattr(paper, c) if paper else None for c in ("E", "A", "k", "alpha")}})
+    return rows
+
+
+def predict_rows(law: ScalingLaw, N: float, parallel: Sequence[int]) -> list[dict]:
+    """Per P of ``parallel``: ``{"P", "loss"}`` (nats/token) of ``N`` non-embedding parameters under
+    ``law``, its ``gain`` ``k ln P + 1`` and the ``dense_equivalent_params`` of equal loss."""
+    return [{"P": P, "loss": law.loss(N, P), "gain": law.gain(P),
+             "dense_equivalent_params": law.equivalent_dense_params(N, P)} for P in parallel]

@@ -29,7 +29,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,16 +303,28 @@ def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
             "optimizer": {"state": state, "param_groups": meta["param_groups"]}}
 
 
-def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+def check_run_folder(out: Path, resume: bool, overwrite: bool, sources: Sequence[str] | None = None) -> None:
     """Raises TrainError unless ``out`` can take this run: a folder (or nothing yet), with a
-    checkpoint for ``resume``, empty unless ``resume`` or ``overwrite``. Reads only; the CLI calls
-    it before the (slow) model load, :func:`train` again."""
+    checkpoint for ``resume``, empty unless ``resume`` or ``overwrite``. With ``sources`` (the model
+    and data specs; those that are no path are skipped) it also raises OutputPathError
+    (:mod:`parscale_edge.atomic`) when ``out`` cannot be created, or when ``overwrite`` (without
+    ``resume``) would replace a folder that is not a run folder of ours (checkpoint, adapter, history,
+    curves, ``model/``) or that is or holds a source. Reads only; the CLI calls it before the (slow)
+    model load, :func:`train` again."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out} exists and is not a folder; choose another output path")
     if resume and not (out / CHECKPOINT_FILE).exists():
         raise TrainError(f"--resume: no {CHECKPOINT_FILE} in {out}; start the run without --resume")
     if not resume and not overwrite and out.exists() and any(out.iterdir()):
         raise TrainError(f"{out} is not empty; pass --resume to continue its run or --overwrite to start again")
+    if sources is None:
+        return
+    from .atomic import check_creatable, check_replaceable
+
+    check_creatable(out)
+    if overwrite and not resume:
+        check_replaceable(out, [s for s in sources if Path(s).exists()],
+                          own_files={CHECKPOINT_FILE, ADAPTER_FILE, HISTORY_FILE, CURVES_FILE, "model"})
 
 
 def training_files(data: list[str], evals: list[str]) -> tuple[list[Path], list[Path], str | None, str]:
@@ -501,3 +515,111 @@ def train(lm: LoadedModel, cfg: TrainConfig, train_tokens: np.ndarray, out_dir: 
                                                dict(lm.generation_config), lm.notes), out / "model", overwrite=True)
     return TrainResult(cfg.steps, history, None if cfg.full else out / ADAPTER_FILE, model_dir, False)
 
+
+
+# ------------------------------------------------------------------------ one run, as `parscale train` makes it
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_training(model: str, cfg: TrainConfig, out: Path, train_files: Sequence[Path], eval_text: str | None,
+                 eval_desc: str, *, tokens: int | None, steps: int | None, device: str = "auto",
+                 resume: bool = False, overwrite: bool = False, threads: int | None = None, progress: bool = True,
+                 log=_stderr) -> TrainResult | None:
+    """One training run from a model spec and checked files (:func:`training_files`): start the
+    processes' group (:func:`init_distributed`, ``device`` auto/cpu/cuda; PyTorch on CPU gets
+    ``threads`` threads, default 1), load ``model`` (:func:`parscale_edge.loading.load_model`), tokenize
+    ``train_files`` and ``eval_text``, set ``cfg.steps`` (``steps``, else ``tokens`` rounded up to whole
+    steps of :meth:`TrainConfig.tokens_per_step` over all processes), say the data and the plan
+    through ``log`` (two lines, rank 0; :func:`train`'s own lines use its default), then :func:`train`.
+
+    A run that fails before writing anything leaves no empty ``out`` folder behind (when it made it).
+
+    Returns the :class:`TrainResult` on rank 0, None on the other processes of a distributed run.
+    Raises TrainError when ``model`` has no tokenizer, ``cfg.seq_len`` exceeds its context, or the
+    data holds no block of ``cfg.seq_len`` + 1 tokens (:class:`parscale_edge.corpus.BlockOrder`), and
+    what :func:`train` raises."""
+    new_folder = not out.exists()
+    dist = init_distributed(device)
+    try:
+        if dist.device.type == "cpu":
+            from .loading import set_torch_threads
+
+            set_torch_threads(threads)
+        r = _run(model, cfg, out, train_files, eval_text, eval_desc, dist, tokens=tokens, steps=steps,
+                 resume=resume, overwrite=overwrite, progress=progress, log=log)
+    except BaseException:
+        if new_folder and dist.main and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    finally:
+        close_distributed(dist)
+    return r if dist.main else None
+
+
+def _run(model: str, cfg: TrainConfig, out: Path, train_files: Sequence[Path], eval_text: str | None,
+         eval_desc: str, dist: Dist, *, tokens: int | None, steps: int | None, resume: bool, overwrite: bool,
+         progress: bool, log) -> TrainResult:
+    """The body of :func:`run_training` inside its process group."""
+    from .corpus import read_texts, tokenize_texts
+    from .loading import load_model
+
+    lm = load_model(model, progress=progress and dist.main)
+    if lm.tokenizer is None:
+        raise TrainError(f"{model} has no tokenizer (tokenizer.json); training text cannot be tokenized")
+    context = lm.model.config.max_position_embeddings
+    if cfg.seq_len > context:
+        raise TrainError(f"--seq-len {cfg.seq_len} is longer than {model}'s context of {context} tokens; "
+                         f"use --seq-len {context} or less")
+    t0 = time.perf_counter()
+    train_tokens = tokenize_texts(lm.tokenizer, read_texts(train_files))
+    BlockOrder(train_tokens, cfg.seq_len)  # the data check (one block at least) before anything is said or made
+    eval_tokens = None if eval_text is None else np.asarray(lm.tokenizer.encode(eval_text), dtype=np.int64)
+    per_step = cfg.tokens_per_step(dist.world)
+    cfg.steps = steps or -(-tokens // per_step)
+    if dist.main:
+        log(f"data: {len(train_files)} files, {train_tokens.size} tokens (tokenized in "
+            f"{time.perf_counter() - t0:.1f} s); eval: {eval_desc}"
+            + (f", {eval_tokens.size} tokens" if eval_tokens is not None else ""))
+        what = "prefixes (backbone frozen)" if cfg.prefix else "prefixes + aggregator (backbone frozen)"
+        control = " (prefix only: the prefix-tuning control)" if cfg.prefix else ""
+        n = cfg.steps
+        log(f"training {'all weights' if cfg.full else what} of {model} at P={cfg.parallel}{control}: "
+            f"{n} step{'s' if n != 1 else ''} x {per_step} tokens = {n * per_step} tokens "
+            f"({n * per_step / max(1, train_tokens.size):.2f} epochs), {dist.world} process(es) on {dist.device}")
+    return train(lm, cfg, train_tokens, out, eval_tokens=eval_tokens, resume=resume, overwrite=overwrite,
+                 dist=dist, progress=progress)
+
+
+def summary_lines(result: TrainResult, parallel: int) -> list[str]:
+    """What a finished run reports: tokens, wall time and time in steps (s), where the adapter or
+    model went; then the held-out perplexity (dense parent, untrained P=``parallel``, trained) when
+    the run evaluated."""
+    h = result.history
+    wall = sum(s["wall_seconds"] for s in h.get("sessions", []))
+    lines = [f"trained {h['tokens_trained']} tokens in {wall:.0f} s wall ({h['train_seconds']:.0f} s in steps) -> "
+             f"{result.adapter or result.model_dir}"]
+    if h.get("evals"):
+        first, last = h["evals"][0], h["evals"][-1]
+        line = f"held-out perplexity ({last['positions']} positions): "
+        if "dense" in h:
+            line += f"dense P=1 {h['dense']['perplexity']:.4f}, "
+        lines.append(line + f"untrained P={parallel} {first['perplexity']:.4f}, trained {last['perplexity']:.4f}")
+    return lines
+
+
+def conversion_perplexity(dense: LoadedModel, converted: LoadedModel, positions: int, window: int) -> dict:
+    """Held-out perplexity of a dense model and its conversion on the Python standard library's
+    held-out modules (:func:`parscale_edge.evaluate.stdlib_text`, tokenized by ``dense``'s tokenizer),
+    over the first ``positions`` scored positions of ``window``-token windows:
+    ``{"positions", "window", "dense", "converted", "ratio"}`` (ratio converted / dense).
+
+    Raises TrainError when ``dense`` has no tokenizer."""
+    from .evaluate import stdlib_text
+
+    if dense.tokenizer is None:
+        raise TrainError(f"{dense.source} has no tokenizer: perplexity cannot be measured")
+    tokens = dense.tokenizer.encode(stdlib_text())
+    d, c = (evaluate_perplexity(m.model, tokens, positions, window) for m in (dense, converted))
+    return {"positions": d["positions"], "window": window, "dense": d["perplexity"], "converted": c["perplexity"],
+            "ratio": c["perplexity"] / d["perplexity"]}

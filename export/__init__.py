@@ -16,11 +16,11 @@ from .onnx_export import ExportError, export_onnx
 GRAPHS = ("auto", "fused", "reference")
 
 
-def export_model(lm, out_dir: str | os.PathLike, overwrite: bool = False, graph: str = "auto", also=(),
+def export_model(lm, out_dir: str | os.PathLike, overwrite: bool = False, graph: str = "auto", extra_parallel=(),
                  precision: str = "fp32") -> Path:
     """Export ``lm`` to ``out_dir`` as the ``graph`` kind: ``fused``, ``reference``, or ``auto``
     (fused when :func:`parscale_edge.export.onnx_builder.fused_unsupported` has no objection, else reference
-    with a warning naming the reason). ``also``: models over the same backbone with other P (fused
+    with a warning naming the reason). ``extra_parallel``: models over the same backbone with other P (fused
     only: their ParScale parts join the folder). ``precision`` fp32, fp16 or bf16 for both graphs
     (fp16/bf16 are the CUDA path: ONNX Runtime's CUDA GroupQueryAttention runs in half precision
     only; a reference fp16/bf16 export casts ``lm.model`` in place, a fused one does not).
@@ -32,12 +32,12 @@ def export_model(lm, out_dir: str | os.PathLike, overwrite: bool = False, graph:
         from .onnx_builder import export_fused, fused_unsupported
 
         why = fused_unsupported(lm.model.config)
-        if why and graph == "auto" and not also:
+        if why and graph == "auto" and not extra_parallel:
             warnings.warn(f"exporting the reference graph: {why}", stacklevel=2)
             return export_onnx(lm, out_dir, overwrite=overwrite, precision=precision)
-        return export_fused(lm, out_dir, overwrite=overwrite, also=also, precision=precision)
+        return export_fused(lm, out_dir, overwrite=overwrite, extra_parallel=extra_parallel, precision=precision)
     if graph == "reference":
-        if also:
+        if extra_parallel:
             raise ValueError("several P in one folder need the fused graph (--graph fused)")
         return export_onnx(lm, out_dir, overwrite=overwrite, precision=precision)
     raise ValueError(f"unknown graph kind {graph!r}; use one of {', '.join(GRAPHS)}")

@@ -352,20 +352,20 @@ def same_backbone(a: LoadedModel, b: LoadedModel) -> bool:
 
 
 def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = False, check: bool = True,
-                 also: list[LoadedModel] | tuple = (), precision: str = "fp32") -> Path:
+                 extra_parallel: list[LoadedModel] | tuple = (), precision: str = "fp32") -> Path:
     """Write the fused graph of ``lm`` and its ParScale parts to an export folder (atomically).
 
     The folder holds the backbone graph (``model.onnx`` + ``model.onnx.data``), the ParScale parts of
     P = ``lm``'s parscale_n under ``parscale/p{P}.safetensors`` (none for the dense P = 1; the P = 1
     prefix-tuning control, ``parscale_prefix_only``, has one: prefixes, no aggregator), the manifest
     (``graph: "fused"``, ``parallel_options``, default P = ``lm``'s) and the tokenizer files.
-    ``also``: more models over the same backbone (e.g. conversions of one dense model to other P);
+    ``extra_parallel``: more models over the same backbone (e.g. conversions of one dense model to other P);
     their parts are added, so one backbone serves every P (dynamic parallel scaling).
     ``precision`` fp32, fp16 or bf16 (see :func:`build_fused_graph`; ``manifest.cache_dtype`` float32,
     float16 or bfloat16). The part files are float32 in every precision: the runtime casts the
     prefixes to the cache dtype when it writes them into the cache.
 
-    Raises FileExistsError (``out_dir`` exists, no ``overwrite``), ValueError (a model in ``also``
+    Raises FileExistsError (``out_dir`` exists, no ``overwrite``), ValueError (a model in ``extra_parallel``
     has another backbone or repeats a P, or an unknown precision) and :class:`parscale_edge.export.onnx_export.ExportError` when the
     ONNX checker rejects the graph.
     """
@@ -375,7 +375,7 @@ def export_fused(lm: LoadedModel, out_dir: str | os.PathLike, overwrite: bool = 
     cfg = lm.model.config
     P = cfg.parscale_n
     models = {P: lm}
-    for other in also:
+    for other in extra_parallel:
         q = other.model.config.parscale_n
         if q in models:
             raise ValueError(f"P={q} is given twice")

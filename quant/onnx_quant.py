@@ -608,3 +608,47 @@ def _calibration_reader(src: Path, man: Manifest, text: str | None):
             return r
 
     return Reader()
+
+
+# ----------------------------------------------------------------------------------------- report
+def report_lines(quantization: dict, cfg: QuantConfig, out: str | os.PathLike, base_precision: str,
+                 seconds: float) -> list[str]:
+    """What a quantization reports, from the manifest's ``quantization`` record of ``out`` (written
+    by :func:`quantize_folder` with ``cfg``, in ``seconds``): the size against the ``base_precision``
+    source (MiB), how many weights reuse a GGUF's blocks, the accuracy_level check, the quality cost
+    against the source (perplexity, KL, top-1 agreement); the last two when they ran."""
+    q = quantization
+    n = q.get("gguf_repacked_nodes") or 0
+    rest = q["quantized_nodes"] - n
+    # the settings apply to the weights that are re-rounded; GGUF blocks are copied as they are
+    how = f"{'sym' if cfg.symmetric else 'asym'}, block {cfg.block_size}, {cfg.algorithm}"
+    lines = [f"{cfg.precision} ({how if rest > 0 else 'GGUF blocks'}) -> {out}: "
+             f"{q['size_mib']:.1f} MiB ({base_precision} {q['source_size_mib']:.1f} MiB, "
+             f"{q['size_mib'] / q['source_size_mib']:.0%}) in {seconds:.1f} s"]
+    if n:
+        lines.append(f"  {n} {'weight reuses' if n == 1 else 'weights reuse'} the GGUF's own quantized blocks "
+                     "(no re-rounding); " + (f"{rest} re-rounded ({how})" if rest > 0 else "none re-rounded"))
+    if "accuracy_check" in q:
+        c = q["accuracy_check"]
+        lines.append(f"  accuracy_level 4 vs 0: top-1 agreement {c['agreement_level4_vs_level0']:.2%}, perplexity "
+                     f"{c['ppl_increase_level4_vs_level0']:+.2%} over {c['positions']} positions; chosen: "
+                     f"{c['chosen']} ({c['agreement']:.2%}, {c['ppl_increase']:+.2%})")
+    if "quality_vs_fp32" in q:
+        r = q["quality_vs_fp32"]
+        lines.append(f"  quality cost vs {base_precision} ({r['positions']} positions): perplexity "
+                     f"{r['ref_perplexity']:.3f} -> {r['cand_perplexity']:.3f} "
+                     f"({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%}), KL mean {r['kl_mean']:.4f} "
+                     f"p99 {r['kl_p99']:.4f}, top-1 agreement {r['top1_agreement']:.2%}")
+    return lines
+
+
+def level0_warning(quantization: dict) -> str | None:
+    """The warning for a quantization whose accuracy_level check moved every node to level 0 (slow
+    8-bit decode on CPUs), naming the two ways out; None otherwise."""
+    c = quantization.get("accuracy_check")
+    if not c or c["chosen"] != "all level 0":
+        return None
+    return ("every node now runs at accuracy_level 0; 8-bit MatMulNBits at level 0 decodes several "
+            "times slower than fp32 on CPUs (README, Quantization). For speed, quantize again with "
+            "--check-positions 0 (keeps level 4, top-1 agreement "
+            f"{c['agreement_level4_vs_level0']:.1%}) or use --precision int4")

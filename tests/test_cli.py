@@ -77,7 +77,7 @@ def test_ensure_export_caches_one_backbone_for_several_p(tiny, tmp_path, monkeyp
     out = ensure_export(str(gguf_path), [4, 1, 2], threads=1, progress=False)
     assert out.name.startswith("tiny-") and out.name.endswith("-p1-2-4-fp32")
     rt = OnnxCausalLM(out, device="cpu", threads=1)
-    assert rt.manifest.graph == "fused" and rt.parallel_options == [1, 2, 4]
+    assert rt.manifest.graph == "fused" and rt.parallel_choices == [1, 2, 4]
     assert main(["-q", "export", str(gguf_path), "-o", str(root / "shared"), "-P", "1,2,4"]) == 0
     ref = OnnxCausalLM(root / "shared", device="cpu", threads=1)
     for P in (1, 2, 4):  # the same conversions as the export command's

@@ -40,7 +40,7 @@ def tiny_pair(tmp_path_factory):
     write_tiny_gguf(root / "a.gguf", "llama", seed=0)
     write_tiny_gguf(root / "b.gguf", "qwen2", seed=1)
     dense = load_checkpoint(root / "a.gguf", progress=False)
-    export_model(dense, root / "left", graph="fused", also=[convert_to_parscale(dense, P, n_tokens=3) for P in (2, 4)])
+    export_model(dense, root / "left", graph="fused", extra_parallel=[convert_to_parscale(dense, P, n_tokens=3) for P in (2, 4)])
     assert main(["-q", "export", str(root / "b.gguf"), "-o", str(root / "right")]) == 0
     return root / "left", root / "right"
 
@@ -53,7 +53,7 @@ def served(tiny_pair, tmp_path_factory):
     left, right = load_pair(str(tiny_pair[0]), [2, 1, 4], str(tiny_pair[1]), None, "int4", threads=1,
                             log=lambda m: None)
     assert left.ok and right.ok and (left.P, right.P) == (2, 1)
-    assert (left.parallel_options, right.parallel_options) == ([1, 2, 4], [1])
+    assert (left.parallel_choices, right.parallel_choices) == ([1, 2, 4], [1])
     app = build_app(left, right, concurrency=3, max_new_tokens=64, threads=1)
     launch(app, block=False)
     yield SimpleNamespace(app=app, url=app.local_url, models={"left": left, "right": right})

@@ -19,7 +19,7 @@ def test_default_pair_answers_in_both_panes():
     left, right = load_pair(DEFAULTS.left, None, DEFAULTS.right, None, DEFAULTS.precision, threads=1)
     assert left.ok and right.ok, (left.error, right.error)
     assert (left.P, left.precision, right.P, right.precision) == (2, "int4", 1, "int4")
-    assert (left.parallel_options, right.parallel_options) == ([1, 2, 4], [1])
+    assert (left.parallel_choices, right.parallel_choices) == ([1, 2, 4], [1])
     assert left.runtime.manifest.graph == "fused" and left.prefix == {1: 0, 2: 48, 4: 48}
     assert 2 < left.parts_mib < 40  # prefixes + aggregators of P=2 and P=4: a few MiB beside the backbone
     assert 100 < left.file_mib < 300 and 300 < right.file_mib < 1100  # int4 sizes

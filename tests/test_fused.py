@@ -128,9 +128,9 @@ def test_one_backbone_serves_several_p(tmp_path):
 
     dense = tiny_model("llama", P=1, tie=True, seed=7)
     convs = {P: convert_to_parscale(dense, P, n_tokens=3) for P in (2, 4)}
-    shared = OnnxCausalLM(export_model(dense, tmp_path / "shared", graph="fused", also=list(convs.values())),
+    shared = OnnxCausalLM(export_model(dense, tmp_path / "shared", graph="fused", extra_parallel=list(convs.values())),
                           device="cpu", threads=1)
-    assert shared.parallel_options == [1, 2, 4] and shared.P == 1
+    assert shared.parallel_choices == [1, 2, 4] and shared.P == 1
     ids = np.random.default_rng(3).integers(4, 97, (1, 9))
     for P, conv in convs.items():
         alone = OnnxCausalLM(export_model(conv, tmp_path / f"p{P}", graph="fused"), device="cpu", threads=1)
@@ -141,7 +141,7 @@ def test_one_backbone_serves_several_p(tmp_path):
         export_model(dense, tmp_path / "p1", graph="fused"), device="cpu", threads=1).score(ids), atol=1e-6)
     other = tiny_model("llama", P=1, tie=True, seed=8)
     with pytest.raises(ValueError, match="another backbone"):
-        export_model(dense, tmp_path / "bad", graph="fused", also=[convert_to_parscale(other, 2)])
+        export_model(dense, tmp_path / "bad", graph="fused", extra_parallel=[convert_to_parscale(other, 2)])
     assert main(["generate", "--model", str(tmp_path / "shared"), "-P", "3", "-p", "x"]) == 2
 
 
@@ -263,7 +263,7 @@ def test_each_p_runs_with_its_own_smoothing_over_a_shared_backbone(tmp_path):
     with torch.no_grad():  # a trained-looking, non-uniform aggregator
         for prm in p2.model.model.aggregate_layer.parameters():
             prm.copy_(torch.randn_like(prm))
-    shared = OnnxCausalLM(export_model(dense, tmp_path / "shared", graph="fused", also=[p2]), device="cpu", threads=1)
+    shared = OnnxCausalLM(export_model(dense, tmp_path / "shared", graph="fused", extra_parallel=[p2]), device="cpu", threads=1)
     alone = OnnxCausalLM(export_model(p2, tmp_path / "alone", graph="reference"), device="cpu", threads=1)
     ids = np.random.default_rng(2).integers(4, 97, (1, 9))
     np.testing.assert_allclose(shared.score(ids, parallel=2), alone.score(ids), atol=1e-4)

@@ -155,11 +155,11 @@ def test_fp16_backbone_serves_several_p_and_keeps_float32_part_files(tmp_path):
 
     dense = tiny_model("llama", P=1, tie=True, seed=7)
     convs = {P: convert_to_parscale(dense, P, n_tokens=3) for P in (2, 4)}
-    shared_dir = export_model(dense, tmp_path / "shared", graph="fused", also=list(convs.values()), precision="fp16")
+    shared_dir = export_model(dense, tmp_path / "shared", graph="fused", extra_parallel=list(convs.values()), precision="fp16")
     shared = OnnxCausalLM(shared_dir, device="cpu", threads=1)
-    fp32 = OnnxCausalLM(export_model(dense, tmp_path / "fp32", graph="fused", also=list(convs.values())),
+    fp32 = OnnxCausalLM(export_model(dense, tmp_path / "fp32", graph="fused", extra_parallel=list(convs.values())),
                         device="cpu", threads=1)
-    assert shared.parallel_options == [1, 2, 4] and shared.manifest.cache_dtype == "float16"
+    assert shared.parallel_choices == [1, 2, 4] and shared.manifest.cache_dtype == "float16"
     ids = np.random.default_rng(3).integers(4, 97, (1, 24))
     greedy = SamplingConfig(max_new_tokens=8)
     for P, conv in convs.items():

@@ -162,7 +162,7 @@ def test_control_onnx_export_matches_pytorch(tmp_path, graph):
 def test_fused_folder_with_the_control_as_p1_and_a_p2_adapter(tmp_path):
     dense, ctl = _control()
     p2 = convert_to_parscale(dense, 2, n_tokens=4)
-    out = export_model(ctl, tmp_path / "f", graph="fused", also=[p2])
+    out = export_model(ctl, tmp_path / "f", graph="fused", extra_parallel=[p2])
     rt = OnnxCausalLM(out, device="cpu", threads=1)
     assert Manifest.read(out).parallel_options == {"1": "parscale/p1.safetensors", "2": "parscale/p2.safetensors"}
     np.testing.assert_allclose(rt.score(IDS, parallel=1), _logits(ctl.model, IDS).numpy(), atol=1e-4)

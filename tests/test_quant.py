@@ -12,7 +12,8 @@ from parscale_edge.evaluate import compare, perplexity
 from parscale_edge.manifest import ManifestError, Manifest
 from parscale_edge.runtime import OnnxCausalLM
 from parscale_edge.quant.gguf_blocks import dequantize_repacked, repack
-from parscale_edge.quant.onnx_quant import QuantConfig, QuantizationError, quantize_folder
+from parscale_edge.quant.onnx_quant import (QuantConfig, QuantizationError, level0_warning, quantize_folder,
+                                            report_lines)
 
 
 def _ops(folder):
@@ -268,3 +269,24 @@ def test_quantize_needs_no_torch(golden_exports, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
                        env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_report_lines_of_the_manifest_record():
+    q = {"quantized_nodes": 5, "gguf_repacked_nodes": 3, "size_mib": 50.0, "source_size_mib": 200.0,
+         "accuracy_check": {"agreement_level4_vs_level0": 0.9, "ppl_increase_level4_vs_level0": 0.02, "positions": 64,
+                            "chosen": "all level 0", "agreement": 1.0, "ppl_increase": 0.0},
+         "quality_vs_fp32": {"positions": 32, "ref_perplexity": 10.0, "cand_perplexity": 10.5, "kl_mean": 0.01,
+                             "kl_p99": 0.1, "top1_agreement": 0.95}}
+    cfg = QuantConfig(precision="int8", block_size=64)
+    assert report_lines(q, cfg, "out", "fp32", 1.3) == [
+        "int8 (asym, block 64, rtn) -> out: 50.0 MiB (fp32 200.0 MiB, 25%) in 1.3 s",
+        "  3 weights reuse the GGUF's own quantized blocks (no re-rounding); 2 re-rounded (asym, block 64, rtn)",
+        "  accuracy_level 4 vs 0: top-1 agreement 90.00%, perplexity +2.00% over 64 positions; chosen: all level 0 "
+        "(100.00%, +0.00%)",
+        "  quality cost vs fp32 (32 positions): perplexity 10.000 -> 10.500 (+5.00%), KL mean 0.0100 p99 0.1000, "
+        "top-1 agreement 95.00%"]
+    assert "--check-positions 0 (keeps level 4, top-1 agreement 90.0%)" in level0_warning(q)
+    plain = {"quantized_nodes": 4, "size_mib": 50.0, "source_size_mib": 100.0}
+    assert report_lines(plain, cfg, "out", "fp16", 2.0) == ["int8 (asym, block 64, rtn) -> out: 50.0 MiB (fp16 100.0 MiB, "
+                                                            "50%) in 2.0 s"]
+    assert level0_warning(plain) is None

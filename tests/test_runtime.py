@@ -78,3 +78,15 @@ def test_runtime_imports_without_torch():
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.parametrize("kw, sample, temperature", [
+    ({}, False, 0.0),                                   # nothing asked: greedy
+    ({"do_sample": True}, True, 1.0),                   # sampling at temperature 1 unless given
+    ({"top_k": 5}, True, 1.0), ({"top_p": 0.9}, True, 1.0),
+    ({"temperature": 0.7}, True, 0.7),
+    ({"temperature": 0.0, "do_sample": True}, False, 0.0),  # temperature 0 stays greedy
+])
+def test_sampling_config_asked(kw, sample, temperature):
+    s = SamplingConfig.asked(16, **kw)
+    assert (s.do_sample, s.temperature, s.greedy, s.max_new_tokens) == (sample, temperature, not sample, 16)

@@ -138,3 +138,20 @@ def test_load_runs_bad_file(tmp_path):
     bad.write_text("dataset,P,non_embedding_params,loss\npile,0,1e9,2.0\n")
     with pytest.raises(ValueError, match="P"):
         sl.load_runs(bad)
+
+
+def test_parse_count_and_predict_rows():
+    assert sl.parse_count("1.6B") == sl.parse_count("1.6e9") == 1.6e9
+    assert sl.parse_count(" 500m ") == 5e8 and sl.parse_count("1600000000") == 1.6e9
+    with pytest.raises(ValueError, match="cannot read a parameter count from '1.6X'"):
+        sl.parse_count("1.6X")
+    law = sl.PAPER["pile"]
+    rows = sl.predict_rows(law, 1e9, [1, 4])
+    assert [r["P"] for r in rows] == [1, 4] and rows[0]["gain"] == pytest.approx(1.0)
+    assert rows[1]["loss"] == pytest.approx(law.loss(1e9, 4)) and rows[1]["loss"] < rows[0]["loss"]
+    assert rows[1]["dense_equivalent_params"] == pytest.approx(law.equivalent_dense_params(1e9, 4))
+
+
+def test_fit_rows_name_an_unknown_dataset():
+    with pytest.raises(ValueError, match="dataset 'nope' not in .*; it has pile, stack-v2-python"):
+        sl.fit_rows(sl.PAPER_RUNS_CSV, "nope")

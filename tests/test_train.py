@@ -16,7 +16,7 @@ from parscale_edge.adapter import (ADAPTER_FORMAT, AdapterError, apply_adapter, 
 from parscale_edge.corpus import BlockOrder, is_heldout_module, stdlib_split
 from parscale_edge.evaluate import HELDOUT_MODULES
 from parscale_edge.loading import convert_to_parscale
-from parscale_edge.train import TrainConfig, TrainError, dense_view, lr_at, train
+from parscale_edge.train import TrainConfig, TrainError, TrainResult, dense_view, lr_at, summary_lines, train
 from tiny import tiny_model
 
 
@@ -241,3 +241,15 @@ def test_full_training_changes_the_backbone_and_writes_a_loadable_hf_folder(tmp_
     back = load_hf_folder(r.model_dir)
     assert back.model.config.parscale_n == 2 and backbone_sha256(back.model) != before
     assert r.history["trainable_parameters"] == sum(p.numel() for p in back.model.parameters())
+
+
+def test_summary_lines_of_a_run():
+    h = {"tokens_trained": 4096, "train_seconds": 12.4, "sessions": [{"wall_seconds": 10.2}, {"wall_seconds": 5.0}],
+         "evals": [{"step": 0, "perplexity": 9.5, "positions": 256}, {"step": 8, "perplexity": 8.25, "positions": 256}],
+         "dense": {"perplexity": 9.0}}
+    r = TrainResult(8, h, Path("run/adapter.safetensors"), None, False)
+    assert summary_lines(r, 2) == [
+        "trained 4096 tokens in 15 s wall (12 s in steps) -> run/adapter.safetensors",
+        "held-out perplexity (256 positions): dense P=1 9.0000, untrained P=2 9.5000, trained 8.2500"]
+    assert summary_lines(TrainResult(8, {**h, "evals": []}, None, Path("run/model"), False), 2) == [
+        "trained 4096 tokens in 15 s wall (12 s in steps) -> run/model"]

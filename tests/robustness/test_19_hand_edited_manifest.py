@@ -81,7 +81,7 @@ def test_precision_and_cache_dtype_edited_together_disagree_with_the_graph(fused
 
 
 def test_the_untouched_manifest_reads(fused):
-    assert Manifest.read(fused).offered_parallel() == [2]
+    assert Manifest.read(fused).parallel_choices() == [2]
 
 
 @pytest.mark.parametrize("graph", ["reference", "fused"])
