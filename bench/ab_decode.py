@@ -1,6 +1,6 @@
 """Interleaved A/B of two (source tree, export folder) pairs: prefill and decode time per P.
 
-Each trial is a fresh process that imports ``parscale_edge.runtime`` from its side's source tree, loads its
+Each trial is a fresh process that imports ``parscale_edge.runtime`` from its side's source tree (not the installed one; :func:`source_path`), loads its
 export folder (``OnnxCausalLM``, ``--threads`` intra-op threads), runs a ``--prompt-len`` prompt of
 fixed random ids, then ``--steps`` greedy decode steps, for each P in ``--parallel``. The two
 sides alternate (A B, B A, ...) for ``--rounds`` rounds, so drift of a shared machine hits both;
@@ -21,11 +21,15 @@ import sys
 import time
 
 TRIAL = r"""
-import json, sys, time
+import importlib, json, os, sys, time
 import numpy as np
-from parscale_edge.runtime import OnnxCausalLM
 folder, threads, prompt_len, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 Ps = json.loads(sys.argv[5])  # read by parse_parallel in the parent: either tree's runtime gets a plain list
+runtime = importlib.import_module(sys.argv[6])  # parscale_edge.runtime, or edge.runtime in a tree from before the rename
+tree = os.path.realpath(sys.argv[7])
+if not os.path.realpath(runtime.__file__).startswith(tree + os.sep):  # never time another tree's code
+    sys.exit(f"{sys.argv[6]} was imported from {runtime.__file__}, not from {tree}")
+OnnxCausalLM = runtime.OnnxCausalLM
 rt = OnnxCausalLM(folder, device="cpu", threads=threads)
 ids = np.random.default_rng(0).integers(100, rt.manifest.vocab_size - 100, prompt_len).tolist()
 out = {}
@@ -47,12 +51,35 @@ print(json.dumps(out))
 """
 
 
+def source_path(tree: str) -> tuple[str, str]:
+    """(PYTHONPATH entry, runtime module) that import ``tree``'s own code without installing it.
+
+    A tree with the one package (pyproject maps edge/ to ``parscale_edge``): a temporary folder
+    holding ``parscale_edge/`` as links to edge/*, with export/, quant/, demo/ beside them (the
+    layout an install gives). An older tree (top-level ``edge``): the tree itself."""
+    tree = os.path.abspath(tree)
+    pyproject = os.path.join(tree, "pyproject.toml")
+    if not (os.path.exists(pyproject) and "parscale_edge" in open(pyproject).read()):
+        return tree, "edge.runtime"
+    import tempfile
+
+    links = os.path.join(tempfile.mkdtemp(prefix="ab-src-"), "parscale_edge")
+    os.mkdir(links)
+    for name in os.listdir(os.path.join(tree, "edge")):
+        os.symlink(os.path.join(tree, "edge", name), os.path.join(links, name))
+    for sub in ("export", "quant", "demo"):
+        os.symlink(os.path.join(tree, sub), os.path.join(links, sub))
+    return os.path.dirname(links), "parscale_edge.runtime"
+
+
 def trial(tree: str, folder: str, parallel: list[int], a: argparse.Namespace) -> dict:
     """One trial process: ``{P: {prefill_ms, decode_ms, decode_ms_median}}`` of ``folder`` run from ``tree``."""
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
+    path, module = source_path(tree)
+    env = {**os.environ, "PYTHONPATH": path}
     # cwd too: ``python -c`` puts the working directory first on sys.path
     r = subprocess.run([sys.executable, "-c", TRIAL, os.path.abspath(folder), str(a.threads), str(a.prompt_len),
-                        str(a.steps), json.dumps(parallel)], env=env, cwd=tree, capture_output=True, text=True, check=False)
+                        str(a.steps), json.dumps(parallel), module, tree],
+                       env=env, cwd=tree, capture_output=True, text=True, check=False)
     if r.returncode:
         sys.exit(f"trial failed ({tree}, {folder}): {r.stderr.strip().splitlines()[-1:]}")
     return {int(k): v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
