@@ -1,7 +1,8 @@
 """Interleaved A/B of two (source tree, export folder) pairs: prefill and decode time per P.
 
-Each trial is a fresh process that imports ``parscale_edge.runtime`` from its side's source tree (not the installed one; :func:`source_path`), loads its
-export folder (``OnnxCausalLM``, ``--threads`` intra-op threads), runs a ``--prompt-len`` prompt of
+Each trial is a fresh process that imports ``parscale_edge.runtime`` from its side's source tree
+(not the installed copy; :func:`source_path`), loads its export folder (``OnnxCausalLM``,
+``--threads`` intra-op threads), runs a ``--prompt-len`` prompt of
 fixed random ids, then ``--steps`` greedy decode steps, for each P in ``--parallel``. The two
 sides alternate (A B, B A, ...) for ``--rounds`` rounds, so drift of a shared machine hits both;
 the report gives per-round paired ratios B/A and their median. Timings go to JSON (``-o``) with the
