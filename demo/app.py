@@ -26,7 +26,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .models import LoadedModel, adapter_verdict
+from .models import DemoModel, adapter_verdict
 from .streaming import Answer, AnswerStats, take_turns
 
 SIDES = ("left", "right")
@@ -55,7 +55,7 @@ def _list(xs) -> str:
     return ", ".join(map(str, xs))
 
 
-def header_md(lm: LoadedModel) -> str:
+def header_md(lm: DemoModel) -> str:
     """The line above a pane: which model, P (or the P it offers), precision (or that it did not load)."""
     if not lm.ok:
         return f"### {lm.label}: {lm.spec}\nnot loaded"
@@ -73,7 +73,7 @@ def _mib(x: float) -> str:
     return f"{x:.0f}" if abs(x) >= 10 else f"{x:.1f}"
 
 
-def stats_md(lm: LoadedModel, st: AnswerStats | None, P: int | None = None) -> str:
+def stats_md(lm: DemoModel, st: AnswerStats | None, P: int | None = None) -> str:
     """The numbers under a pane: TTFT (ms), decode tokens/s, tokens generated, KV cache of the
     answer (MiB), then P, precision, resident memory (MiB, how measured), file size (MiB). P is the
     one the answer ``st`` used; before the first answer (``st`` None) the selected ``P`` (default
@@ -104,7 +104,7 @@ def _sampling(max_new_tokens, temperature, top_p, seed):
                           seed=None if seed is None or seed == "" else int(seed))
 
 
-def make_respond(models: dict[str, LoadedModel]):
+def make_respond(models: dict[str, DemoModel]):
     """The submit handler over ``models`` (``{"left": ..., "right": ...}``): a generator yielding
     (textbox, left pane, right pane, left numbers, right numbers, status, session state).
     ``left_P`` / ``right_P``: the P each model answers with (None: its start P); a P a model does
@@ -165,7 +165,7 @@ def make_respond(models: dict[str, LoadedModel]):
 
 
 # ------------------------------------------------------------------------------------------ profile
-def profile_dir(models: dict[str, LoadedModel]) -> Path | None:
+def profile_dir(models: dict[str, DemoModel]) -> Path | None:
     """``<cache>/demo-profile/<left folder>--<right folder>-<hash of both paths>``; None unless both loaded."""
     from parscale_edge.hub import default_cache_dir
 
@@ -194,7 +194,7 @@ def profile_view(folder: Path | None) -> tuple[list[str], str]:
     return pngs, "\n".join(lines) + f"\n\n<small>{folder}</small>"
 
 
-def run_profile(models: dict[str, LoadedModel], threads: int | None, gen_len: int = 32) -> Path:
+def run_profile(models: dict[str, DemoModel], threads: int | None, gen_len: int = 32) -> Path:
     """Profile both loaded folders at every P they offer (fresh worker process each, batch 1, prompt
     32, ``gen_len`` new tokens, 2 repeats) and write ``profile.json`` + the profiler's PNGs into :func:`profile_dir`
     (atomically). Raises RuntimeError when a worker fails."""
@@ -221,7 +221,7 @@ THEME_FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"],
                    font_mono=["ui-monospace", "monospace"])  # no web fonts: the device may be offline
 
 
-def build_app(left: LoadedModel, right: LoadedModel, *, concurrency: int = 2, max_new_tokens: int = 256,
+def build_app(left: DemoModel, right: DemoModel, *, concurrency: int = 2, max_new_tokens: int = 256,
               threads: int | None = None) -> gr.Blocks:
     """The demo's Blocks for two loaded (or failed) models.
 

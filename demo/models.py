@@ -116,7 +116,7 @@ def prepare_model(spec: str, parallel: int | Sequence[int] | None, precision: st
 
 
 @dataclass
-class LoadedModel:
+class DemoModel:
     """One pane's model, or why it is missing.
 
     ``runtime`` is an :class:`parscale_edge.runtime.OnnxCausalLM` or None when loading failed (``error`` then
@@ -157,9 +157,9 @@ class LoadedModel:
         return self.runtime.manifest.precision if self.runtime is not None else None
 
 
-def load_model(label: str, spec: str, parallel: int | Sequence[int] | None, precision: str,
+def load_demo_model(label: str, spec: str, parallel: int | Sequence[int] | None, precision: str,
                threads: int | None = None, device: str = "cpu", progress: bool = True, log=print,
-               adapters: Sequence[str] = ()) -> LoadedModel:
+               adapters: Sequence[str] = ()) -> DemoModel:
     """Export if needed, load into ONNX Runtime and measure what it costs to keep resident.
 
     ``parallel``: the P to offer (a sequence: several over one backbone, the first selected at
@@ -173,7 +173,7 @@ def load_model(label: str, spec: str, parallel: int | Sequence[int] | None, prec
     from parscale_edge.profile import folder_bytes
     from parscale_edge.runtime import OnnxCausalLM
 
-    lm = LoadedModel(label=label, spec=spec, adapters=tuple(str(a) for a in adapters))
+    lm = DemoModel(label=label, spec=spec, adapters=tuple(str(a) for a in adapters))
     asked = [int(parallel)] if isinstance(parallel, (int, np.integer)) else list(dict.fromkeys(parallel or []))
     try:
         folder = Path(prepare_model(spec, asked or None, precision, threads, progress, log, adapters=adapters))
@@ -232,7 +232,7 @@ def start_onnxruntime() -> bool:
 
 def load_pair(left: str, left_parallel: int | Sequence[int] | None, right: str,
               right_parallel: int | Sequence[int] | None, precision: str, threads: int | None = None,
-              device: str = "cpu", progress: bool = True, log=print) -> tuple[LoadedModel, LoadedModel]:
+              device: str = "cpu", progress: bool = True, log=print) -> tuple[DemoModel, DemoModel]:
     """Prepare (export, quantize: cached after the first start) and load the two models one after
     the other, logging each stage as ``[k/2] ...``. ``*_parallel``: the P each side offers (first
     selected at start); None: :data:`DEFAULTS` for a model the demo exports (left P 2, 1, 4 over one
@@ -255,7 +255,7 @@ def load_pair(left: str, left_parallel: int | Sequence[int] | None, right: str,
         if adapters:
             log(f"      trained ParScale parts from {', '.join(Path(a).name for a in adapters)}; a P > 1 without "
                 "an adapter is an untrained conversion")
-        lm = load_model(label, spec, P, precision, threads, device, progress, log, adapters=adapters)
+        lm = load_demo_model(label, spec, P, precision, threads, device, progress, log, adapters=adapters)
         if lm.ok and k == 1 and not started:
             lm.resident_how += " (includes ONNX Runtime's one-time start-up, about 10 MiB)"
         if lm.ok:

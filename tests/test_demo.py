@@ -17,7 +17,7 @@ pytest.importorskip("gradio", reason="the demo extra is not installed: pip insta
 from gradio_client import Client  # noqa: E402
 
 from parscale_edge.demo.app import build_app, launch  # noqa: E402
-from parscale_edge.demo.models import load_model, load_pair  # noqa: E402
+from parscale_edge.demo.models import load_demo_model, load_pair  # noqa: E402
 from parscale_edge.demo.streaming import Answer, take_turns  # noqa: E402
 from parscale_edge.cli import main  # noqa: E402
 from parscale_edge.runtime import RuntimeInputError, SamplingConfig  # noqa: E402
@@ -323,8 +323,8 @@ def test_a_model_that_fails_to_load_leaves_the_other_working(tiny_pair, tmp_path
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "manifest.json").write_text("{not json")
-    left = load_model("left", str(tiny_pair[0]), None, "fp32", threads=1)
-    right = load_model("right", str(broken), None, "fp32", threads=1)
+    left = load_demo_model("left", str(tiny_pair[0]), None, "fp32", threads=1)
+    right = load_demo_model("right", str(broken), None, "fp32", threads=1)
     assert left.ok and not right.ok and "unreadable manifest" in right.error
     app = build_app(left, right, concurrency=1)
     launch(app, block=False)
