@@ -31,7 +31,7 @@ as the matching ``present``); :func:`prefix_row_names` [N, M, (heads + 2*kv_head
 of the cache dtype. Outputs: ``logits`` [B, K, vocab];
 ``present.{i}.*`` (the past's buffer). Cache rows are batch-major (row b*P + p); the first n_prefix
 slots of stream p's rows hold its ParScale prefix (at most :data:`MAX_PREFIX_SLOTS`); the parts of
-each P > 1 live in the part file ``parallel_options[P]`` (an parscale_edge.adapter file: prefixes,
+each P > 1 live in the part file ``parallel_options[P]`` (a parscale_edge.adapter file: prefixes,
 aggregator, smoothing). docs/parscale.md has the semantics.
 """
 from __future__ import annotations
