@@ -10,6 +10,7 @@ per candidate, perplexity, KL(ref || cand) and top-1 agreement (``parscale_edge.
 * ``ours-int4``: our int4 export (GGUF blocks reused, Q4_1 minimum corrected, accuracy_level 4);
 * ``ort-genai-int4``: onnxruntime-genai's int4 build of the same weights (run with plain
   onnxruntime over each window, empty past);
+* ``ort-genai-int8``: its int8 build (``-p int8``), the peer at our int4's quality;
 * ``llama.cpp``: llama-cpp-python on the GGUF itself (``logits_all``).
 
 Run it with the peers' venv (bench/peers/README.md), after ``run.py`` has built the peers:
@@ -83,10 +84,12 @@ def main() -> None:
     fp32 = OnnxCausalLM(ensure_ours("fp32", a.threads), device="cpu", threads=a.threads)
     tokens = fp32.tokenizer.encode(stdlib_text())[:a.positions + 1]
     genai, _ = prepare_ort_genai(prepare_hf_folder())
+    genai8, _ = prepare_ort_genai(prepare_hf_folder(), "int8")
     candidates = {
         "ours-int4": lambda: onnx_logits_fn(OnnxCausalLM(ensure_ours("int4", a.threads), device="cpu",
                                                          threads=a.threads)),
         "ort-genai-int4": lambda: ort_genai_fn(genai, a.threads),
+        "ort-genai-int8": lambda: ort_genai_fn(genai8, a.threads),
         "llama.cpp": lambda: llama_cpp_fn(a.threads, a.window),
     }
     ref = onnx_logits_fn(fp32)
@@ -99,12 +102,12 @@ def main() -> None:
         results[name] = r
         print(f"{name:15s} ppl {r['cand_perplexity']:.4f} ({r['perplexity_change_pct']:+.2f}% vs fp32 "
               f"{r['ref_perplexity']:.4f}), KL mean {r['kl_mean']:.4f}, top-1 {100 * r['top1_agreement']:.1f}%")
-    doc = {"what": "4-bit peers' distance from our fp32 export of the same GGUF, same windows",
+    doc = {"what": "4-bit (and onnxruntime-genai's 8-bit) peers' distance from our fp32 export of the same GGUF, same windows",
            "model": MODEL, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": device_info(),
            "settings": {"text": "parscale_edge.evaluate.stdlib_text() (held-out stdlib modules)", "window": a.window,
                         "stride": a.window // 2, "positions": a.positions, "threads": a.threads,
                         "reference": "ours-fp32 (the GGUF dequantized exactly)"},
-           "ort_genai_folder": str(genai), "results": results}
+           "ort_genai_folder": str(genai), "ort_genai_int8_folder": str(genai8), "results": results}
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

@@ -20,7 +20,7 @@ weights (max abs difference).
     nice -n 19 .venv-peers/bin/python bench/peers/run.py --threads 1 \
         -o bench/results/peers_smollm2.json
 
-Built artifacts (HF folder, onnxruntime-genai int4 build, optimum export) are cached under
+Built artifacts (HF folder, onnxruntime-genai int4 and int8 builds, optimum export) are cached under
 ``$PARSCALE_EDGE_CACHE/peers``. See bench/peers/README.md for the installs.
 """
 from __future__ import annotations
@@ -47,6 +47,9 @@ MODEL = "smollm2-135m"
 PEERS = [
     ("llama.cpp", "llama-cpp-python on the GGUF (Q4_1)", "gguf-q4_1"),
     ("ort-genai-int4", "onnxruntime-genai model builder, int4 CPU", "int4"),
+    # its int8 build lands at our int4's quality (+0.56% perplexity, top-1 96.9%: bench/peers/quality.py):
+    # the equal-quality peer of issue 18
+    ("ort-genai-int8", "onnxruntime-genai model builder, int8 CPU", "int8"),
     ("optimum-fp32", "optimum ONNX export, ORTModelForCausalLM", "fp32"),
     ("optimum-graph-fp32", "optimum's model.onnx in a plain InferenceSession", "fp32"),
     ("torch-eager-fp32", "PyTorch eager, our model (parscale_edge.loading)", "fp32"),
@@ -181,14 +184,15 @@ def _cached_build(out: Path, build) -> tuple[Path, dict]:
     return out, info
 
 
-def prepare_ort_genai(hf: Path) -> tuple[Path, dict]:
-    """onnxruntime-genai model builder: int4, CPU, from the local HF folder (its own defaults)."""
-    out = peers_dir() / f"{MODEL}-ortgenai-int4"
+def prepare_ort_genai(hf: Path, precision: str = "int4") -> tuple[Path, dict]:
+    """onnxruntime-genai model builder: ``precision`` (int4 or int8), CPU, from the local HF folder
+    (its own defaults otherwise)."""
+    out = peers_dir() / f"{MODEL}-ortgenai-{precision}"
 
     def build(dest: Path, scratch: Path) -> dict:
         py = builder_python()
         cmd = [py, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(dest),
-               "-p", "int4", "-e", "cpu", "-c", str(scratch)]
+               "-p", precision, "-e", "cpu", "-c", str(scratch)]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
@@ -397,9 +401,9 @@ def work_llama_cpp(prompt, gen_len, repeat, threads, logits_out):
                                    "own_tokenizer_roundtrip_matches": own == list(prompt)}}
 
 
-def work_ort_genai(prompt, gen_len, repeat, threads, logits_out):
+def work_ort_genai(prompt, gen_len, repeat, threads, logits_out, precision="int4"):
     import onnxruntime_genai as og
-    folder, build = prepare_ort_genai(prepare_hf_folder())
+    folder, build = prepare_ort_genai(prepare_hf_folder(), precision)
     # Threads: the builder writes session_options into genai_config.json; set ours there.
     cfg_path = folder / "genai_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -449,6 +453,7 @@ def work_ort_genai(prompt, gen_len, repeat, threads, logits_out):
 WORKERS = {
     "llama.cpp": work_llama_cpp,
     "ort-genai-int4": work_ort_genai,
+    "ort-genai-int8": lambda *a: work_ort_genai(*a, precision="int8"),
     "optimum-fp32": work_optimum,
     "optimum-graph-fp32": lambda *a: work_optimum(*a, plain_session=True),
     "torch-eager-fp32": work_torch,
@@ -609,8 +614,10 @@ def main() -> None:
             # Builds run here, one at a time, before anything is measured.
             steps = [("hf_folder", lambda: {"folder": str(prepare_hf_folder())}),
                      ("transformers_check", lambda: check_transformers(prepare_hf_folder(), prompt, a.threads))]
-            if "ort-genai-int4" in wanted:
-                steps.append(("ort_genai_build", lambda: prepare_ort_genai(prepare_hf_folder())[1]))
+            for prec in ("int4", "int8"):
+                if f"ort-genai-{prec}" in wanted:
+                    key = "ort_genai_build" if prec == "int4" else f"ort_genai_build_{prec}"
+                    steps.append((key, lambda prec=prec: prepare_ort_genai(prepare_hf_folder(), prec)[1]))
             if {"optimum-fp32", "optimum-graph-fp32"} & set(wanted):
                 steps.append(("optimum_export", lambda: prepare_optimum(prepare_hf_folder())[1]))
             for key, fn in steps:
