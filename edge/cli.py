@@ -129,6 +129,7 @@ class QuantFlags:
     text: str | None = None
     check_positions: int = 2048
     compare_positions: int = 1024
+    kv_cache: str | None = None  # --kv-cache: float (None, the graph's own type) or int8
 
     def config(self, precision: str):
         """The :class:`parscale_edge.quant.onnx_quant.QuantConfig` of these flags (needs onnx)."""
@@ -147,6 +148,7 @@ def cmd_export(model: str, output: str, parallel: str | None, adapter: list[str]
     _check_output(output, overwrite, [model, *(adapter or []), quant.calibration, quant.text])  # before the slow work
     if precision not in FLOAT_PRECISIONS:
         quant.config(precision).validate()
+    kv = _kv_choice(quant)
     Ps = _parallel_list(parallel) if parallel else [None]
     adapters = adapter or []
     also = []
@@ -160,13 +162,15 @@ def cmd_export(model: str, output: str, parallel: str | None, adapter: list[str]
         lm = load_for_export(model, Ps[0], threads, progress=not quiet)
     from parscale_edge.export import export_model
 
-    if precision not in FLOAT_PRECISIONS:
+    if precision not in FLOAT_PRECISIONS or kv == "int8":
         from .atomic import staging_folder
 
         with staging_folder(output) as staging:  # removed on exit, or by the next run if killed
-            fp32 = export_model(lm, staging / "fp32", graph=graph, also=also)
+            quantized = precision not in FLOAT_PRECISIONS
+            fp32 = export_model(lm, staging / "fp32", graph=graph, also=also,
+                                precision="fp32" if quantized else precision)
             del lm
-            _run_quantize(fp32, Path(output), precision, quant, overwrite, threads)
+            _run_quantize(fp32, Path(output), precision if quantized else None, quant, overwrite, threads)
         return
     out = export_model(lm, output, overwrite=overwrite, graph=graph, also=also, precision=precision)
     man = Manifest.read(out)
@@ -179,17 +183,44 @@ def cmd_export(model: str, output: str, parallel: str | None, adapter: list[str]
         _log("note: a bf16 export runs on ONNX Runtime's CUDA provider (the CPU provider has no bfloat16 MatMul)")
 
 
-def _run_quantize(src: Path, out: Path, precision: str, quant: QuantFlags, overwrite: bool, threads: int | None) -> None:
+def _kv_choice(quant: QuantFlags) -> str:
+    """``--kv-cache``: float or int8; CLIError (one line) for another value."""
+    if quant.kv_cache not in (None, "float", "int8"):
+        raise CLIError(f"unknown --kv-cache {quant.kv_cache!r}; use float (the graph's own float type, the default) "
+                       "or int8")
+    return quant.kv_cache or "float"
+
+
+def _run_quantize(src: Path, out: Path, precision: str | None, quant: QuantFlags, overwrite: bool,
+                  threads: int | None) -> None:
+    """Quantize the weights to ``precision`` and/or (``--kv-cache int8``) the KV cache; ``precision``
+    None: the KV cache only (:func:`parscale_edge.quant.kv_int8.quantize_kv_folder`)."""
     import_quant_stack()
     from parscale_edge.quant.onnx_quant import quantize_folder
 
-    cfg = quant.config(precision)
-    cfg.validate()
     calib = Path(quant.calibration).read_text(encoding="utf-8") if quant.calibration else None
     text = Path(quant.text).read_text(encoding="utf-8") if quant.text else None
     t0 = time.perf_counter()
+    if precision is None:
+        from parscale_edge.quant.kv_int8 import quantize_kv_folder
+
+        quantize_kv_folder(src, out, overwrite, calib, quant.compare_positions, text, threads)
+        m = Manifest.read(out)
+        k, r = m.kv_cache, m.kv_cache.get("quality_vs_float")
+        print(f"int8 KV cache ({k['quant']}, scales from {k['calibration']['tokens']} tokens) -> {out} in "
+              f"{time.perf_counter() - t0:.1f} s; KV memory 1/{4 if k['compute_dtype'] == 'float32' else 2} of "
+              f"{k['compute_dtype']}")
+        if r:
+            print(f"  quality cost vs {k['compute_dtype']} cache ({r['positions']} positions): perplexity "
+                  f"{r['ref_perplexity']:.3f} -> {r['cand_perplexity']:.3f} "
+                  f"({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%}), KL mean {r['kl_mean']:.4f}, top-1 "
+                  f"agreement {r['top1_agreement']:.2%}")
+        return
+    cfg = quant.config(precision)
+    cfg.validate()
     quantize_folder(src, out, cfg, overwrite=overwrite, calibration_text=calib, text=text,
-                    check_positions=quant.check_positions, compare_positions=quant.compare_positions, threads=threads)
+                    check_positions=quant.check_positions, compare_positions=quant.compare_positions, threads=threads,
+                    kv_cache=_kv_choice(quant))
     q = Manifest.read(out).quantization
     base = Manifest.read(src).precision  # fp32 or fp16: what the sizes and the quality are compared with
     n = q.get("gguf_repacked_nodes") or 0
@@ -219,9 +250,12 @@ def _run_quantize(src: Path, out: Path, precision: str, quant: QuantFlags, overw
               f"KL mean {r['kl_mean']:.4f} p99 {r['kl_p99']:.4f}, top-1 agreement {r['top1_agreement']:.2%}")
 
 
-def cmd_quantize(model: str, output: str, precision: str, overwrite: bool, quant: QuantFlags,
+def cmd_quantize(model: str, output: str, precision: str | None, overwrite: bool, quant: QuantFlags,
                  threads: int | None) -> None:
-    quant.config(precision).validate()
+    if precision is None and _kv_choice(quant) == "float":
+        precision = "int4"  # the default; with --kv-cache int8 alone the weights stay as they are
+    if precision is not None:
+        quant.config(precision).validate()
     _check_output(output, overwrite, [model, quant.calibration, quant.text])
     if not is_export_folder(model):
         raise CLIError(f"{model} is not an export folder (no {MANIFEST_FILE}); run `parscale export` first, "
@@ -741,7 +775,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
                    help="MatMulNBits compute: 0 unset/fp32 ... 4 int8 activations (default; checked, see README)")
     g.add_argument("--algorithm", choices=["rtn", "hqq", "gptq"], default="rtn")
-    g.add_argument("--calibration", default=None, help="text file for GPTQ calibration")
+    g.add_argument("--calibration", default=None, help="text file for GPTQ calibration and the --kv-cache int8 scales")
     g.add_argument("--keep-lm-head", action="store_true", help="leave the output head in float")
     g.add_argument("--quantize-embedding", action="store_true", help="int4 embedding (GatherBlockQuantized)")
     g.add_argument("--no-gguf-blocks", action="store_true",
@@ -749,6 +783,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text", default=None, help="text for the quality check (default: held-out stdlib code)")
     g.add_argument("--check-positions", type=int, default=2048, help="accuracy_level check positions (0: skip)")
     g.add_argument("--compare-positions", type=int, default=1024, help="quality-vs-fp32 positions (0: skip)")
+    g.add_argument("--kv-cache", default=None,
+                   help="float (default: the graph's own float type) or int8: a fused graph's KV cache in int8 with "
+                        "static per-channel scales calibrated on --calibration (default held-out stdlib code); 4x "
+                        "less KV memory than float32, not faster on CPUs")
 
 
 #: the demo's defaults as its help shows them (parscale_edge.demo.models.DEFAULTS holds the values; a
@@ -793,7 +831,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize an fp32 export folder (int4 / int8, weight-only)")
     p.add_argument("model", help="an fp32 export folder")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--precision", default="int4", help="int4 (default), int8 or int8-dynamic")
+    p.add_argument("--precision", default=None,
+                   help="int4 (default, unless --kv-cache int8 is given alone: weights unchanged), int8 or int8-dynamic")
     p.add_argument("--overwrite", action="store_true")
     _add_quant_args(p)
     p.set_defaults(func=cmd_quantize)
