@@ -197,3 +197,26 @@ def test_cli_export_int4_weights_with_an_int8_cache(tmp_path, capsys):
     assert m2.precision == "fp32" and m2.cache_dtype == "int8" and m2.quantization is None
     assert main(["generate", "--model", str(out), "-p", "hello", "-n", "4", "--device", "cpu"]) == 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+def test_an_fp16_export_keeps_float16_prefix_rows_and_rope_beside_its_int8_cache(tmp_path):
+    """The compute dtype (prefix rows, RoPE tables, query) stays float16; only the cache is int8."""
+    lm = convert_to_parscale(tiny_model("qwen2", P=1, seed=11, max_position_embeddings=512), 2, n_tokens=3)
+    src = export_model(lm, tmp_path / "f16", graph="fused", precision="fp16")
+    out = quantize_kv_folder(src, tmp_path / "q", compare_positions=0, threads=1)
+    m = Manifest.read(out)
+    assert m.precision == "fp16" and m.cache_dtype == "int8" and m.compute_dtype == "float16"
+    g = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    types = {v.name: v.type.tensor_type.elem_type for v in g.graph.input}
+    assert types["rope.sin_cache"] == types["parscale.prefix_rows.1"] == onnx.TensorProto.FLOAT16
+    assert types["past_key_values.1.value"] == onnx.TensorProto.INT8
+    ref, cand = OnnxCausalLM(src, device="cpu", threads=1), OnnxCausalLM(out, device="cpu", threads=1)
+    ids = np.random.default_rng(0).integers(4, 97, (2, 9))
+    _close(ref.score(ids), cand.score(ids))
+    st_r, lr = ref.prefill([[5]], 8)
+    st_c, lc = cand.prefill([[5]], 8)
+    _close(lr, lc)
+    for _ in range(5):
+        tok = lr.argmax(-1)
+        lr, lc = ref.decode(st_r, tok), cand.decode(st_c, tok)
+        _close(lr, lc)
