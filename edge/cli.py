@@ -832,7 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="an fp32 export folder")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--precision", default=None,
-                   help="int4 (default, unless --kv-cache int8 is given alone: weights unchanged), int8 or int8-dynamic")
+                   help="int4 (default, unless --kv-cache int8 is given alone: weights unchanged), int8 or "
+                        "int8-dynamic")
     p.add_argument("--overwrite", action="store_true")
     _add_quant_args(p)
     p.set_defaults(func=cmd_quantize)

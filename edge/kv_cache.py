@@ -4,7 +4,8 @@ onnxruntime is imported only to make OrtValues).
 
 :mod:`parscale_edge.manifest` is the contract this follows: 2*num_layers tensors in
 ``past_key_values.{i}.key`` / ``.value`` order, each [P*B, kv_heads, slots, head_dim] of the
-manifest's ``cache_dtype`` (float32, float16, bfloat16, or int8 for a fused graph with an int8 cache); rows stream-major (``p*B + b``) for reference graphs and batch-major
+manifest's ``cache_dtype`` (float32, float16, bfloat16, or int8 for a fused graph with an int8
+cache); rows stream-major (``p*B + b``) for reference graphs and batch-major
 (``b*P + p``) for fused graphs (:data:`parscale_edge.manifest.CACHE_ROW_ORDER`). numpy has no
 bfloat16: a bfloat16 cache is held on the host as its uint16 bit patterns (:func:`bfloat16_bits`).
 """

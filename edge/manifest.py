@@ -122,8 +122,9 @@ def rope_tables(slots: int, n_prefix: int, head_dim: int, theta: float):
 def prefix_row_names(num_layers: int) -> list[str]:
     """Fused graphs: ``parscale.prefix_rows.{i}``, one per layer, [P*B, M, (heads + 2*kv_heads)*head_dim]
     of the compute dtype (:attr:`Manifest.compute_dtype`). A first prompt (a chunk into a cache holding
-    only the prefix) feeds M = n_prefix rows per stream, zero queries then the stream's prefix keys and values, which GroupQueryAttention
-    writes into the first cache slots; every other step feeds M = 0 rows (the prefix is in the cache)."""
+    only the prefix) feeds M = n_prefix rows per stream, zero queries then the stream's prefix keys and
+    values, which GroupQueryAttention writes into the first cache slots; every other step feeds M = 0
+    rows (the prefix is in the cache)."""
     return [f"parscale.prefix_rows.{i}" for i in range(num_layers)]
 
 
@@ -289,7 +290,8 @@ def _validate(d, p: Path) -> None:
     if cache == KV_INT8:
         if graph != "fused":
             bad("an int8 KV cache needs a fused graph")
-        if not isinstance(kv, dict) or kv.get("dtype") != KV_INT8 or kv.get("quant") not in ("PER_CHANNEL", "PER_TENSOR"):
+        if not isinstance(kv, dict) or kv.get("dtype") != KV_INT8 \
+                or kv.get("quant") not in ("PER_CHANNEL", "PER_TENSOR"):
             bad("cache_dtype int8 needs kv_cache {\"dtype\": \"int8\", \"quant\": PER_CHANNEL or PER_TENSOR, ...}")
         if kv.get("compute_dtype") not in want:
             bad(f"kv_cache compute_dtype {kv.get('compute_dtype')!r} does not match precision {prec} "

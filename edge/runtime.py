@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .kv_cache import KVCache, cache_host_array, cache_types, tensor_shape
-from .manifest import (AGG_INPUTS, FORMAT_VERSION, KV_INT8, MAX_PREFIX_SLOTS, MODEL_FILE, REFERENCE_STEP_INPUTS, ROPE_INPUTS,
-                       Manifest, ManifestError, graph_outputs, past_names, prefix_row_names, present_names, rope_tables)
+from .manifest import (AGG_INPUTS, FORMAT_VERSION, KV_INT8, MAX_PREFIX_SLOTS, MODEL_FILE, REFERENCE_STEP_INPUTS,
+                       ROPE_INPUTS, Manifest, ManifestError, graph_outputs, past_names, prefix_row_names, present_names,
+                       rope_tables)
 from .validate import check_export_folder, check_kv_memory
 
 #: The oldest ONNX Runtime the fused graph is tested on: .ci/ort_compat.sh runs the fused-graph tests
@@ -436,7 +437,8 @@ class OnnxCausalLM:
         new tokens, prefix not counted). Fused graphs allocate the KV cache here, once:
         2*L tensors [P*batch, kv_heads, n_prefix + capacity, head_dim] of ``manifest.cache_dtype``,
         zeros with each stream's prefix (rounded to the cache dtype) in the first n_prefix slots (an
-        int8 cache keeps zeros there: the first prompt's prefix rows fill them): numpy arrays on the CPU, device OrtValues on CUDA (filled through one reused host staging
+        int8 cache keeps zeros there: the first prompt's prefix rows fill them): numpy arrays on the
+        CPU, device OrtValues on CUDA (filled through one reused host staging
         array of one tensor's size, which is dropped afterwards).
         Raises RuntimeInputError for batch < 1 or capacity < 1, parscale_edge.validate.MemoryCheckError
         (before allocating) when the cache would not fit in the available memory."""

@@ -171,7 +171,8 @@ def rewrite_graph(model: onnx.ModelProto, k_scales: np.ndarray, v_scales: np.nda
         for a in list(node.attribute):
             if a.name in ("k_quant_type", "v_quant_type", "kv_cache_bit_width"):
                 node.attribute.remove(a)
-        node.attribute.extend([helper.make_attribute("k_quant_type", quant), helper.make_attribute("v_quant_type", quant),
+        node.attribute.extend([helper.make_attribute("k_quant_type", quant),
+                               helper.make_attribute("v_quant_type", quant),
                                helper.make_attribute("kv_cache_bit_width", 8)])
         done += 1
     if done != L:
