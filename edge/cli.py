@@ -93,6 +93,7 @@ class QuantFlags:
     text: str | None = None
     check_positions: int = 2048
     compare_positions: int = 1024
+    kv_cache: str | None = None  # --kv-cache: float (None, the graph's own type) or int8
 
     def config(self, precision: str):
         """The :class:`parscale_edge.quant.onnx_quant.QuantConfig` of these flags (needs onnx)."""
@@ -112,16 +113,18 @@ def cmd_export(model: str, output: str, parallel: str | None, adapter: list[str]
     check_output_folder(output, overwrite, [model, *(adapter or []), quant.calibration, quant.text])
     if precision not in FLOAT_PRECISIONS:
         quant.config(precision).validate()
+    kv = _kv_choice(quant)
     Ps = _ints(parallel, check_range=True) if parallel else None
     if adapter and parallel:
         raise CLIError("--adapter sets P; drop --parallel (several --adapter files give several P)")
-    if precision not in FLOAT_PRECISIONS:
+    if precision not in FLOAT_PRECISIONS or kv == "int8":
         from .atomic import staging_folder
 
         with staging_folder(output) as staging:  # removed on exit, or by the next run if killed
+            quantized = precision not in FLOAT_PRECISIONS
             fp32 = export_folder(model, staging / "fp32", Ps, adapter or (), graph=graph, threads=threads,
-                                 progress=not quiet)
-            _run_quantize(fp32, Path(output), precision, quant, overwrite, threads)
+                                 precision="fp32" if quantized else precision, progress=not quiet)
+            _run_quantize(fp32, Path(output), precision if quantized else None, quant, overwrite, threads)
         return
     out = export_folder(model, output, Ps, adapter or (), graph=graph, precision=precision, overwrite=overwrite,
                         threads=threads, progress=not quiet)
@@ -135,27 +138,51 @@ def cmd_export(model: str, output: str, parallel: str | None, adapter: list[str]
         _log("note: a bf16 export runs on ONNX Runtime's CUDA provider (the CPU provider has no bfloat16 MatMul)")
 
 
-def _run_quantize(src: Path, out: Path, precision: str, quant: QuantFlags, overwrite: bool, threads: int | None) -> None:
+def _kv_choice(quant: QuantFlags) -> str:
+    """``--kv-cache``: float or int8; CLIError (one line) for another value."""
+    if quant.kv_cache not in (None, "float", "int8"):
+        raise CLIError(f"unknown --kv-cache {quant.kv_cache!r}; use float (the graph's own float type, the default) "
+                       "or int8")
+    return quant.kv_cache or "float"
+
+
+def _run_quantize(src: Path, out: Path, precision: str | None, quant: QuantFlags, overwrite: bool,
+                  threads: int | None) -> None:
+    """Quantize the weights to ``precision`` and/or (``--kv-cache int8``) the KV cache; ``precision``
+    None: the KV cache only (:func:`parscale_edge.quant.kv_int8.quantize_kv_folder`)."""
     import_quant_stack()
     from parscale_edge.quant.onnx_quant import level0_warning, quantize_folder, report_lines
 
-    cfg = quant.config(precision)
-    cfg.validate()
     calib = Path(quant.calibration).read_text(encoding="utf-8") if quant.calibration else None
     text = Path(quant.text).read_text(encoding="utf-8") if quant.text else None
     t0 = time.perf_counter()
+    from parscale_edge.quant.kv_int8 import quantize_kv_folder, report_lines as kv_report_lines
+
+    if precision is None:
+        quantize_kv_folder(src, out, overwrite, calib, quant.compare_positions, text, threads)
+        print("\n".join(kv_report_lines(Manifest.read(out), out, time.perf_counter() - t0)))
+        return
+    cfg = quant.config(precision)
+    cfg.validate()
     quantize_folder(src, out, cfg, overwrite=overwrite, calibration_text=calib, text=text,
-                    check_positions=quant.check_positions, compare_positions=quant.compare_positions, threads=threads)
-    seconds, q = time.perf_counter() - t0, Manifest.read(out).quantization
+                    check_positions=quant.check_positions, compare_positions=quant.compare_positions, threads=threads,
+                    kv_cache=_kv_choice(quant))
+    seconds, man = time.perf_counter() - t0, Manifest.read(out)
+    q = man.quantization
     print("\n".join(report_lines(q, cfg, out, Manifest.read(src).precision, seconds)))  # sizes vs the fp32/fp16 source
+    if man.kv_cache:  # --precision and --kv-cache int8 together
+        print("\n".join(kv_report_lines(man, out, seconds)))
     warning = level0_warning(q)
     if warning:
         _log(f"warning: {warning}")
 
 
-def cmd_quantize(model: str, output: str, precision: str, overwrite: bool, quant: QuantFlags,
+def cmd_quantize(model: str, output: str, precision: str | None, overwrite: bool, quant: QuantFlags,
                  threads: int | None) -> None:
-    quant.config(precision).validate()
+    if precision is None and _kv_choice(quant) == "float":
+        precision = "int4"  # the default; with --kv-cache int8 alone the weights stay as they are
+    if precision is not None:
+        quant.config(precision).validate()
     check_output_folder(output, overwrite, [model, quant.calibration, quant.text])
     if not is_export_folder(model):
         raise CLIError(f"{model} is not an export folder (no {MANIFEST_FILE}); run `parscale export` first, "
@@ -539,7 +566,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
                    help="MatMulNBits compute: 0 unset/fp32 ... 4 int8 activations (default; checked, see README)")
     g.add_argument("--algorithm", choices=["rtn", "hqq", "gptq"], default="rtn")
-    g.add_argument("--calibration", default=None, help="text file for GPTQ calibration")
+    g.add_argument("--calibration", default=None, help="text file for GPTQ calibration and the --kv-cache int8 scales")
     g.add_argument("--keep-lm-head", action="store_true", help="leave the output head in float")
     g.add_argument("--quantize-embedding", action="store_true", help="int4 embedding (GatherBlockQuantized)")
     g.add_argument("--no-gguf-blocks", action="store_true",
@@ -547,6 +574,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text", default=None, help="text for the quality check (default: held-out stdlib code)")
     g.add_argument("--check-positions", type=int, default=2048, help="accuracy_level check positions (0: skip)")
     g.add_argument("--compare-positions", type=int, default=1024, help="quality-vs-fp32 positions (0: skip)")
+    g.add_argument("--kv-cache", default=None,
+                   help="float (default: the graph's own float type) or int8: a fused graph's KV cache in int8 with "
+                        "static per-channel scales calibrated on --calibration (default held-out stdlib code); 4x "
+                        "less KV memory than float32, not faster on CPUs")
 
 
 #: the demo's defaults as its help shows them (parscale_edge.demo.models.DEFAULTS holds the values; a
@@ -591,7 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize an fp32 export folder (int4 / int8, weight-only)")
     p.add_argument("model", help="an fp32 export folder")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--precision", default="int4", help="int4 (default), int8 or int8-dynamic")
+    p.add_argument("--precision", default=None,
+                   help="int4 (default, unless --kv-cache int8 is given alone: weights unchanged), int8 or "
+                        "int8-dynamic")
     p.add_argument("--overwrite", action="store_true")
     _add_quant_args(p)
     p.set_defaults(func=cmd_quantize)

@@ -4,7 +4,8 @@ onnxruntime is imported only to make OrtValues).
 
 :mod:`parscale_edge.manifest` is the contract this follows: 2*num_layers tensors in
 ``past_key_values.{i}.key`` / ``.value`` order, each [P*B, kv_heads, slots, head_dim] of the
-manifest's ``cache_dtype``; rows stream-major (``p*B + b``) for reference graphs and batch-major
+manifest's ``cache_dtype`` (float32, float16, bfloat16, or int8 for a fused graph with an int8
+cache); rows stream-major (``p*B + b``) for reference graphs and batch-major
 (``b*P + p``) for fused graphs (:data:`parscale_edge.manifest.CACHE_ROW_ORDER`). numpy has no
 bfloat16: a bfloat16 cache is held on the host as its uint16 bit patterns (:func:`bfloat16_bits`).
 """
@@ -17,7 +18,10 @@ import numpy as np
 from .manifest import CACHE_ROW_ORDER, Manifest, ManifestError, cache_row
 
 #: ``manifest.cache_dtype`` -> (ONNX element type number, numpy dtype holding its bits on the host).
-CACHE_TYPES = {"float32": (1, np.float32), "float16": (10, np.float16), "bfloat16": (16, np.uint16)}
+CACHE_TYPES = {"float32": (1, np.float32), "float16": (10, np.float16), "bfloat16": (16, np.uint16),
+               "int8": (3, np.int8)}
+#: bytes per element of an OrtValue's ``data_type()`` (anything else: 4)
+_ORT_ITEMSIZE = {"tensor(float16)": 2, "tensor(bfloat16)": 2, "tensor(int8)": 1, "tensor(uint8)": 1}
 
 
 def bfloat16_bits(x: np.ndarray) -> np.ndarray:
@@ -41,8 +45,11 @@ def cache_types(cache_dtype: str) -> tuple[int, type]:
 
 
 def cache_host_array(x: np.ndarray, cache_dtype: str) -> np.ndarray:
-    """float32 ``x`` in the host representation of ``cache_dtype`` (:data:`CACHE_TYPES`): float32,
-    float16, or uint16 bfloat16 bits; same shape. Raises ManifestError for another cache dtype."""
+    """float32 ``x`` in the host representation of the float type ``cache_dtype`` (:data:`CACHE_TYPES`):
+    float32, float16, or uint16 bfloat16 bits; same shape. Raises ManifestError for another cache dtype,
+    and for int8 (an int8 cache's values are quantized by GroupQueryAttention, never by the host)."""
+    if cache_dtype == "int8":
+        raise ManifestError("int8 KV-cache values are written by GroupQueryAttention only; feed the compute dtype")
     host = cache_types(cache_dtype)[1]
     return bfloat16_bits(x) if host is np.uint16 else np.ascontiguousarray(x, dtype=host)
 
@@ -54,13 +61,13 @@ def tensor_shape(t) -> tuple[int, ...]:
 
 def cache_nbytes(values: Sequence) -> int:
     """Bytes held by KV-cache tensors: numpy arrays, or ONNX Runtime OrtValues (host or device;
-    float32 4 bytes per element, float16/bfloat16 2)."""
+    float32 4 bytes per element, float16/bfloat16 2, int8 1)."""
     total = 0
     for v in values:
         if isinstance(v, np.ndarray):
             total += v.nbytes
         else:
-            total += int(np.prod(v.shape())) * (2 if v.data_type() in ("tensor(float16)", "tensor(bfloat16)") else 4)
+            total += int(np.prod(v.shape())) * _ORT_ITEMSIZE.get(v.data_type(), 4)
     return total
 
 
@@ -81,7 +88,9 @@ class KVCache:
             graphs; reference graphs keep the prefix inside the graph, 0).
         capacity: slots per row, prefix included (fused: preallocated; reference: the tokens held).
         lengths: int64 [batch], slots in use per user row, prefix included.
-        cache_dtype: ``float32``, ``float16`` or ``bfloat16``.
+        cache_dtype: ``float32``, ``float16``, ``bfloat16`` or ``int8`` (fused graphs: static scales
+            inside the graph; the cache starts as zeros, prefix slots included, and the first prompt's
+            prefix rows fill them).
 
     Fused graphs bind one preallocated cache (:meth:`allocate`) as both ``past`` and ``present``;
     GroupQueryAttention writes each step's keys and values in place, and the driver advances
@@ -122,17 +131,19 @@ class KVCache:
     @classmethod
     def allocate(cls, shape: tuple[int, int, int, int], num_layers: int, cache_dtype: str, P: int = 1,
                  prefix: Sequence[tuple[np.ndarray, np.ndarray]] = (), device: str = "cpu",
-                 device_memory: bool = False) -> "KVCache":
+                 device_memory: bool = False, n_prefix: int | None = None) -> "KVCache":
         """Fused graphs: the preallocated cache of one request, zeros with the ParScale prefix.
 
         Args:
             shape: (P*B, kv_heads, slots, head_dim), slots = n_prefix + the request's capacity;
                 rows batch-major (b*P + p).
-            cache_dtype: ``manifest.cache_dtype`` (float32, float16, bfloat16).
+            cache_dtype: ``manifest.cache_dtype`` (float32, float16, bfloat16, int8).
             P: streams per user row.
             prefix: per layer (keys, values), each [P, kv_heads, n_prefix, head_dim] in the host
                 representation of ``cache_dtype`` (:func:`cache_host_array`), written into the first
-                n_prefix slots of every row of stream p; empty for no prefix (P = 1).
+                n_prefix slots of every row of stream p; empty for no prefix (P = 1) or an int8 cache.
+            n_prefix: prefix slots to reserve when ``prefix`` is empty (an int8 cache: left zero, the
+                first prompt's prefix rows fill them); default the prefix's length, or 0.
             device: ONNX Runtime device name of the session (``cpu``, ``cuda``).
             device_memory: False: numpy arrays on the host, wrapped (no copy) by the OrtValues bound
                 to the session (the CPU path). True: OrtValues allocated on ``device`` and filled from
@@ -146,6 +157,8 @@ class KVCache:
 
         onnx_type, host_dtype = cache_types(cache_dtype)
         n = prefix[0][0].shape[2] if len(prefix) else 0
+        if n and n_prefix is not None and n_prefix != n:
+            raise ValueError(f"n_prefix {n_prefix} differs from the prefix's {n} slots")
         if shape[0] % P or (n and prefix[0][0].shape[0] != P):
             raise ValueError(f"a cache of {shape[0]} rows with a prefix for {prefix[0][0].shape[0] if n else P} "
                              f"streams does not fit P={P}")
@@ -170,12 +183,12 @@ class KVCache:
                 values.append(v)
             del host
             tensors = values
-        return cls("fused", P, shape[0] // P, tensors, values, cache_dtype, n, shape[2])
+        return cls("fused", P, shape[0] // P, tensors, values, cache_dtype, n or (n_prefix or 0), shape[2])
 
     @staticmethod
     def planned_nbytes(manifest: Manifest, P: int, batch: int, slots: int) -> int:
         """Bytes a cache of P*batch rows and ``slots`` slots per row takes for ``manifest``'s export
-        (every layer, keys and values; 4 bytes per float32 element, 2 per float16/bfloat16), before
+        (every layer, keys and values; 4 bytes per float32 element, 2 per float16/bfloat16, 1 per int8), before
         allocating it. Raises ManifestError for an unknown cache dtype."""
         item = np.dtype(cache_types(manifest.cache_dtype)[1]).itemsize
         return 2 * manifest.num_layers * P * batch * manifest.num_key_value_heads * slots * manifest.head_dim * item

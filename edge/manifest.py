@@ -8,8 +8,9 @@ An export folder holds::
     tokenizer.json, tokenizer_config.json (chat template), generation_config.json
 
 Two graphs (``Manifest.graph``), both writing the cache tensors in the dtype ``Manifest.cache_dtype``
-names (float32 for fp32 and quantized exports, float16 for fp16, bfloat16 for bf16) and ``logits``
-in float32 for every precision (B user rows, S new tokens, P streams):
+names (float32 for fp32 and quantized exports, float16 for fp16, bfloat16 for bf16; int8 for a fused
+graph rewritten by ``parscale quantize --kv-cache int8``, see :data:`KV_INT8`) and ``logits`` in
+float32 for every precision (B user rows, S new tokens, P streams):
 
 ``reference`` (parscale_edge.export.onnx_export: the TorchScript trace; prefix and aggregator inside the graph).
 Inputs (:data:`REFERENCE_STEP_INPUTS`, then :func:`past_names`): ``input_ids`` int64 [B, S];
@@ -27,12 +28,21 @@ then :data:`AGG_INPUTS` float32 (``w1`` [P*H, A], ``b1`` [A], ``w2`` [A, P], ``b
 A = H, or 1 for P = 1);
 ``past_key_values.{i}.key`` / ``.value`` [N, kv_heads, C, head_dim] (each bound to the same buffer
 as the matching ``present``); :func:`prefix_row_names` [N, M, (heads + 2*kv_heads)*head_dim];
-:data:`ROPE_INPUTS` [>= C, head_dim/2] (:func:`rope_tables`); cache, prefix rows and RoPE tables
-of the cache dtype. Outputs: ``logits`` [B, K, vocab];
+:data:`ROPE_INPUTS` [>= C, head_dim/2] (:func:`rope_tables`); the cache of the cache dtype, prefix
+rows and RoPE tables of the compute dtype (:attr:`Manifest.compute_dtype`: the cache dtype of a float
+cache, the graph's float type beside an int8 cache). Outputs: ``logits`` [B, K, vocab];
 ``present.{i}.*`` (the past's buffer). Cache rows are batch-major (row b*P + p); the first n_prefix
 slots of stream p's rows hold its ParScale prefix (at most :data:`MAX_PREFIX_SLOTS`); the parts of
 each P > 1 live in the part file ``parallel_options[P]`` (a parscale_edge.adapter file: prefixes,
 aggregator, smoothing). docs/parscale.md has the semantics.
+
+An int8 KV cache (fused graphs only, :data:`KV_INT8`; ``cache_dtype`` "int8", the field ``kv_cache``
+records how): every GroupQueryAttention node carries ``k_quant_type``/``v_quant_type``
+(``kv_cache["quant"]``, PER_CHANNEL or PER_TENSOR), ``kv_cache_bit_width`` 8 and its static scales as
+initializers (inputs 12 and 13: ``kv_scale.{i}.key`` / ``.value`` float32, [kv_heads, 1, head_dim]
+per channel, [1] per tensor; dequantized value = int8 * scale). The runtime feeds nothing new and
+writes no prefix into the cache: a first prompt's prefix rows (compute dtype) are quantized by
+GroupQueryAttention itself, so every first prompt, even of one token, carries them.
 """
 from __future__ import annotations
 
@@ -52,6 +62,11 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 3
 #: export precision -> dtype of the KV cache inputs/outputs (ONNX / numpy name); logits are always float32.
 CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: ``cache_dtype`` of a fused graph whose KV cache is int8 with static scales (``Manifest.kv_cache``:
+#: {"dtype": "int8", "quant": "PER_CHANNEL" | "PER_TENSOR", "compute_dtype": float32 | float16,
+#: "scale_margin": float, "calibration": {...}}); the compute dtype is that of the prefix rows and
+#: RoPE tables (and of the attention query).
+KV_INT8 = "int8"
 #: model.onnx metadata key: JSON {packed MatMul node name: output widths of its parts} (fused graphs)
 PACKED_WIDTHS_KEY = "packed_widths"
 #: model.onnx metadata key, "1" when every weight MatMul of the graph reads 2-D token rows [N*S, in]
@@ -67,7 +82,7 @@ AGG_INPUTS = ("parscale.aggregate.w1", "parscale.aggregate.b1", "parscale.aggreg
               "parscale.aggregate.smooth")
 #: Fused graphs: prefix slots a request may hold on top of the context (authors: 48 prefix tokens).
 MAX_PREFIX_SLOTS = 128
-#: Fused graphs: GroupQueryAttention's RoPE tables, graph inputs [slots, head_dim/2] of the cache dtype,
+#: Fused graphs: GroupQueryAttention's RoPE tables, graph inputs [slots, head_dim/2] of the compute dtype,
 #: indexed by cache slot: identity rows for the n prefix slots, then position p at slot n + p
 #: (:func:`rope_tables`). GroupQueryAttention then takes every position from the slot.
 ROPE_INPUTS = ("rope.cos_cache", "rope.sin_cache")
@@ -88,7 +103,8 @@ def cache_row(graph: str, p: int, b: int, P: int, B: int) -> int:
 def rope_tables(slots: int, n_prefix: int, head_dim: int, theta: float):
     """Fused graphs: the :data:`ROPE_INPUTS` for a cache of ``slots`` slots whose first ``n_prefix``
     hold the ParScale prefix: cos and sin, numpy float32 [slots, head_dim/2] (half-split RoPE,
-    frequencies theta^(-2i/head_dim) as in the dense model; a runtime feeds them in the cache dtype).
+    frequencies theta^(-2i/head_dim) as in the dense model; a runtime feeds them in the compute dtype,
+    :attr:`Manifest.compute_dtype`).
 
     GroupQueryAttention rotates the token in cache slot s by row s. Rows 0..n_prefix-1 are the
     identity (cos 1, sin 0 exactly), so prefix keys enter the cache unrotated (the authors' prefix
@@ -105,9 +121,10 @@ def rope_tables(slots: int, n_prefix: int, head_dim: int, theta: float):
 
 def prefix_row_names(num_layers: int) -> list[str]:
     """Fused graphs: ``parscale.prefix_rows.{i}``, one per layer, [P*B, M, (heads + 2*kv_heads)*head_dim]
-    of the cache dtype. A first prompt (a chunk into a cache holding only the prefix) feeds M = n_prefix
-    rows per stream, zero queries then the stream's prefix keys and values, which GroupQueryAttention
-    writes into the first cache slots; every other step feeds M = 0 rows (the prefix is in the cache)."""
+    of the compute dtype (:attr:`Manifest.compute_dtype`). A first prompt (a chunk into a cache holding
+    only the prefix) feeds M = n_prefix rows per stream, zero queries then the stream's prefix keys and
+    values, which GroupQueryAttention writes into the first cache slots; every other step feeds M = 0
+    rows (the prefix is in the cache)."""
     return [f"parscale.prefix_rows.{i}" for i in range(num_layers)]
 
 
@@ -176,8 +193,18 @@ class Manifest:
     #: fused graphs: P -> ParScale part file (relative path; None for P = 1, the plain backbone).
     parallel_options: dict[str, str | None] | None = None
     rope_theta: float | None = None
-    cache_dtype: str = "float32"  # past_key_values.* / present.* element type: float32, float16 or bfloat16
+    cache_dtype: str = "float32"  # past_key_values.* / present.* element type: float32, float16, bfloat16, int8
+    #: int8 KV caches (cache_dtype "int8"): {"dtype": "int8", "quant", "compute_dtype", "scale_margin",
+    #: "calibration"} (:data:`KV_INT8`); None for a float cache
+    kv_cache: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def compute_dtype(self) -> str:
+        """The float type of the fused graph's ``parscale.prefix_rows.*`` and ``rope.*`` inputs (and of
+        attention): ``cache_dtype`` for a float cache; for an int8 one, ``kv_cache["compute_dtype"]``
+        (float32 or float16)."""
+        return self.kv_cache["compute_dtype"] if self.cache_dtype == KV_INT8 else self.cache_dtype
 
     def parallel_choices(self) -> list[int]:
         """The P this folder can run, ascending: the keys of ``parallel_options`` (fused graphs),
@@ -259,8 +286,21 @@ def _validate(d, p: Path) -> None:
         bad(f"unknown precision {prec!r} ({', '.join(_PRECISIONS)})")
     cache = d.get("cache_dtype", "float32")
     want = (CACHE_DTYPES[prec],) if prec in CACHE_DTYPES else ("float32", "float16")
-    if cache not in want:
-        bad(f"cache_dtype {cache!r} does not match precision {prec} (its KV cache is {' or '.join(want)})")
+    kv = d.get("kv_cache")
+    if cache == KV_INT8:
+        if graph != "fused":
+            bad("an int8 KV cache needs a fused graph")
+        if not isinstance(kv, dict) or kv.get("dtype") != KV_INT8 \
+                or kv.get("quant") not in ("PER_CHANNEL", "PER_TENSOR"):
+            bad("cache_dtype int8 needs kv_cache {\"dtype\": \"int8\", \"quant\": PER_CHANNEL or PER_TENSOR, ...}")
+        if kv.get("compute_dtype") not in want:
+            bad(f"kv_cache compute_dtype {kv.get('compute_dtype')!r} does not match precision {prec} "
+                f"({' or '.join(want)})")
+    elif cache not in want:
+        bad(f"cache_dtype {cache!r} does not match precision {prec} (its KV cache is {' or '.join(want)}"
+            f"{' or int8' if graph == 'fused' else ''})")
+    elif kv is not None:
+        bad(f"kv_cache is set but cache_dtype is {cache!r} (kv_cache describes an int8 cache only)")
     if d.get("quantization") is not None and not isinstance(d["quantization"], dict):
         bad("quantization must be an object")
     if "extra" in d and not isinstance(d["extra"], dict):

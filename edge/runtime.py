@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .kv_cache import KVCache, cache_host_array, cache_types, tensor_shape
-from .manifest import (AGG_INPUTS, FORMAT_VERSION, MAX_PREFIX_SLOTS, MODEL_FILE, REFERENCE_STEP_INPUTS, ROPE_INPUTS,
-                       Manifest, ManifestError, graph_outputs, past_names, prefix_row_names, present_names, rope_tables)
+from .manifest import (AGG_INPUTS, FORMAT_VERSION, KV_INT8, MAX_PREFIX_SLOTS, MODEL_FILE, REFERENCE_STEP_INPUTS,
+                       ROPE_INPUTS, Manifest, ManifestError, graph_outputs, past_names, prefix_row_names, present_names,
+                       rope_tables)
 from .validate import check_export_folder, check_kv_memory
 
 #: The oldest ONNX Runtime the fused graph is tested on: .ci/ort_compat.sh runs the fused-graph tests
@@ -249,6 +250,11 @@ class OnnxCausalLM:
         try:
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            if self.manifest.cache_dtype == KV_INT8:
+                raise ManifestError(f"{path} keeps its KV cache in int8 (GroupQueryAttention k_quant_type/"
+                                    f"kv_cache_bit_width), which onnxruntime {ort.__version__} cannot load: "
+                                    f"{' '.join(str(e).split())[:160]}; re-export or re-quantize it without "
+                                    "--kv-cache int8 (or use onnxruntime >= 1.31)") from None
             raise ManifestError(_load_failure(path, str(e), ort.__version__)) from None
         m = self.manifest
         self.fused = m.graph == "fused"
@@ -261,7 +267,7 @@ class OnnxCausalLM:
         self._ort = ort
         # the provider the session really uses (a CUDA entry of select_providers is a (name, options) tuple)
         self._device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        if self.fused and self._device == "cuda" and m.cache_dtype == "float32":
+        if self.fused and self._device == "cuda" and m.compute_dtype == "float32":
             import warnings
 
             warnings.warn(f"{self.folder} is a float32 fused graph: ONNX Runtime's CUDA GroupQueryAttention runs in "
@@ -323,7 +329,7 @@ class OnnxCausalLM:
             if agg[3].shape != (P,) or prefix[0][0].shape[0] != P:
                 raise ManifestError(f"{f}: holds parts for P={prefix[0][0].shape[0]}, the manifest says P={P}; re-export")
             n = prefix[0][0].shape[2]
-            dt = self.manifest.cache_dtype
+            dt = self.manifest.compute_dtype  # an int8 cache: the prefix rows quantize in the graph
             prefix = [(cache_host_array(k, dt), cache_host_array(v, dt)) for k, v in prefix]
         ov = self._ort.OrtValue.ortvalue_from_numpy
         parts = {"P": P, "n_prefix": n, "prefix": prefix, "rows": self._prefix_rows(prefix, P),
@@ -334,13 +340,13 @@ class OnnxCausalLM:
 
     def _prefix_rows(self, prefix: Sequence[tuple[np.ndarray, np.ndarray]], P: int) -> list[np.ndarray]:
         """Per layer, the rows a first prompt feeds as ``parscale.prefix_rows.{i}`` for one sample:
-        [P, n, (heads + 2*kv_heads)*head_dim] in the cache's host representation, packed like the
+        [P, n, (heads + 2*kv_heads)*head_dim] in the compute dtype's host representation, packed like the
         graph's q|k|v (zero queries, then stream p's prefix keys and values, head-major); [P, 0, .]
         for P = 1 (:func:`parscale_edge.manifest.prefix_row_names`)."""
         m = self.manifest
         width = next(i for i in self.session.get_inputs() if i.name == self._prefix_names[0]).shape[2]
         kvw = m.num_key_value_heads * m.head_dim
-        host = cache_types(m.cache_dtype)[1]
+        host = cache_types(m.compute_dtype)[1]
         if not prefix:
             return [np.zeros((P, 0, width), host)] * self.L
         rows = []
@@ -441,8 +447,9 @@ class OnnxCausalLM:
         """An empty request for ``batch`` user rows and up to ``capacity`` tokens per row (prompt +
         new tokens, prefix not counted). Fused graphs allocate the KV cache here, once:
         2*L tensors [P*batch, kv_heads, n_prefix + capacity, head_dim] of ``manifest.cache_dtype``,
-        zeros with each stream's prefix (rounded to the cache dtype) in the first n_prefix slots:
-        numpy arrays on the CPU, device OrtValues on CUDA (filled through one reused host staging
+        zeros with each stream's prefix (rounded to the cache dtype) in the first n_prefix slots (an
+        int8 cache keeps zeros there: the first prompt's prefix rows fill them): numpy arrays on the
+        CPU, device OrtValues on CUDA (filled through one reused host staging
         array of one tensor's size, which is dropped afterwards).
         Raises RuntimeInputError for batch < 1 or capacity < 1, parscale_edge.validate.MemoryCheckError
         (before allocating) when the cache would not fit in the available memory."""
@@ -460,15 +467,16 @@ class OnnxCausalLM:
             raise RuntimeInputError(f"a request of {capacity} tokens with {n} prefix slots exceeds the model's "
                                     f"context ({m.max_position_embeddings} tokens, at most {MAX_PREFIX_SLOTS} prefix slots)")
         shape = (P * batch, m.num_key_value_heads, n + capacity, m.head_dim)
-        st = DecodeState(KVCache.allocate(shape, self.L, m.cache_dtype, P, parts["prefix"], self._device,
-                                          device_memory=self._device != "cpu"))
+        int8 = m.cache_dtype == KV_INT8  # values quantized by GroupQueryAttention: no prefix written here
+        st = DecodeState(KVCache.allocate(shape, self.L, m.cache_dtype, P, () if int8 else parts["prefix"],
+                                          self._device, device_memory=self._device != "cpu", n_prefix=n))
         io = self.session.io_binding()
         for past_name, present_name, v in zip(self._past_names, self._present_names, st.cache.values):
             io.bind_ortvalue_input(past_name, v)
             io.bind_ortvalue_output(present_name, v)  # GroupQueryAttention writes in place
         for name, v in parts["agg"].items():
             io.bind_ortvalue_input(name, v)
-        st.rope = [self._ort.OrtValue.ortvalue_from_numpy(cache_host_array(t, m.cache_dtype), self._device, 0)
+        st.rope = [self._ort.OrtValue.ortvalue_from_numpy(cache_host_array(t, m.compute_dtype), self._device, 0)
                    for t in rope_tables(n + capacity, n, m.head_dim, m.rope_theta)]
         for name, v in zip(ROPE_INPUTS, st.rope):
             io.bind_ortvalue_input(name, v)
@@ -537,6 +545,8 @@ class OnnxCausalLM:
         if logits_index is None:
             logits_index = np.maximum(q - 1, 0)[:, None]
         fresh = bool((cache.lengths == cache.n_prefix).all())
+        # an int8 cache holds no prefix until a first prompt brings it: even one token is a first prompt
+        first = fresh and (S > 1 or (cache.n_prefix > 0 and cache.cache_dtype == KV_INT8))
         if S > 1 and not fresh:
             if state.P * B > 1 or not 0 <= int(logits_index.max()) < int(q[0]):
                 return self._step_tokenwise(state, input_ids, q, logits_index)
@@ -544,7 +554,7 @@ class OnnxCausalLM:
             input_ids = input_ids[:, :S]
         io = state.binding
         K = logits_index.shape[1]
-        if S == 1 and K == 1 and self._device == "cpu":
+        if S == 1 and K == 1 and self._device == "cpu" and not first:
             # decode: small inputs and the logits live in arrays bound once; refill them in place
             d = state.decode_io
             if d is None:
@@ -564,7 +574,6 @@ class OnnxCausalLM:
             cache.lengths += q
             return d["logits"].copy()
         state.decode_bound = False
-        first = fresh and S > 1
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         if first:  # a first prompt: right-padded rows, the prefix rows in front, nothing read from the cache
             io.bind_cpu_input("seqlens_k", (cache.n_prefix + np.maximum(q, 1) - 1).astype(np.int32))

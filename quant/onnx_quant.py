@@ -347,8 +347,13 @@ def _run_quantizer(model: onnx.ModelProto, cfg: QuantConfig, exclude: list[str],
 
 def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig, overwrite: bool = False,
                     calibration_text: str | None = None, check_positions: int = 2048,
-                    compare_positions: int = 1024, text: str | None = None, threads: int | None = None) -> Path:
+                    compare_positions: int = 1024, text: str | None = None, threads: int | None = None,
+                    kv_cache: str = "float") -> Path:
     """Quantize the fp32 (or fp16) export in ``src`` into a new export folder ``out``.
+
+    ``kv_cache`` ``int8`` (fused graphs) also makes the KV cache int8 with static scales calibrated on
+    the float ``src`` and ``calibration_text`` (default held-out stdlib code;
+    :mod:`parscale_edge.quant.kv_int8`); the quality check and comparison then include its cost.
 
     An fp16 source gives MatMulNBits with float16 activations and scales (the GPU int4/int8 path;
     its KV cache stays float16, ``cache_dtype`` is copied); GGUF blocks are reused for fp32
@@ -373,6 +378,9 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
     if man.quantization or man.precision not in ("fp32", "fp16", "bf16"):
         raise QuantizationError(f"{src} is already quantized (precision {man.precision}); quantize the fp32 export "
                                 "it was made from (or an fp16 one, for int4/int8 with fp16 activations on a GPU)")
+    if man.cache_dtype == "int8":
+        raise QuantizationError(f"{src} already keeps its KV cache in int8; quantize the float export it was made "
+                                "from with --precision ... --kv-cache int8")
     if man.precision == "bf16":
         raise QuantizationError(f"{src} is a bf16 export, which the quantizer does not read (bfloat16 weights); "
                                 "quantize the fp32 export of the model (or an fp16 one, for a GPU)")
@@ -382,6 +390,13 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
         raise FileExistsError(f"{out} exists; pass --overwrite or choose another folder")
     if overwrite:
         check_replaceable(out, [src])  # never the source, nor a folder of other files
+    kv_scales = None
+    if kv_cache != "float":
+        from .kv_int8 import check_kv_choice, check_source, int8_scales
+
+        check_kv_choice(kv_cache)
+        check_source(src, man)
+        kv_scales = int8_scales(src, calibration_text, threads)  # on the float export, before any rounding
     model = onnx.load(str(src / MODEL_FILE), load_external_data=True)
     untied = cfg.quantize_lm_head and cfg.precision != "int8-dynamic" and untie_lm_head(model)
     head = head_node_name(model, man.vocab_size)
@@ -447,6 +462,12 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
                 calib = _calibration_reader(src, man, calibration_text)
             qmodel = _run_quantizer(model, cfg, exclude, calib)
         del model
+        if kv_scales is not None:
+            from .kv_int8 import kv_record, rewrite_graph
+
+            rewrite_graph(qmodel, kv_scales[0], kv_scales[1])
+            man.kv_cache = kv_record(man.cache_dtype, kv_scales[2])
+            man.cache_dtype = "int8"
         onnx.save_model(qmodel, str(tmp / MODEL_FILE), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
         onnx.checker.check_model(str(tmp / MODEL_FILE))
