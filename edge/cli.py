@@ -132,8 +132,8 @@ def cmd_export(model: str, output: str, parallel: str | None, adapter: list[str]
     from .atomic import folder_size_mib
 
     size = folder_size_mib(out)
-    print(f"exported {model} -> {out}  (P={man.parscale_n}, {man.num_layers} layers, {man.precision}, "
-          f"{size:.1f} MiB)")
+    Ps = ",".join(map(str, man.parallel_choices()))
+    print(f"exported {model} -> {out}  (P={Ps}, {man.num_layers} layers, {man.precision}, {size:.1f} MiB)")
     if man.precision == "bf16":
         _log("note: a bf16 export runs on ONNX Runtime's CUDA provider (the CPU provider has no bfloat16 MatMul)")
 
@@ -587,14 +587,16 @@ DEMO_DEFAULTS_HELP = {"left": "smollm2-135m", "left_parallel": "2,1,4", "right":
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="parscale", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="parscale", description="ParScale language models on small devices: "
+                                 "export to ONNX, quantize, run, train adapters and profile")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (ONNX Runtime intra-op; PyTorch: 1)")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sub = ap.add_subparsers(dest="command", required=True)
     # the global options are accepted after the subcommand too (`parscale generate --threads 2`)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=int, default=argparse.SUPPRESS)
-    common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
+    common.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                        help="CPU threads (ONNX Runtime intra-op; PyTorch: 1)")
+    common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     add_parser = sub.add_parser
     sub.add_parser = lambda *args, **kw: add_parser(*args, parents=[common], **kw)  # type: ignore[method-assign]
 
@@ -634,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=hlp)
         if name == "eval":
             p.add_argument("model")
-            _add_parallel(p)
+            _add_parallel(p, "P to run (a folder offering several: default its own; a dense model: converted first)")
         else:
             p.add_argument("reference")
             p.add_argument("candidate")
@@ -644,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--text", default=None, help="UTF-8 text file (default: held-out Python stdlib code)")
         p.add_argument("--window", type=int, default=None, help="tokens per window (default 512, at most the context)")
         p.add_argument("--stride", type=int, default=None, help="default window/2")
-        p.add_argument("--max-positions", type=int, default=4096)
+        p.add_argument("--max-positions", type=int, default=4096, help="positions scored at most (default 4096)")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         p.add_argument("--json", default=None, help="also write the result as JSON here")
         _add_format(p)
@@ -669,15 +671,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="latency and memory on this device: P against parameter scaling")
     p.add_argument("models", nargs="*", default=[DEFAULT_MODEL], help=f"models or export folders (default {DEFAULT_MODEL})")
-    _add_parallel(p, "comma-separated P values", several=True, default="1,2,4,8")
+    _add_parallel(p, "comma-separated P values (default 1,2,4,8)", several=True, default="1,2,4,8")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,bf16,int8,int4")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the models run (auto: CUDA when it works, else CPU); GPU runs report GPU memory")
     p.add_argument("--prompt-len", default="64", help="comma-separated prompt lengths")
-    p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--gen-len", type=int, default=128, help="decode steps timed per request (default 128)")
+    p.add_argument("--repeat", type=int, default=3, help="timed requests per setting (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed requests first (default 1)")
     p.add_argument("--versus-dense", action="store_true",
                    help="also profile, per P, a dense model of the scaling law's equivalent size")
     p.add_argument("--law", default="stack-v2-python", choices=["stack-v2-python", "pile"],
@@ -688,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="turn a dense model into a ParScale one (authors' HF format)")
     p.add_argument("model")
-    _add_parallel(p, required=True)
+    _add_parallel(p, "P streams (>= 2)", required=True)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--prefix-tokens", type=int, default=48, help="prefix length per layer and stream (48 in releases)")
     p.add_argument("--smooth", type=float, default=0.1, help="aggregation smoothing epsilon (0.1 in releases)")
