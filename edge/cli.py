@@ -139,11 +139,14 @@ def cmd_export(model: str, output: str, parallel: str | None, adapter: list[str]
 
 
 def _kv_choice(quant: QuantFlags) -> str:
-    """``--kv-cache``: float or int8; CLIError (one line) for another value."""
-    if quant.kv_cache not in (None, "float", "int8"):
-        raise CLIError(f"unknown --kv-cache {quant.kv_cache!r}; use float (the graph's own float type, the default) "
-                       "or int8")
-    return quant.kv_cache or "float"
+    """``--kv-cache``: ``float`` when not given, else checked by
+    :func:`parscale_edge.quant.kv_int8.check_kv_choice` (QuantizationError, one line, for another value)."""
+    if quant.kv_cache is None:
+        return "float"
+    import_quant_stack()
+    from parscale_edge.quant.kv_int8 import check_kv_choice
+
+    return check_kv_choice(quant.kv_cache)
 
 
 def _run_quantize(src: Path, out: Path, precision: str | None, quant: QuantFlags, overwrite: bool,

@@ -151,5 +151,8 @@ def device_info(cache_dir: str | os.PathLike | None = None, refresh: bool = Fals
         from .atomic import write_json
 
         write_json(path, info)
+        # a new measurement (refresh, another CPU) makes the per-thread references of
+        # read_bandwidth_gbps stale too: they are measured again when next asked for
+        path.with_name("bandwidth.json").unlink(missing_ok=True)
     info["loadavg"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return info

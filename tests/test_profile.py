@@ -63,6 +63,21 @@ def test_device_info_is_cached(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "device-info.json").read_text())["cpu"]["logical_cores"] >= 1
 
 
+def test_refreshing_device_info_drops_the_per_thread_bandwidth_references(tmp_path, monkeypatch):
+    from parscale_edge import device
+
+    monkeypatch.setattr(device, "measure_bandwidth", lambda threads=1: {"read_gbps": 10.0 * threads, "copy_gbps": 1.0,
+                                                                          "array_mib": 1, "threads": threads})
+    assert device.read_bandwidth_gbps(2, tmp_path) == 20.0
+    device.device_info(tmp_path)  # the first measurement: what was cached per thread may be from another run
+    assert not (tmp_path / "bandwidth.json").exists()
+    monkeypatch.setattr(device, "measure_bandwidth", lambda threads=1: {"read_gbps": 30.0, "copy_gbps": 1.0,
+                                                                          "array_mib": 1, "threads": threads})
+    assert device.read_bandwidth_gbps(2, tmp_path) == 30.0  # measured again
+    device.device_info(tmp_path)  # cached: the per-thread references stay
+    assert device.read_bandwidth_gbps(2, tmp_path) == 30.0 and (tmp_path / "bandwidth.json").exists()
+
+
 def test_bandwidth_measurement_is_plausible():
     from parscale_edge.device import measure_bandwidth
 

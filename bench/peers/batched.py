@@ -36,12 +36,11 @@ MODEL = "smollm2-135m"
 
 
 def peers_cache() -> Path:
-    """``$PARSCALE_EDGE_CACHE/peers`` (run.py's builds live there too)."""
-    from parscale_edge.hub import default_cache_dir
+    """``$PARSCALE_EDGE_CACHE/peers``, where run.py keeps its builds too (:func:`run.peers_dir`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run import peers_dir
 
-    d = Path(default_cache_dir()) / "peers"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return peers_dir()
 
 
 def build_batched_bench(log=print) -> Path:
