@@ -1,7 +1,9 @@
 """What machine this is: CPU, memory, ONNX Runtime providers and a measured memory bandwidth.
 
 ``parscale device-info`` prints it; the profiler stores it beside every result so numbers from
-different machines are never mixed up. The bandwidth measurement is cached (it takes seconds).
+different machines are never mixed up. The bandwidth measurement is cached (it takes seconds) for
+one boot of one CPU model: cloud VMs with the same CPU model string differ in bandwidth (measured
+here: 10.8 and 33.2 GB/s read on two "AMD EPYC" VMs), so a new boot measures again.
 """
 from __future__ import annotations
 
@@ -101,11 +103,20 @@ def measure_bandwidth(size_mib: int = 256, repeat: int = 5, threads: int = 1) ->
             "array_mib": size_mib, "threads": threads}
 
 
+def boot_id() -> str | None:
+    """This boot's identity (Linux ``/proc/sys/kernel/random/boot_id``), None where there is none.
+    A cached measurement from another boot may be from another machine."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
 def read_bandwidth_gbps(threads: int, cache_dir: str | os.PathLike | None = None) -> float:
     """Read bandwidth of ``threads`` threads (:func:`measure_bandwidth`), GB/s: the reference the
     profiler divides a run's decode traffic by, so a run and its reference use the same threads.
-    Cached per thread count in ``<cache>/bandwidth.json`` (re-measured when the CPU model or core
-    count changed). Raises ValueError for threads < 1."""
+    Cached per thread count in ``<cache>/bandwidth.json`` (re-measured when the CPU model, the core
+    count or the boot (:func:`boot_id`) changed). Raises ValueError for threads < 1."""
     from .hub import default_cache_dir
 
     cpu = cpu_description()
@@ -115,9 +126,12 @@ def read_bandwidth_gbps(threads: int, cache_dir: str | os.PathLike | None = None
         cached = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         cached = {}
-    if not isinstance(cached, dict) or not isinstance(cached.get(key), dict) or "read_gbps" not in cached[key]:
+    boot = boot_id()
+    if not isinstance(cached, dict) or not isinstance(cached.get(key), dict) or "read_gbps" not in cached[key] \
+            or cached[key].get("boot_id") != boot:
         cached = cached if isinstance(cached, dict) else {}
-        cached[key] = {**measure_bandwidth(threads=threads), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        cached[key] = {**measure_bandwidth(threads=threads), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "boot_id": boot}
         from .atomic import write_json
 
         write_json(path, cached)
@@ -126,7 +140,8 @@ def read_bandwidth_gbps(threads: int, cache_dir: str | os.PathLike | None = None
 
 def device_info(cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> dict:
     """Machine description with a measured bandwidth, cached in ``<cache>/device-info.json``
-    (re-measured when the CPU model or core count changed, or with ``refresh``)."""
+    (re-measured when the CPU model, the core count or the boot (:func:`boot_id`) changed, or with
+    ``refresh``)."""
     import onnxruntime as ort
 
     from .hub import default_cache_dir
@@ -142,12 +157,14 @@ def device_info(cache_dir: str | os.PathLike | None = None, refresh: bool = Fals
             cached = json.loads(path.read_text())
         except json.JSONDecodeError:
             cached = None
+    boot = boot_id()
     if cached and cached.get("cpu", {}).get("model") == cpu["model"] and \
-            cached.get("cpu", {}).get("logical_cores") == cpu["logical_cores"] and "bandwidth" in cached:
+            cached.get("cpu", {}).get("logical_cores") == cpu["logical_cores"] and "bandwidth" in cached \
+            and cached["bandwidth"].get("boot_id") == boot:
         info["bandwidth"] = cached["bandwidth"]
     else:
         info["bandwidth"] = measure_bandwidth()
-        info["bandwidth"]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        info["bandwidth"].update(measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), boot_id=boot)
         from .atomic import write_json
 
         write_json(path, info)

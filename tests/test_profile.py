@@ -78,6 +78,25 @@ def test_refreshing_device_info_drops_the_per_thread_bandwidth_references(tmp_pa
     assert device.read_bandwidth_gbps(2, tmp_path) == 30.0 and (tmp_path / "bandwidth.json").exists()
 
 
+def test_a_bandwidth_cached_in_another_boot_is_measured_again(tmp_path, monkeypatch):
+    """Cloud VMs with one CPU model string differ in bandwidth: a measurement from another boot (maybe
+    another machine) is not reused, by device_info nor by the per-thread references."""
+    from parscale_edge import device
+
+    bw = iter([11.0, 33.0, 12.0, 34.0])
+    monkeypatch.setattr(device, "measure_bandwidth", lambda threads=1: {"read_gbps": next(bw), "copy_gbps": 1.0,
+                                                                          "array_mib": 1, "threads": threads})
+    monkeypatch.setattr(device, "boot_id", lambda: "boot-a")
+    assert device.device_info(tmp_path)["bandwidth"]["read_gbps"] == 11.0
+    assert device.read_bandwidth_gbps(1, tmp_path) == 33.0
+    assert device.device_info(tmp_path)["bandwidth"]["read_gbps"] == 11.0  # same boot: cached
+    assert device.read_bandwidth_gbps(1, tmp_path) == 33.0
+    monkeypatch.setattr(device, "boot_id", lambda: "boot-b")
+    info = device.device_info(tmp_path)
+    assert info["bandwidth"]["read_gbps"] == 12.0 and info["bandwidth"]["boot_id"] == "boot-b"
+    assert device.read_bandwidth_gbps(1, tmp_path) == 34.0
+
+
 def test_bandwidth_measurement_is_plausible():
     from parscale_edge.device import measure_bandwidth
 
