@@ -12,8 +12,9 @@ alone). Steps of ``run``, each recorded in ``summary.json``:
      the reference graph fp32 (max |logit diff| <= 1e-3), fp16 (top-1 agreement >= 99%) and bf16
      (reported); the fused graph -- what runs on CUDA, whose GroupQueryAttention has fp16/bf16
      kernels only there -- in fp16 (top-1 >= 99%, through the runtime's device-resident cache),
-     bf16 (reported) and int4 from fused fp16 (top-1 >= 98% against the same int4 on the CPU); ONNX
-     Runtime's profiler shows every compute op of fused fp16 and int4 on the device's provider; a
+     bf16 (reported), int4 from fused fp16 (top-1 >= 98% against the same int4 on the CPU) and fused
+     fp16 with the int8 KV cache (``--kv-cache int8``: top-1 >= 98% against the same on the CPU); ONNX
+     Runtime's profiler shows every compute op of fused fp16, int4 and int8-cache on the device's provider; a
      bf16-weighted tiny Qwen2 with massive activations gives no NaN/Inf on 512 tokens in both
      graphs, fp16 and bf16; optionally a real model (``--real-model``, fused fp16) over 1024
      positions of code;
@@ -269,12 +270,14 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
     from parscale_edge.runtime import OnnxCausalLM
     from parscale_edge.export import export_model, export_onnx
     from golden import MODELS, GOLDEN
+    from parscale_edge.quant.kv_int8 import quantize_kv_folder
     from parscale_edge.quant.onnx_quant import QuantConfig, quantize_folder
     from tiny import massive_activation_model
 
     precisions = ["fp32", "fp16"] + (["bf16"] if device == "cuda" else [])
     # the fused graph is what runs on CUDA: its GroupQueryAttention has fp16/bf16 kernels only there
-    fused = ["fused-fp16"] + (["fused-bf16"] if device == "cuda" else []) + ["fused-int4"]
+    # fused-kv8: the fused fp16 export with the int8 KV cache (GroupQueryAttention's quantized-cache inputs)
+    fused = ["fused-fp16"] + (["fused-bf16"] if device == "cuda" else []) + ["fused-int4", "fused-kv8"]
     expected = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
     res: dict = {"device": device, "golden": {}, "checks": {}, "skipped": [], "node_providers": {}}
     if device != "cuda":
@@ -287,7 +290,7 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
         ref, ref_errs, _ = _golden_logits(folders["fp32"], name, "cpu")
         ref_all = np.concatenate(ref)
         g = {"cpu_fp32_vs_authors_max_abs": max(ref_errs.values())}
-        int4_cpu = None
+        int4_cpu = kv8_cpu = None
         for key in [*precisions, *fused]:
             try:
                 if key.startswith("fused-"):
@@ -297,6 +300,10 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
                                                        QuantConfig(precision="int4", accuracy_level=0),
                                                        overwrite=True, check_positions=0, compare_positions=0)
                         int4_cpu = np.concatenate(_golden_logits(folders[key], name, "cpu")[0])
+                    elif prec == "kv8":  # scales calibrated on the CPU from the fp16 cache
+                        folders[key] = quantize_kv_folder(folders["fused-fp16"], work / "golden" / f"{name}-{key}",
+                                                          overwrite=True, compare_positions=0, threads=1)
+                        kv8_cpu = np.concatenate(_golden_logits(folders[key], name, "cpu")[0])
                     else:
                         folders[key] = export_model(load_hf_folder(GOLDEN / name), work / "golden" / f"{name}-{key}",
                                                     overwrite=True, graph="fused", precision=prec)
@@ -320,10 +327,13 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
             elif key == "fused-int4":  # rounding to 4 bits is the same on both devices: compare with the CPU's
                 top1 = float((got_all.argmax(-1) == int4_cpu.argmax(-1)).mean())
                 g[key]["top1_vs_cpu_same_int4"] = top1
+            elif key == "fused-kv8":  # the int8 cache's rounding is the same on both devices, too
+                top1 = float((got_all.argmax(-1) == kv8_cpu.argmax(-1)).mean())
+                g[key]["top1_vs_cpu_same_kv8"] = top1
             agree.setdefault(key, []).append((top1, len(got_all)))
         res["golden"][name] = g
         if name == "p2_untied":  # where each compute op ran (one model is enough: the graphs are alike)
-            for key in ("fused-fp16", "fused-int4"):
+            for key in ("fused-fp16", "fused-int4", "fused-kv8"):
                 if key in folders:
                     try:
                         res["node_providers"][key] = placed = node_providers(folders[key], device, work / "traces")
@@ -346,6 +356,10 @@ def accuracy(device: str, work: Path, real_model: str | None) -> dict:
     if "fused-int4" in agree:
         v = pooled(agree["fused-int4"])
         res["checks"]["fused int4 (from fp16) on device: top-1 agreement with the same int4 on CPU"] = {
+            "value": v, "limit": 0.98, "ok": v >= 0.98}
+    if "fused-kv8" in agree:
+        v = pooled(agree["fused-kv8"])
+        res["checks"]["fused fp16 with the int8 KV cache on device: top-1 agreement with the same on CPU"] = {
             "value": v, "limit": 0.98, "ok": v >= 0.98}
     # massive activations: no NaN/Inf on a 512-token prompt and one decode step
     from parscale_edge.kv_cache import KVCache

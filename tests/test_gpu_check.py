@@ -150,6 +150,11 @@ def test_dry_run_measures_every_model_and_writes_the_paper_ratios(tmp_path):
     assert checks["fused fp16 on device: top-1 agreement with CPU fp32"] >= 0.99
     assert checks["fused int4 (from fp16) on device: top-1 agreement with the same int4 on CPU"] == 1.0  # same device
     assert checks["fused fp16: bf16-weighted Qwen2 with massive activations, 512 tokens, no NaN/Inf"] is True
+    assert checks["fused fp16 with the int8 KV cache on device: top-1 agreement with the same on CPU"] == 1.0
+    assert acc["node_providers"]["fused-kv8"]["GroupQueryAttention"] == ["CPUExecutionProvider"]
+    # the int8 cache rounds keys and values: near the fp16 cache's logits, not equal to them
+    kv8 = acc["golden"]["p4_tied"]["fused-kv8"]
+    assert kv8["top1_vs_cpu_fp32"] >= 0.9 and kv8["max_abs_vs_cpu_fp32"] > acc["golden"]["p4_tied"]["fused-fp16"]["max_abs_vs_cpu_fp32"]
     placed = acc["node_providers"]["fused-fp16"]
     assert placed["GroupQueryAttention"] == ["CPUExecutionProvider"] and "MatMulNBits" in acc["node_providers"]["fused-int4"]
     assert acc["golden"]["p4_tied"]["fp32"]["max_abs_vs_authors"] <= 1e-4
