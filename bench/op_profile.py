@@ -3,11 +3,14 @@ each P and thread count, and over an onnxruntime-genai model folder beside it.
 
 For every (model, P, threads) one fresh process loads the model with ``enable_profiling``, runs a
 ``--prompt-len`` prompt of fixed random ids and ``--steps`` greedy decode steps, and reads the
-profile: ``model_run`` events shorter than 3x their median are the decode steps (the prompt and the
-warmup are dropped), and every kernel event inside them is summed per operator type. Reported per
-step: kernel microseconds and node count per op type, the median ``model_run`` (profiling itself
-slows a run by 10-50%: compare shares and differences within one run, not absolute times with
-unprofiled benchmarks), and the part of the step outside kernels (ONNX Runtime's per-node cost).
+profile: the first ``model_run`` (the prompt) is dropped, the others are the decode steps, and every
+kernel event inside them is summed per operator type. Reported per step (means over the steps):
+kernel microseconds and node count per op type, the ``model_run`` time, and the part of it outside
+kernels (ONNX Runtime's per-node cost). Profiling itself costs per node (10-50% here): compare shares
+and differences within one run, not absolute times or P ratios with unprofiled benchmarks.
+
+Make the folder of the committed run with ``parscale export smollm2-135m -P 1,4 --precision int4 -o
+/tmp/ab/base`` (an int4 export offering P=1 and P=4).
 
     .venv-peers/bin/python bench/op_profile.py --ours FOLDER -P 1,4 --threads 1,2 \\
         --genai $PARSCALE_EDGE_CACHE/peers/smollm2-135m-ortgenai-int8 -o bench/results/op_profile.json
@@ -68,17 +71,18 @@ print(json.dumps({"profile": sorted(glob.glob(prefix + "*.json"), key=os.path.ge
 
 
 def aggregate(path: str | Path) -> dict:
-    """Per-op-type kernel time of the decode steps in one ONNX Runtime profile (chrome-trace JSON).
+    """Per-op-type kernel time of the decode steps in one ONNX Runtime profile (chrome-trace JSON): every
+    ``model_run`` after the first (the prompt).
 
-    Returns ``{"steps", "run_us_median", "kernel_us", "nodes", "outside_kernels_us", "ops": {op: {"us",
-    "nodes", "share"}}}``, all per step (microseconds). Raises ValueError on a profile without runs."""
+    Returns ``{"steps", "run_us", "kernel_us", "nodes", "outside_kernels_us", "ops": {op: {"us",
+    "nodes", "share"}}}``, all means per step (microseconds). Raises ValueError on a profile without
+    a decode step."""
     ev = json.loads(Path(path).read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"], e["dur"]) for e in ev
                   if e.get("cat") == "Session" and e.get("name") == "model_run")
-    if not runs:
-        raise ValueError(f"{path}: no model_run events")
-    med = sorted(r[2] for r in runs)[len(runs) // 2]
-    steps = [r for r in runs if r[2] < 3 * med]
+    if len(runs) < 2:
+        raise ValueError(f"{path}: {len(runs)} model_run events, no decode step after the prompt")
+    steps = runs[1:]
     starts = [r[0] for r in steps]
     us, cnt = collections.defaultdict(float), collections.Counter()
     for e in ev:
@@ -91,9 +95,9 @@ def aggregate(path: str | Path) -> dict:
         us[op] += e["dur"]
         cnt[op] += 1
     n, total = len(steps), sum(us.values())
-    run_med = sorted(r[2] for r in steps)[n // 2]
-    return {"steps": n, "run_us_median": run_med, "kernel_us": round(total / n, 1),
-            "nodes": round(sum(cnt.values()) / n, 1), "outside_kernels_us": round(run_med - total / n, 1),
+    run_us = sum(r[2] for r in steps) / n
+    return {"steps": n, "run_us": round(run_us, 1), "kernel_us": round(total / n, 1),
+            "nodes": round(sum(cnt.values()) / n, 1), "outside_kernels_us": round(run_us - total / n, 1),
             "ops": {op: {"us": round(t / n, 1), "nodes": round(cnt[op] / n, 1), "share": round(t / total, 4)}
                     for op, t in sorted(us.items(), key=lambda kv: -kv[1])}}
 
@@ -106,7 +110,8 @@ def profile_one(code: str, args: list[str], work: Path) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ours", required=True, help="our export folder")
     ap.add_argument("-P", "--parallel", default="1", help="P values for ours, comma-separated")
     ap.add_argument("--threads", default="1,2")
@@ -114,7 +119,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--top", type=int, default=8, help="op types printed per row")
-    ap.add_argument("-o", "--output", default=None)
+    ap.add_argument("-o", "--output", default=None, help="JSON file for the results")
     a = ap.parse_args()
     from parscale_edge.atomic import write_json
     from parscale_edge.device import device_info
@@ -124,6 +129,20 @@ def main() -> int:
         Ps, threads = parse_parallel(a.parallel), parse_parallel(a.threads)
     except ParallelError as e:
         print(f"error: {e.naming('--parallel/--threads')}", file=sys.stderr)
+        return 2
+    from parscale_edge.manifest import Manifest, ManifestError
+
+    try:
+        offered = Manifest.read(Path(a.ours)).parallel_choices()
+    except ManifestError as e:
+        print(f"error: --ours: {e}", file=sys.stderr)
+        return 2
+    if set(Ps) - set(offered):
+        print(f"error: {a.ours} offers P={','.join(map(str, offered))}, not P={','.join(map(str, sorted(set(Ps) - set(offered))))}: "
+              "pass -P from those, or export the folder with them", file=sys.stderr)
+        return 2
+    if a.genai and not (Path(a.genai) / "genai_config.json").is_file():
+        print(f"error: --genai {a.genai} has no genai_config.json (an onnxruntime-genai model folder)", file=sys.stderr)
         return 2
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,11 +156,11 @@ def main() -> int:
                 res = profile_one(code, args, work)
                 rows.append({"model": label, "threads": t, **res})
                 top = ", ".join(f"{op} {v['us'] / 1e3:.2f}" for op, v in list(res["ops"].items())[:a.top])
-                print(f"{label}, {t} thread(s): step {res['run_us_median'] / 1e3:.2f} ms (profiled), kernels "
+                print(f"{label}, {t} thread(s): step {res['run_us'] / 1e3:.2f} ms (profiled), kernels "
                       f"{res['kernel_us'] / 1e3:.2f} ms in {res['nodes']:.0f} nodes, outside kernels "
                       f"{res['outside_kernels_us'] / 1e3:.2f} ms; ms per op type: {top}", flush=True)
     if a.output:
-        write_json(Path(a.output), {"what": __doc__.splitlines()[0], "machine": device_info(),
+        write_json(Path(a.output), {"what": __doc__.split("\n\n")[0], "machine": device_info(),
                                     "command": " ".join(sys.argv), "prompt_len": a.prompt_len,
                                     "steps": a.steps, "rows": rows})
         print(f"wrote {a.output}")
