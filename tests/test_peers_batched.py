@@ -70,3 +70,14 @@ def test_llama_bench_step_is_the_inverse_of_its_tokens_per_second(tmp_path):
     b.write_text("#!/bin/sh\necho 'error: bad model' >&2\nexit 1\n")
     with pytest.raises(RuntimeError, match="llama-bench failed"):
         batched.llama_bench_step(tmp_path, tmp_path / "m.gguf", 1, 2048, 128)
+
+
+def test_a_wrong_ours_folder_is_one_line_and_exit_2_before_any_build(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(ROOT / "bench" / "peers" / "batched.py"), "--ours", str(tmp_path / "nope")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={"PARSCALE_EDGE_CACHE": str(tmp_path / "cache"),
+                                                               "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and r.stderr.startswith("error: --ours:") and "Traceback" not in r.stderr
+    assert not (tmp_path / "cache" / "peers").exists() or not any((tmp_path / "cache" / "peers").iterdir())

@@ -46,3 +46,28 @@ def test_rows_carry_quality_and_per_thread_ratios():
 def test_a_speed_run_without_ours_is_refused():
     with pytest.raises(ValueError, match="2-thread speed JSON has no successful ours-int4"):
         load().merge([speed(1), speed(2, ours_ok=False)], QUALITY)
+
+
+def test_wrong_or_swapped_inputs_name_the_file(tmp_path):
+    import json
+
+    eq = load()
+    q = tmp_path / "quality.json"
+    q.write_text(json.dumps(QUALITY))
+    s = tmp_path / "speed.json"
+    s.write_text(json.dumps(speed(1)))
+    with pytest.raises(ValueError, match=r"--speed .*quality.json: not a bench/peers/run.py result \(no settings\)"):
+        eq.read_inputs([str(q)], str(s))  # swapped
+    (tmp_path / "README.md").write_text("# not json")
+    with pytest.raises(ValueError, match=r"--speed .*README.md: cannot read it as JSON"):
+        eq.read_inputs([str(tmp_path / "README.md")], str(q))
+    bad_q = tmp_path / "list.json"
+    bad_q.write_text(json.dumps({"results": [1, 2]}))
+    with pytest.raises(ValueError, match="--quality .*list.json: not a bench/peers/quality.py result"):
+        eq.read_inputs([str(s)], str(bad_q))
+    q_with_settings = tmp_path / "q2.json"
+    q_with_settings.write_text(json.dumps({**QUALITY, "settings": {"positions": 4096}}))  # quality.py's own shape
+    with pytest.raises(ValueError, match="--speed .*q2.json: not a bench/peers/run.py result"):
+        eq.read_inputs([str(q_with_settings)], str(q))
+    docs, quality = eq.read_inputs([str(s)], str(q))
+    assert docs[0]["settings"]["threads"] == 1 and quality == QUALITY

@@ -120,7 +120,8 @@ def llama_steps(bindir: Path, gguf: Path, threads: int, batches: list[int], prom
     return out
 
 
-def llama_bench_step(bindir: Path, gguf: Path, threads: int, prompt: int, gen: int, kv_cache: str = "float") -> dict:
+def llama_bench_step(bindir: Path, gguf: Path, threads: int, prompt: int, gen: int,
+                     kv_cache: str = "float") -> dict:
     """One sequence in ``llama-bench`` (``-p 0 -n GEN -d PROMPT -r 1``): its decode step at a context of
     PROMPT tokens, ``{"step_ms", "record"}`` (step = 1000 / avg_ts)."""
     cmd = [str(bindir / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(gen), "-d", str(prompt),
@@ -140,7 +141,8 @@ def ensure_ours(parallel: list[int], threads: int, kv_cache: str = "float") -> P
     if not (folder / "manifest.json").exists():
         cmd = [sys.executable, "-m", "parscale_edge", "--threads", str(threads), "-q", "export", MODEL,
                "-P", ",".join(map(str, parallel)), "--precision", "int4", "-o", str(folder), "--overwrite",
-               "--check-positions", "0", "--compare-positions", "0", *(["--kv-cache", "int8"] if kv_cache == "int8" else [])]
+               "--check-positions", "0", "--compare-positions", "0",
+               *(["--kv-cache", "int8"] if kv_cache == "int8" else [])]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr[-800:]}")
@@ -191,18 +193,27 @@ def main() -> int:
     if parallel[0] != 1:
         print("error: --parallel must start with 1 (the ratios are to one row)", file=sys.stderr)
         return 2
-    bindir = build_batched_bench(log=lambda m: print(m, file=sys.stderr))
-    gguf = fetch_gguf(MODEL)
     folder = Path(a.ours) if a.ours else ensure_ours(parallel, max(threads_list), a.kv_cache)
-    from parscale_edge.manifest import KV_INT8, Manifest
+    from parscale_edge.manifest import KV_INT8, Manifest, ManifestError
 
-    if (Manifest.read(folder).cache_dtype == KV_INT8) != (a.kv_cache == "int8"):
-        print(f"error: {folder}'s KV cache is {Manifest.read(folder).cache_dtype}, not --kv-cache {a.kv_cache}: "
+    try:
+        man = Manifest.read(folder)
+    except ManifestError as e:
+        print(f"error: --ours: {e}", file=sys.stderr)
+        return 2
+    if (man.cache_dtype == KV_INT8) != (a.kv_cache == "int8"):
+        print(f"error: {folder}'s KV cache is {man.cache_dtype}, not --kv-cache {a.kv_cache}: "
               "pass the matching --kv-cache or another --ours", file=sys.stderr)
         return 2
+    if set(parallel) - set(man.parallel_choices()):
+        print(f"error: {folder} offers P={','.join(map(str, man.parallel_choices()))}, not all of --parallel "
+              f"{','.join(map(str, parallel))}: pass another --ours or --parallel", file=sys.stderr)
+        return 2
+    bindir = build_batched_bench(log=lambda m: print(m, file=sys.stderr))
+    gguf = fetch_gguf(MODEL)
     doc = {"what": __doc__.splitlines()[0], "machine": device_info(), "command": " ".join(sys.argv),
            "llama_cpp_python_sdist": LLAMA_CPP_PYTHON, "gguf": str(gguf), "ours": str(folder),
-           "kv_cache": {"ours": Manifest.read(folder).cache_dtype,
+           "kv_cache": {"ours": man.cache_dtype,
                         "llama.cpp": "q8_0 keys and values, flash attention on" if a.kv_cache == "int8" else "f16"},
            "prompt_len": a.prompt_len, "gen_len": a.gen_len, "rounds": a.rounds, "rows": []}
     for threads in threads_list:

@@ -23,6 +23,29 @@ OURS = "ours-int4"
 PEERS = ("llama.cpp", "ort-genai-int8", "ort-genai-int4")
 
 
+def read_inputs(speed_paths: list[str], quality_path: str) -> tuple[list[dict], dict]:
+    """The run.py JSONs and the quality.py JSON, checked for the fields :func:`merge` reads. Raises
+    ValueError naming the file that cannot be read or is not what its flag expects."""
+    def load(path: str, flag: str, fields: tuple[str, ...]) -> dict:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{flag} {path}: cannot read it as JSON ({e})") from None
+        if not isinstance(doc, dict) or any(f not in doc for f in fields):
+            raise ValueError(f"{flag} {path}: not a {'bench/peers/run.py' if flag == '--speed' else 'bench/peers/quality.py'} "
+                             f"result (no {', '.join(f for f in fields if not isinstance(doc, dict) or f not in doc)})")
+        return doc
+
+    speed = [load(p, "--speed", ("settings", "results")) for p in speed_paths]
+    for path, doc in zip(speed_paths, speed):
+        if not isinstance(doc["results"], list) or "threads" not in doc["settings"]:
+            raise ValueError(f"--speed {path}: not a bench/peers/run.py result (results is not a list of runs)")
+    quality = load(quality_path, "--quality", ("results",))
+    if not isinstance(quality["results"], dict):
+        raise ValueError(f"--quality {quality_path}: not a bench/peers/quality.py result (results is not a table)")
+    return speed, quality
+
+
 def merge(speed_docs: list[dict], quality: dict) -> dict:
     """``{"rows": [...], "machine": ..., "threads": [...]}``: one row per runtime (ours int4 and
     :data:`PEERS`) with its quality and, per thread count, its decode/prefill tok/s and the paired
@@ -53,7 +76,7 @@ def merge(speed_docs: list[dict], quality: dict) -> dict:
                             prefill_range=[min(pr["prefill_per_round"]), max(pr["prefill_per_round"])])
             row["speed"][t] = cell
         rows.append(row)
-    return {"what": __doc__.splitlines()[0], "threads": threads, "machine": speed_docs[0].get("machine"),
+    return {"what": __doc__.split("\n\n")[0], "threads": threads, "machine": speed_docs[0].get("machine"),
             "quality_settings": {k: quality["results"].get(OURS, {}).get(k) for k in ("positions", "window", "stride")},
             "rows": rows}
 
@@ -85,15 +108,14 @@ def markdown(doc: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--speed", nargs="+", required=True, help="bench/peers/run.py JSONs, one per thread count")
     ap.add_argument("--quality", required=True, help="bench/peers/quality.py JSON")
     ap.add_argument("-o", "--output", default=None)
     a = ap.parse_args()
     try:
-        docs = [json.loads(Path(p).read_text()) for p in a.speed]
-        doc = merge(docs, json.loads(Path(a.quality).read_text()))
-    except (OSError, ValueError, KeyError) as e:
+        doc = merge(*read_inputs(a.speed, a.quality))
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     doc["sources"] = {"speed": a.speed, "quality": a.quality}
