@@ -2,8 +2,10 @@
 
 ``parscale device-info`` prints it; the profiler stores it beside every result so numbers from
 different machines are never mixed up. The bandwidth measurement is cached (it takes seconds) for
-one boot of one CPU model: cloud VMs with the same CPU model string differ in bandwidth (measured
-here: 10.8 and 33.2 GB/s read on two "AMD EPYC" VMs), so a new boot measures again.
+one boot of one CPU model: cloud VMs that report the same CPU model string are not the same machine
+(sessions here land on different "AMD EPYC" VMs), so a new boot measures again. The cached record
+keeps the 1-minute load average of its measurement: the same VM read 10.8 GB/s while other jobs ran
+and 33.2 GB/s quiet; ``parscale device-info --refresh`` measures again.
 """
 from __future__ import annotations
 
@@ -164,7 +166,8 @@ def device_info(cache_dir: str | os.PathLike | None = None, refresh: bool = Fals
         info["bandwidth"] = cached["bandwidth"]
     else:
         info["bandwidth"] = measure_bandwidth()
-        info["bandwidth"].update(measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), boot_id=boot)
+        info["bandwidth"].update(measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), boot_id=boot,
+                                 loadavg_1min=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         from .atomic import write_json
 
         write_json(path, info)

@@ -201,7 +201,9 @@ def device_summary(info: dict, cuda_works: bool, cuda_why: str) -> str:
                      f"{g['compute_capability']})")
     la = info["loadavg"]
     lines.append(f"load avg   {' '.join(f'{x:.2f}' for x in la) if la else 'n/a'} (1/5/15 min)")
-    lines.append(f"           bandwidth measured {bw.get('measured_at', '?')} (cached; --refresh measures again)")
+    load = bw.get("loadavg_1min")
+    lines.append(f"           bandwidth measured {bw.get('measured_at', '?')}"
+                 + (f" at load {load:.2f}" if load is not None else "") + " (cached; --refresh measures again)")
     return "\n".join(lines)
 
 
