@@ -21,8 +21,9 @@ This module (a tool: it may import the runtime):
   (:data:`parscale_edge.manifest.KV_INT8`). ``quantize_folder(..., kv_cache="int8")`` does the same
   on top of weight quantization.
 
-An int8 cache is not faster per decode step on the CPUs measured (bench/kv_cache_dtypes.py); its
-value is 4x less KV memory than float32 (2x less than float16): an option, not the default.
+Measured on smollm2-135m (docs/measurements.md, "int8 KV cache"): 4x less KV memory than float32
+(2x less than float16) and 0-13% off a decode step at 2048 tokens of context, but a first prompt
+about 2.4x slower and top-1 agreement under 99%: an option, not the default.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from parscale_edge.atomic import atomic_folder, check_replaceable
 from parscale_edge.manifest import (DATA_FILE, KV_INT8, MANIFEST_FILE, MODEL_FILE, Manifest, past_names,
                                     present_names)
 
-from .onnx_quant import QuantizationError
+from .onnx_quant import QuantizationError, eval_tokens, quality_line
 
 #: ``--kv-cache`` values: ``float`` (the graph's own float type, the default) or ``int8``.
 KV_CACHE_CHOICES = ("float", "int8")
@@ -81,17 +82,12 @@ def check_source(src: Path, man: Manifest) -> None:
 def calibration_tokens(folder: Path, man: Manifest, text: str | None, n: int) -> tuple[list[int], str]:
     """Token ids of the calibration ``text`` (default the held-out stdlib code) with the folder's
     tokenizer, at most ``n``; seeded random ids for a folder without a tokenizer (tiny test models).
-    Returns (ids, a description of the text)."""
-    if (folder / "tokenizer.json").exists():
-        from parscale_edge.evaluate import stdlib_text
-        from parscale_edge.tokenizer import Tokenizer
-
+    Returns (ids, a description of the text); raises QuantizationError for a text of fewer than 2 tokens."""
+    if not (folder / "tokenizer.json").exists():
+        desc = "random token ids (no tokenizer)"
+    else:
         desc = "held-out stdlib code (parscale_edge.evaluate.stdlib_text)" if text is None else "--calibration text"
-        ids = Tokenizer.from_dir(folder).encode(stdlib_text() if text is None else text)
-        if len(ids) < 2:
-            raise QuantizationError("the calibration text has fewer than 2 tokens")
-        return ids[:n], desc
-    return np.random.default_rng(0).integers(0, man.vocab_size, n).tolist(), "random token ids (no tokenizer)"
+    return eval_tokens(folder, man, text, n, what="calibration"), desc
 
 
 def calibrate(src: str | os.PathLike, text: str | None = None, tokens: int = CALIBRATION_TOKENS,
@@ -239,9 +235,7 @@ def quantize_kv_folder(src: str | os.PathLike, out: str | os.PathLike, overwrite
             from parscale_edge.evaluate import compare, onnx_logits_fn
             from parscale_edge.runtime import OnnxCausalLM
 
-            from .onnx_quant import _eval_tokens
-
-            tokens = _eval_tokens(src, man, text, compare_positions + 1)
+            tokens = eval_tokens(src, man, text, compare_positions + 1)
             ref = OnnxCausalLM(src, device="cpu", threads=threads)
             cand = OnnxCausalLM(tmp, device="cpu", threads=threads)
             man.kv_cache["quality_vs_float"] = compare(onnx_logits_fn(ref), onnx_logits_fn(cand), tokens,
@@ -258,8 +252,5 @@ def report_lines(man: Manifest, out: str | os.PathLike, seconds: float) -> list[
     lines = [f"int8 KV cache ({k['quant']}, scales from {k['calibration']['tokens']} tokens) -> {out} in "
              f"{seconds:.1f} s; KV memory 1/{4 if k['compute_dtype'] == 'float32' else 2} of {k['compute_dtype']}"]
     if r:
-        lines.append(f"  quality cost vs {k['compute_dtype']} cache ({r['positions']} positions): perplexity "
-                     f"{r['ref_perplexity']:.3f} -> {r['cand_perplexity']:.3f} "
-                     f"({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%}), KL mean {r['kl_mean']:.4f}, top-1 "
-                     f"agreement {r['top1_agreement']:.2%}")
+        lines.append(quality_line(f"{k['compute_dtype']} cache", r, kl_p99=False))
     return lines

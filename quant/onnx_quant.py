@@ -24,7 +24,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from parscale_edge.atomic import atomic_folder, check_replaceable, folder_size_mib
-from parscale_edge.manifest import DATA_FILE, MANIFEST_FILE, MODEL_FILE, PACKED_WIDTHS_KEY, TOKEN_ROWS_KEY, Manifest
+from parscale_edge.manifest import (DATA_FILE, KV_INT8, MANIFEST_FILE, MODEL_FILE, PACKED_WIDTHS_KEY, TOKEN_ROWS_KEY,
+                                    Manifest)
 
 PRECISIONS = ("int4", "int8", "int8-dynamic")
 ALGORITHMS = ("rtn", "hqq", "gptq")
@@ -378,7 +379,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
     if man.quantization or man.precision not in ("fp32", "fp16", "bf16"):
         raise QuantizationError(f"{src} is already quantized (precision {man.precision}); quantize the fp32 export "
                                 "it was made from (or an fp16 one, for int4/int8 with fp16 activations on a GPU)")
-    if man.cache_dtype == "int8":
+    if man.cache_dtype == KV_INT8:
         raise QuantizationError(f"{src} already keeps its KV cache in int8; quantize the float export it was made "
                                 "from with --precision ... --kv-cache int8")
     if man.precision == "bf16":
@@ -467,7 +468,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
 
             rewrite_graph(qmodel, kv_scales[0], kv_scales[1])
             man.kv_cache = kv_record(man.cache_dtype, kv_scales[2])
-            man.cache_dtype = "int8"
+            man.cache_dtype = KV_INT8
         onnx.save_model(qmodel, str(tmp / MODEL_FILE), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
         onnx.checker.check_model(str(tmp / MODEL_FILE))
@@ -485,7 +486,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantCo
                             "tool": "onnxruntime.quantization"}
         (tmp / MANIFEST_FILE).write_text(man.to_json())
         del qmodel
-        tokens = _eval_tokens(src, man, text, max(check_positions, compare_positions) + 1)
+        tokens = eval_tokens(src, man, text, max(check_positions, compare_positions) + 1)
         if check_positions and cfg.precision != "int8-dynamic" and cfg.accuracy_level == 4:
             man.quantization["accuracy_check"] = choose_accuracy_levels(tmp, tokens, check_positions, threads)
         if compare_positions:
@@ -508,16 +509,17 @@ MIN_LEVEL4_AGREEMENT = 0.95
 MAX_LEVEL4_PPL_INCREASE = 0.005
 
 
-def _eval_tokens(folder: Path, man: Manifest, text: str | None, n: int) -> list[int]:
-    """Token ids to measure on: ``text`` (default held-out stdlib code) with the folder's tokenizer,
-    or seeded random ids when the folder has no tokenizer (tiny test models)."""
+def eval_tokens(folder: Path, man: Manifest, text: str | None, n: int, what: str = "evaluation") -> list[int]:
+    """At most ``n`` token ids to measure (or calibrate) on: ``text`` (default held-out stdlib code)
+    with the folder's tokenizer, or seeded random ids when the folder has no tokenizer (tiny test
+    models). Raises QuantizationError when the ``what`` text has fewer than 2 tokens."""
     if (folder / "tokenizer.json").exists():
         from parscale_edge.evaluate import stdlib_text
         from parscale_edge.tokenizer import Tokenizer
 
         ids = Tokenizer.from_dir(folder).encode(text if text is not None else stdlib_text())
         if len(ids) < 2:
-            raise QuantizationError("the evaluation text has fewer than 2 tokens")
+            raise QuantizationError(f"the {what} text has fewer than 2 tokens")
         return ids[:n]
     return np.random.default_rng(0).integers(0, man.vocab_size, n).tolist()
 
@@ -655,12 +657,17 @@ def report_lines(quantization: dict, cfg: QuantConfig, out: str | os.PathLike, b
                      f"{c['ppl_increase_level4_vs_level0']:+.2%} over {c['positions']} positions; chosen: "
                      f"{c['chosen']} ({c['agreement']:.2%}, {c['ppl_increase']:+.2%})")
     if "quality_vs_fp32" in q:
-        r = q["quality_vs_fp32"]
-        lines.append(f"  quality cost vs {base_precision} ({r['positions']} positions): perplexity "
-                     f"{r['ref_perplexity']:.3f} -> {r['cand_perplexity']:.3f} "
-                     f"({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%}), KL mean {r['kl_mean']:.4f} "
-                     f"p99 {r['kl_p99']:.4f}, top-1 agreement {r['top1_agreement']:.2%}")
+        lines.append(quality_line(base_precision, q["quality_vs_fp32"]))
     return lines
+
+
+def quality_line(reference: str, r: dict, kl_p99: bool = True) -> str:
+    """One report line of a quality cost, :func:`parscale_edge.evaluate.compare`'s result ``r``
+    against ``reference``: perplexity before -> after (change), KL mean (and p99), top-1 agreement."""
+    return (f"  quality cost vs {reference} ({r['positions']} positions): perplexity "
+            f"{r['ref_perplexity']:.3f} -> {r['cand_perplexity']:.3f} "
+            f"({r['cand_perplexity'] / r['ref_perplexity'] - 1:+.2%}), KL mean {r['kl_mean']:.4f}"
+            + (f" p99 {r['kl_p99']:.4f}" if kl_p99 else "") + f", top-1 agreement {r['top1_agreement']:.2%}")
 
 
 def level0_warning(quantization: dict) -> str | None:

@@ -1,18 +1,11 @@
 """bench/op_profile.py attributes kernel time to decode steps only, per operator type."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from bench_script import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("op_profile", ROOT / "bench" / "op_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def node(op, ts, dur):
@@ -29,7 +22,7 @@ def test_the_prompt_is_dropped_and_kernels_are_summed_per_step(tmp_path):
     ev.append(node("Gemm", 30_000, 999))  # outside every run: ignored
     f = tmp_path / "p.json"
     f.write_text(json.dumps(ev))
-    got = load().aggregate(f)
+    got = load_bench("op_profile.py").aggregate(f)
     assert got["steps"] == 4 and got["run_us"] == 1000
     assert got["kernel_us"] == 800.0 and got["nodes"] == 3.0 and got["outside_kernels_us"] == 200.0
     assert got["ops"]["MatMulNBits"] == {"us": 600.0, "nodes": 1.0, "share": 0.75}
@@ -44,7 +37,7 @@ def test_a_short_prompt_is_dropped_by_position_not_by_length(tmp_path):
           {"cat": "Session", "name": "model_run", "ts": 4000, "dur": 1200}, node("MatMulNBits", 4010, 1000)]
     f = tmp_path / "p.json"
     f.write_text(json.dumps(ev))
-    got = load().aggregate(f)
+    got = load_bench("op_profile.py").aggregate(f)
     assert got["steps"] == 2 and got["run_us"] == 1100.0 and got["kernel_us"] == 950.0
     assert got["outside_kernels_us"] == 150.0
 
@@ -53,7 +46,7 @@ def test_a_profile_without_a_decode_step_is_an_error(tmp_path):
     f = tmp_path / "p.json"
     f.write_text(json.dumps([{"cat": "Session", "name": "model_run", "ts": 0, "dur": 9}, node("Gemm", 0, 5)]))
     with pytest.raises(ValueError, match="1 model_run events, no decode step"):
-        load().aggregate(f)
+        load_bench("op_profile.py").aggregate(f)
 
 
 def test_a_folder_that_is_no_export_or_lacks_the_p_is_one_line_and_exit_2(tmp_path):

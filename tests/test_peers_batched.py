@@ -1,20 +1,13 @@
 """bench/peers/batched.py reads llama-batched-bench's JSONL into per-B step times (T_TG / TG) and
 llama-bench's JSON into one sequence's step, and passes llama.cpp the cache type it compares."""
-import importlib.util
 import json
 import stat
 from pathlib import Path
 
 import pytest
+from bench_script import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("batched", ROOT / "bench" / "peers" / "batched.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def fake_binary(tmp_path, records, rc=0):
@@ -29,7 +22,7 @@ def fake_binary(tmp_path, records, rc=0):
 
 
 def test_step_time_is_generation_time_over_generated_tokens(tmp_path):
-    batched = load()
+    batched = load_bench("peers/batched.py")
     recs = [{"pl": 1, "pp": 256, "tg": 128, "t_pp": 0.5, "t_tg": 1.28}, {"pl": 4, "pp": 256, "tg": 128, "t_pp": 2.0, "t_tg": 3.84}]
     got = batched.llama_steps(fake_binary(tmp_path, recs), tmp_path / "m.gguf", 1, [1, 4], 256, 128)
     assert got[1]["step_ms"] == pytest.approx(10.0) and got[4]["step_ms"] == pytest.approx(30.0)
@@ -37,7 +30,7 @@ def test_step_time_is_generation_time_over_generated_tokens(tmp_path):
 
 
 def test_a_missing_batch_or_a_failing_binary_is_an_error(tmp_path):
-    batched = load()
+    batched = load_bench("peers/batched.py")
     b = fake_binary(tmp_path, [{"pl": 1, "pp": 256, "tg": 128, "t_pp": 0.5, "t_tg": 1.28}])
     with pytest.raises(RuntimeError, match=r"no result for B=\[8\]"):
         batched.llama_steps(b, tmp_path / "m.gguf", 1, [1, 8], 256, 128)
@@ -46,7 +39,7 @@ def test_a_missing_batch_or_a_failing_binary_is_an_error(tmp_path):
 
 
 def test_quantized_cache_passes_q8_0_keys_and_values_with_flash_attention(tmp_path):
-    batched = load()
+    batched = load_bench("peers/batched.py")
     recs = [{"pl": 1, "pp": 2048, "tg": 128, "t_pp": 4.0, "t_tg": 2.56}]
     batched.llama_steps(fake_binary(tmp_path, recs), tmp_path / "m.gguf", 2, [1], 2048, 128, kv_cache="int8")
     args = (tmp_path / "args.txt").read_text().split()
@@ -57,7 +50,7 @@ def test_quantized_cache_passes_q8_0_keys_and_values_with_flash_attention(tmp_pa
 
 
 def test_llama_bench_step_is_the_inverse_of_its_tokens_per_second(tmp_path):
-    batched = load()
+    batched = load_bench("peers/batched.py")
     b = tmp_path / "llama-bench"
     rec = [{"n_prompt": 0, "n_gen": 128, "n_depth": 2048, "avg_ts": 80.0, "type_k": "q8_0"}]
     b.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args.txt\ncat <<'EOF'\n{json.dumps(rec)}\nEOF\n")

@@ -1,17 +1,7 @@
 """bench/peers/equal_quality.py puts each peer's quality beside its paired speed ratios."""
-import importlib.util
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("equal_quality", ROOT / "bench" / "peers" / "equal_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench_script import load_bench
 
 
 def speed(threads, ours_ok=True):
@@ -30,7 +20,7 @@ QUALITY = {"results": {"ours-int4": {"perplexity_change_pct": -0.04, "kl_mean": 
 
 
 def test_rows_carry_quality_and_per_thread_ratios():
-    eq = load()
+    eq = load_bench("peers/equal_quality.py")
     doc = eq.merge([speed(1), speed(2)], QUALITY)
     rows = {r["runtime"]: r for r in doc["rows"]}
     assert doc["threads"] == [1, 2] and doc["quality_settings"]["positions"] == 4096
@@ -45,13 +35,13 @@ def test_rows_carry_quality_and_per_thread_ratios():
 
 def test_a_speed_run_without_ours_is_refused():
     with pytest.raises(ValueError, match="2-thread speed JSON has no successful ours-int4"):
-        load().merge([speed(1), speed(2, ours_ok=False)], QUALITY)
+        load_bench("peers/equal_quality.py").merge([speed(1), speed(2, ours_ok=False)], QUALITY)
 
 
 def test_wrong_or_swapped_inputs_name_the_file(tmp_path):
     import json
 
-    eq = load()
+    eq = load_bench("peers/equal_quality.py")
     q = tmp_path / "quality.json"
     q.write_text(json.dumps(QUALITY))
     s = tmp_path / "speed.json"

@@ -196,12 +196,9 @@ def test_cli_trains_the_control_and_exports_it(tmp_path, capsys):
 
 
 def test_adapter_eval_summary_means_spreads_and_the_control_comparison():
-    import importlib.util
-    from pathlib import Path
+    from bench_script import load_bench
 
-    spec = importlib.util.spec_from_file_location("adapter_eval", Path(__file__).resolve().parents[1] / "bench" / "adapter_eval.py")
-    ae = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ae)
+    ae = load_bench("adapter_eval.py")
     rows = [{"kind": "dense", "text": "code", "perplexity": 10.0}]
     for arm, seed, ppl in [("P=1 prefix only", 0, 9.8), ("P=1 prefix only", 1, 9.9), ("P=2", 0, 9.5), ("P=2", 1, 9.6),
                            ("P=4", 0, 9.85)]:
@@ -246,13 +243,11 @@ def test_ensure_export_of_p1_with_a_control_adapter_exports_the_control(tmp_path
 
 
 def test_adapter_eval_skips_the_adapter_of_a_run_still_training(tmp_path, capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("adapter_eval", Path(__file__).resolve().parents[1] / "bench" / "adapter_eval.py")
-    ae = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ae)
+    from bench_script import load_bench
+
+    ae = load_bench("adapter_eval.py")
     done, running, shipped = (tmp_path / n for n in ("done", "running", "shipped"))
     for d in (done, running, shipped):
         d.mkdir()

@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the version bench/peers/README.md builds for run.py

@@ -4,7 +4,6 @@ folder is called a link; a bf16 source is named as such by quantize; an empty sa
 an incomplete download (not "run convert"); the unknown-GGUF-pre warning is repeated on cached
 runs; an HF folder without a tokenizer is warned about at export; a model.onnx or .safetensors
 file given as the model names the folder to pass; the peers table says "not measured"."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -105,9 +104,9 @@ def test_a_safetensors_file_names_its_folder(tmp_path, capsys):
 
 
 def test_peers_table_does_not_fail_an_unmeasured_logit_match():
-    spec = importlib.util.spec_from_file_location("peers_run", ROOT / "bench" / "peers" / "run.py")
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
+    from bench_script import load_bench
+
+    run = load_bench("peers/run.py")
     doc = {"results": [], "settings": {"prompt_len": 8, "gen_len": 4, "threads": 2, "repeat": 1},
            "logit_match": {"limit": 1e-3}}
     text = run.markdown(doc)
